@@ -1,0 +1,1 @@
+"""The cuda backend: its kernels and its Python side."""

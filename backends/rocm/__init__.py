@@ -1,0 +1,1 @@
+"""The rocm backend: its kernels and its Python side."""

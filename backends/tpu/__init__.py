@@ -1,0 +1,1 @@
+"""The tpu backend: its kernels and its Python side."""

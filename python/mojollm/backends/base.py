@@ -1,0 +1,135 @@
+"""The backend interface: a small fixed set of ops that a model forward is written against.
+
+Every backend (cpu, cuda, rocm, tpu) implements exactly these ops on its own tensor type
+(numpy arrays on cpu, torch CUDA tensors on cuda/rocm, jax arrays on tpu). The model and the
+engine never touch a device library; they call these ops and move data with `asarray`/`to_numpy`.
+
+Shapes (T = tokens in the step, S = sequences in the step, H = query heads, KVH = kv heads,
+D = head dim, B = KV block size):
+
+    embedding(table, ids[T] int32)                       -> [T, hidden]
+    linear(x[T, K], w, bias=None)                        -> [T, N]          y = x @ W.T (+ bias)
+    rms_norm(x[T, K], weight[K], eps)                    -> [T, K]
+    add_rms_norm(x[T,K], residual[T,K], weight, eps)     -> (normed, new_residual); residual += x
+    rope(x[T, H, D], positions[T] int32, cos_sin, neox)  in place; cos_sin[max_pos, rot_dim]
+    silu_mul(gate_up[T, 2F])                             -> [T, F]          silu(g) * u
+    store_kv(k_cache, v_cache, k[T,KVH,D], v, slot_mapping[T] int64)   in place
+    attention_prefill(q[T,H,D], k_cache, v_cache, block_tables[S,M] int32,
+                      cu_seqlens_q[S+1] int32, context_lens[S] int32, scale) -> [T, H, D]
+    attention_decode(q[S,H,D], k_cache, v_cache, block_tables, context_lens, scale) -> [S, H, D]
+
+KV cache of one layer: k_cache, v_cache [num_blocks, B, KVH, D]. A sequence's token at position
+p lives in block block_tables[s, p // B], row p % B; slot = block * B + row. In attention_prefill,
+sequence s has q tokens cu_seqlens_q[s]:cu_seqlens_q[s+1] which are its *last* positions, i.e.
+query i of s sits at position context_lens[s] - q_len + i and attends causally to positions
+0..that position (the cache already holds the earlier ones: prefix-cache hits, chunked prefill).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mojollm.weights import WeightTensor
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a backend can run here, and why not when it cannot."""
+
+    name: str
+    available: bool
+    device: str  # e.g. "x86_64 (2 threads)", "NVIDIA H100 80GB HBM3", "" when unavailable
+    reason: str  # "" when available
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "available": self.available, "device": self.device, "reason": self.reason}
+
+
+class Backend(abc.ABC):
+    """One device's implementation of the model ops. Instances are created by the registry."""
+
+    name: ClassVar[str]
+
+    # ---- discovery ----
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> Probe:
+        """Cheap check (no kernel build, no heavy import unless needed) whether this backend can run."""
+
+    @property
+    def device_name(self) -> str:
+        return self.probe().device
+
+    # ---- memory ----
+    @abc.abstractmethod
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
+        """Host array -> backend tensor (copy). dtype in {None, 'float32', 'int32', 'int64'}."""
+
+    @abc.abstractmethod
+    def to_numpy(self, t: Any) -> np.ndarray:
+        """Backend tensor -> host float32/int array (copy, synchronises)."""
+
+    @abc.abstractmethod
+    def zeros(self, shape: tuple[int, ...], dtype: str = "float32") -> Any:
+        ...
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on synchronous backends)."""
+
+    # ---- weights ----
+    @abc.abstractmethod
+    def prepare_linear(self, w: WeightTensor) -> Any:
+        """Turn a loaded weight [N, K] (float or GGUF-quantized) into what `linear` consumes.
+        Quantized weights stay quantized when the backend has a kernel for their type."""
+
+    @abc.abstractmethod
+    def prepare_embedding(self, w: WeightTensor) -> Any:
+        """Turn a loaded embedding table [vocab, hidden] into what `embedding` consumes."""
+
+    def prepare_vector(self, w: WeightTensor) -> Any:
+        """Norm weights and biases: always float."""
+        return self.asarray(w.to_float32())
+
+    # ---- ops ----
+    @abc.abstractmethod
+    def embedding(self, table: Any, ids: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def linear(self, x: Any, w: Any, bias: Any = None) -> Any: ...
+
+    @abc.abstractmethod
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any: ...
+
+    def add_rms_norm(self, x: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+        """residual <- residual + x; returns (rms_norm(residual), residual). Fused where it pays."""
+        residual = self.add(residual, x)
+        return self.rms_norm(residual, weight, eps), residual
+
+    @abc.abstractmethod
+    def add(self, a: Any, b: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def rope(self, x: Any, positions: Any, cos_sin: Any, neox: bool) -> Any: ...
+
+    @abc.abstractmethod
+    def silu_mul(self, gate_up: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def store_kv(self, k_cache: Any, v_cache: Any, k: Any, v: Any, slot_mapping: Any) -> None: ...
+
+    @abc.abstractmethod
+    def attention_prefill(self, q: Any, k_cache: Any, v_cache: Any, block_tables: Any,
+                          cu_seqlens_q: Any, context_lens: Any, scale: float) -> Any: ...
+
+    @abc.abstractmethod
+    def attention_decode(self, q: Any, k_cache: Any, v_cache: Any, block_tables: Any,
+                         context_lens: Any, scale: float) -> Any: ...
+
+    # ---- info for measurements ----
+    def memory_bandwidth_gbs(self) -> float | None:
+        """Measured read bandwidth of the device in GB/s, for rooflines (None if unknown)."""
+        return None

@@ -1,0 +1,91 @@
+"""The cpu backend: Mojo SIMD kernels on numpy float32 arrays (the embedded default).
+
+Each op validates its inputs in the kernel wrappers (mojollm.kernels.*) before any address
+crosses into Mojo; this class only routes ops to them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from mojollm.backends.base import Backend, Probe
+from mojollm.weights import WeightTensor
+
+_DTYPES = {None: np.float32, "float32": np.float32, "int32": np.int32, "int64": np.int64}
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    @classmethod
+    def probe(cls) -> Probe:
+        try:
+            from mojollm.kernels.build import compiler_version, find_mojo
+
+            if not os.environ.get("MOJOLLM_KERNEL_DIR"):
+                compiler_version(find_mojo())
+        except Exception as e:
+            return Probe(cls.name, False, "", str(e))
+        return Probe(cls.name, True, f"{platform.machine()} ({os.cpu_count()} threads)", "")
+
+    def __init__(self):
+        from mojollm.kernels import attention, linalg, nn, quant
+
+        self._attention, self._linalg, self._nn, self._quant = attention, linalg, nn, quant
+
+    # ---- memory ----
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        return np.array(a, dtype=_DTYPES[dtype], copy=True, order="C")
+
+    def to_numpy(self, t: np.ndarray) -> np.ndarray:
+        return np.array(t, copy=True)
+
+    def zeros(self, shape, dtype: str = "float32") -> np.ndarray:
+        return np.zeros(shape, dtype=_DTYPES[dtype])
+
+    # ---- weights ----
+    def prepare_linear(self, w: WeightTensor) -> Any:
+        if w.is_quantized:
+            return self._quant.QuantLinear(w)
+        return self._linalg.DenseLinear(w)
+
+    def prepare_embedding(self, w: WeightTensor) -> Any:
+        return self._quant.EmbeddingTable(w)
+
+    # ---- ops ----
+    def embedding(self, table, ids):
+        return table.lookup(ids)
+
+    def linear(self, x, w, bias=None):
+        y = w.forward(x)
+        if bias is not None:
+            y = self._nn.add(y, bias)
+        return y
+
+    def rms_norm(self, x, weight, eps):
+        return self._nn.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self._nn.add_rms_norm(x, residual, weight, eps)
+
+    def add(self, a, b):
+        return self._nn.add(a, b)
+
+    def rope(self, x, positions, cos_sin, neox):
+        return self._nn.rope(x, positions, cos_sin, neox)
+
+    def silu_mul(self, gate_up):
+        return self._nn.silu_mul(gate_up)
+
+    def store_kv(self, k_cache, v_cache, k, v, slot_mapping):
+        self._attention.store_kv(k_cache, v_cache, k, v, slot_mapping)
+
+    def attention_prefill(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+        return self._attention.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+
+    def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
+        return self._attention.attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)

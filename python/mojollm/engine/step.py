@@ -1,0 +1,59 @@
+"""The plan of one forward step, handed by the engine to the model (the only contract between them).
+
+The engine flattens every scheduled sequence's new tokens into one batch (vLLM's layout):
+
+    token_ids     [T] int32   new tokens of all sequences, sequence after sequence
+    positions     [T] int32   their positions in their sequences
+    slot_mapping  [T] int64   KV-cache slot each new token's k/v is written to (block * B + row)
+    block_tables  [S, M] int32  each sequence's block ids (padded with 0 past its length)
+    context_lens  [S] int32   tokens in the cache for each sequence once this step has written
+    cu_seqlens_q  [S+1] int32 prefix sums of new tokens per sequence
+    logits_indices [L] int32  rows of the T tokens whose logits the step returns
+    is_decode     bool        every sequence has exactly one new token (the decode kernel runs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepBatch:
+    token_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray
+    context_lens: np.ndarray
+    cu_seqlens_q: np.ndarray
+    logits_indices: np.ndarray
+    is_decode: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+    @classmethod
+    def single_sequence(cls, token_ids, start_pos: int, block_table, block_size: int,
+                        all_logits: bool = False) -> "StepBatch":
+        """One sequence whose tokens `token_ids` start at position `start_pos` (tests, scoring)."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        n = ids.shape[0]
+        pos = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        table = np.asarray(block_table, dtype=np.int32)
+        slots = table[pos // block_size].astype(np.int64) * block_size + pos % block_size
+        return cls(
+            token_ids=ids,
+            positions=pos,
+            slot_mapping=slots,
+            block_tables=table[None, :],
+            context_lens=np.array([start_pos + n], dtype=np.int32),
+            cu_seqlens_q=np.array([0, n], dtype=np.int32),
+            logits_indices=np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], dtype=np.int32),
+            is_decode=(n == 1),
+        )

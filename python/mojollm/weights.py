@@ -1,0 +1,84 @@
+"""A loaded weight tensor, float or GGUF-quantized, before a backend prepares it.
+
+GGUF block layouts (ggml), 32 weights per block along the row (K) dimension:
+    Q4_0: f16 d, 16 bytes of nibbles            w = (q - 8) * d      (18 bytes)
+    Q4_1: f16 d, f16 m, 16 bytes of nibbles     w = q * d + m        (20 bytes)
+    Q8_0: f16 d, 32 x int8                      w = q * d            (34 bytes)
+Nibble order: byte j holds element j (low 4 bits) and element j + 16 (high 4 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mojollm.errors import ModelLoadError
+
+QK = 32  # weights per quantization block
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_TYPES = FLOAT_TYPES + tuple(BLOCK_BYTES)
+
+
+def bf16_to_float32(a: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 -> float32 (exact)."""
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits in uint16, round to nearest even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = u + 0x7FFF + ((u >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+@dataclass
+class WeightTensor:
+    """`shape` is the logical row-major shape ([out, in] for a linear, torch's convention).
+    `data` is float32 / float16 / uint16 (BF16 bits) of that shape, or for quantized types
+    uint8 of shape [rows, row_bytes] holding the GGUF blocks of each row."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    data: np.ndarray
+
+    def __post_init__(self):
+        if self.qtype not in SUPPORTED_TYPES:
+            raise ModelLoadError(f"tensor {self.name}: type {self.qtype} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        if self.is_quantized:
+            k = self.shape[-1]
+            if k % QK:
+                raise ModelLoadError(f"tensor {self.name}: row length {k} is not a multiple of {QK}")
+            rows = int(np.prod(self.shape[:-1]))
+            want = (rows, k // QK * BLOCK_BYTES[self.qtype])
+            if self.data.dtype != np.uint8 or self.data.shape != want:
+                raise ModelLoadError(f"tensor {self.name}: {self.qtype} data has shape {self.data.shape}, expected {want}")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.qtype in BLOCK_BYTES
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def to_float32(self) -> np.ndarray:
+        """Dequantized / widened copy as float32 of `shape` (reference path, uses the gguf package)."""
+        if self.qtype == "F32":
+            return np.asarray(self.data, dtype=np.float32).reshape(self.shape)
+        if self.qtype == "F16":
+            return np.asarray(self.data).astype(np.float32).reshape(self.shape)
+        if self.qtype == "BF16":
+            return bf16_to_float32(np.asarray(self.data)).reshape(self.shape)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        return dequantize(np.asarray(self.data), GGMLQuantizationType[self.qtype]).astype(np.float32).reshape(self.shape)
+
+    @classmethod
+    def from_float(cls, name: str, a: np.ndarray) -> "WeightTensor":
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return cls(name, tuple(a.shape), "F32", a)
