@@ -1,0 +1,232 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) written against the backend ops.
+
+    hidden = embed(ids)
+    for each layer:
+        x = rms_norm(hidden)
+        q, k, v = split(x @ Wqkv.T (+ b))          one fused matmul
+        q, k = rope(q), rope(k)
+        cache[slots] = k, v                          paged KV cache
+        hidden += attention(q, cache) @ Wo.T         causal, GQA: query head h reads kv head h // (H/KVH)
+        x = rms_norm(hidden)
+        hidden += (silu(x @ Wg.T) * (x @ Wu.T)) @ Wd.T   one fused gate/up matmul
+    logits = rms_norm(hidden)[rows] @ Wlm.T          only the rows the engine asks for
+
+Each residual add is fused with the rms_norm that follows it (add_rms_norm). The model owns no
+device code: it calls `self.backend` ops and moves host arrays with asarray/to_numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mojollm.backends.base import Backend
+from mojollm.engine.step import StepBatch
+from mojollm.errors import ModelLoadError
+from mojollm.models.config import ModelConfig
+from mojollm.tokenizer import Tokenizer
+from mojollm.weights import WeightTensor
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Any
+    qkv: Any | None          # fused [q_size + 2 kv_size, hidden], or None when q/k/v stay separate
+    qkv_bias: Any | None
+    q_k_v: tuple | None      # (q, k, v, q_bias, k_bias, v_bias) when the types did not allow fusion
+    o_proj: Any
+    mlp_norm: Any
+    gate_up: Any             # fused [2 * intermediate, hidden]
+    down: Any
+
+
+def fuse_rows(name: str, parts: list[WeightTensor]) -> WeightTensor | None:
+    """Stack weights along the output (row) dimension; None when their types differ.
+    Quantized rows are self-contained blocks, so stacking the raw bytes is exact."""
+    qtypes = {p.qtype for p in parts}
+    if len(qtypes) != 1 or len({p.shape[1:] for p in parts}) != 1:
+        return None
+    data = np.concatenate([np.asarray(p.data) for p in parts], axis=0)
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return WeightTensor(name, shape, parts[0].qtype, data)
+
+
+def rope_table(config: ModelConfig, freq_factors: np.ndarray | None) -> np.ndarray:
+    """cos/sin table [max_pos, head_dim] (cos half, then sin half)."""
+    if freq_factors is None:
+        from mojollm.models.rope import rope_cos_sin
+
+        return rope_cos_sin(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
+    # llama.cpp stores llama3-style scaling as per-frequency divisors (rope_freqs.weight).
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) * 2 / config.head_dim)
+    inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64).reshape(half)
+    angles = np.arange(config.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, WeightTensor], tokenizer: Tokenizer,
+                 backend: Backend, progress=None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.kv_caches: list[tuple[Any, Any]] | None = None
+        self.block_size: int | None = None
+        b, c = backend, config
+        _check_shapes(c, weights)
+
+        say = progress or (lambda msg: None)
+        say(f"preparing {c.num_hidden_layers} layers on the {b.name} backend")
+        self.embed = b.prepare_embedding(weights["embed_tokens"])
+        self.layers: list[LayerWeights] = []
+        for i in range(c.num_hidden_layers):
+            w = lambda n: weights[f"layers.{i}.{n}"]  # noqa: E731
+            qkv = fuse_rows(f"layers.{i}.qkv_proj", [w("q_proj"), w("k_proj"), w("v_proj")])
+            biases = [weights.get(f"layers.{i}.{n}_proj.bias") for n in "qkv"] if c.attention_bias else [None] * 3
+            gate_up = fuse_rows(f"layers.{i}.gate_up_proj", [w("gate_proj"), w("up_proj")])
+            if gate_up is None:  # mixed types: silu_mul needs one [T, 2F] tensor, so widen both to float32
+                gate_up = WeightTensor(f"layers.{i}.gate_up_proj", (2 * c.intermediate_size, c.hidden_size), "F32",
+                                       np.concatenate([w("gate_proj").to_float32(), w("up_proj").to_float32()]))
+            self.layers.append(LayerWeights(
+                attn_norm=b.prepare_vector(w("input_layernorm")),
+                qkv=b.prepare_linear(qkv) if qkv is not None else None,
+                qkv_bias=(b.asarray(np.concatenate([x.to_float32() for x in biases]))
+                          if qkv is not None and c.attention_bias else None),
+                q_k_v=None if qkv is not None else (
+                    b.prepare_linear(w("q_proj")), b.prepare_linear(w("k_proj")), b.prepare_linear(w("v_proj")),
+                    *[b.prepare_vector(x) if x is not None else None for x in biases]),
+                o_proj=b.prepare_linear(w("o_proj")),
+                mlp_norm=b.prepare_vector(w("post_attention_layernorm")),
+                gate_up=b.prepare_linear(gate_up),
+                down=b.prepare_linear(w("down_proj")),
+            ))
+        self.final_norm = b.prepare_vector(weights["norm"])
+        lm_head = weights["embed_tokens"] if c.tie_word_embeddings else weights["lm_head"]
+        self.lm_head = b.prepare_linear(lm_head)
+        freq_factors = weights["rope_freqs"].to_float32() if "rope_freqs" in weights else None
+        table = rope_table(c, freq_factors)
+        self.max_positions = int(table.shape[0])
+        self.cos_sin = b.asarray(table)
+        self.scale = float(c.head_dim) ** -0.5
+
+        # Bytes a decode step reads: every matrix and vector once, lm_head included. An untied
+        # embedding table is not counted: a step reads only the rows of its tokens.
+        counted = [k for k in weights if k != "rope_freqs" and (k != "embed_tokens" or c.tie_word_embeddings)]
+        self.weight_bytes = int(sum(weights[k].nbytes for k in counted))
+
+    # ---- KV cache ----
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        c = self.config
+        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * 4
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[Any, Any]]:
+        """Per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, D] float32."""
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
+        c = self.config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [(self.backend.zeros(shape), self.backend.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        self.block_size = block_size
+        return self.kv_caches
+
+    # ---- forward ----
+    def forward(self, batch: StepBatch) -> np.ndarray:
+        """Run one step; returns float32 logits [len(batch.logits_indices), vocab] on the host."""
+        self._check_batch(batch)
+        b, c = self.backend, self.config
+        T = batch.num_tokens
+        H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        ids = b.asarray(batch.token_ids, "int32")
+        positions = b.asarray(batch.positions, "int32")
+        slots = b.asarray(batch.slot_mapping, "int64")
+        block_tables = b.asarray(batch.block_tables, "int32")
+        context_lens = b.asarray(batch.context_lens, "int32")
+        cu_seqlens_q = b.asarray(batch.cu_seqlens_q, "int32")
+
+        residual = b.embedding(self.embed, ids)                             # [T, hidden]
+        x = b.rms_norm(residual, self.layers[0].attn_norm, c.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = self.kv_caches[i]
+            # -- attention --
+            if layer.qkv is not None:
+                qkv = b.linear(x, layer.qkv, layer.qkv_bias)                # [T, (H + 2 KVH) D]
+                q, k, v = _split_heads(qkv, T, (H, KVH, KVH), D)
+            else:
+                wq, wk, wv, bq, bk, bv = layer.q_k_v
+                q = b.linear(x, wq, bq).reshape(T, H, D)
+                k = b.linear(x, wk, bk).reshape(T, KVH, D)
+                v = b.linear(x, wv, bv).reshape(T, KVH, D)
+            q = b.rope(q, positions, self.cos_sin, c.rope_neox)
+            k = b.rope(k, positions, self.cos_sin, c.rope_neox)
+            b.store_kv(k_cache, v_cache, k, v, slots)
+            if batch.is_decode:
+                attn = b.attention_decode(q, k_cache, v_cache, block_tables, context_lens, self.scale)
+            else:
+                attn = b.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, self.scale)
+            attn_out = b.linear(attn.reshape(T, H * D), layer.o_proj)
+            x, residual = b.add_rms_norm(attn_out, residual, layer.mlp_norm, c.rms_norm_eps)
+            # -- MLP (SwiGLU) --
+            gate_up = b.linear(x, layer.gate_up)                            # [T, 2F]
+            mlp_out = b.linear(b.silu_mul(gate_up), layer.down)
+            next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            x, residual = b.add_rms_norm(mlp_out, residual, next_norm, c.rms_norm_eps)
+
+        # x is now the final-normed hidden state; project only the rows the engine samples from.
+        rows = batch.logits_indices
+        if not (rows.shape[0] == T and np.array_equal(rows, np.arange(T))):
+            x = x[b.asarray(rows, "int64")]
+        return b.to_numpy(b.linear(x, self.lm_head))
+
+    def _check_batch(self, batch: StepBatch) -> None:
+        if self.kv_caches is None:
+            raise ValueError("allocate_kv_cache() must be called before forward()")
+        T = batch.num_tokens
+        if T == 0:
+            raise ValueError("a step needs at least one token")
+        if batch.positions.shape != (T,) or batch.slot_mapping.shape != (T,):
+            raise ValueError(f"positions {batch.positions.shape} and slot_mapping {batch.slot_mapping.shape} "
+                             f"must both have shape ({T},)")
+        if batch.positions.min() < 0 or batch.positions.max() >= self.max_positions:
+            raise ValueError(f"positions must lie in [0, {self.max_positions}) (the model's context length)")
+        li = batch.logits_indices
+        if li.ndim != 1 or li.shape[0] == 0 or li.min() < 0 or li.max() >= T:
+            raise ValueError(f"logits_indices must be a non-empty list of rows in [0, {T})")
+        if batch.is_decode and batch.num_seqs != T:
+            raise ValueError("a decode step has exactly one token per sequence")
+
+
+def _split_heads(qkv, T: int, heads: tuple[int, int, int], D: int):
+    """[T, (H + KVH + KVH) * D] -> q [T, H, D], k, v [T, KVH, D] (contiguous copies)."""
+    out, start = [], 0
+    for n in heads:
+        part = qkv[:, start:start + n * D]
+        out.append(part.reshape(T, n, D).copy() if hasattr(part, "copy") else part.reshape(T, n, D).contiguous())
+        start += n * D
+    return out
+
+
+def _check_shapes(c: ModelConfig, weights: dict[str, WeightTensor]) -> None:
+    """Every tensor the forward needs exists with the shape the config implies (clear error otherwise)."""
+    hidden, inter = c.hidden_size, c.intermediate_size
+    want = {"embed_tokens": (c.vocab_size, hidden), "norm": (hidden,)}
+    if not c.tie_word_embeddings:
+        want["lm_head"] = (c.vocab_size, hidden)
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        want.update({
+            p + "input_layernorm": (hidden,), p + "post_attention_layernorm": (hidden,),
+            p + "q_proj": (c.q_size, hidden), p + "k_proj": (c.kv_size, hidden), p + "v_proj": (c.kv_size, hidden),
+            p + "o_proj": (hidden, c.q_size),
+            p + "gate_proj": (inter, hidden), p + "up_proj": (inter, hidden), p + "down_proj": (hidden, inter),
+        })
+        if c.attention_bias:
+            want.update({p + "q_proj.bias": (c.q_size,), p + "k_proj.bias": (c.kv_size,),
+                         p + "v_proj.bias": (c.kv_size,)})
+    for name, shape in want.items():
+        if name not in weights:
+            raise ModelLoadError(f"checkpoint lacks tensor {name}")
+        if tuple(weights[name].shape) != shape:
+            raise ModelLoadError(f"tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
