@@ -35,7 +35,7 @@ import numpy as np
 from mojollm import measure
 from mojollm.engine.step import StepBatch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = measure.SCHEMA_VERSION  # bench/SCHEMA.md
 KIND = "mojollm.compare"
 
 # A fixed English paragraph: prompts are slices of its tokens so every backend sees the same ids
@@ -387,7 +387,20 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
         gc.collect()  # free this backend's model before the next one loads (peak memory, RSS)
     ran = [b for b in doc["backends"] if b["available"]]
     doc["ok"] = all(b.get("ok", False) for b in ran) and bool(ran)
-    return doc
+    return json_safe(doc)
+
+
+def json_safe(x):
+    """NaN/inf -> None and numpy scalars -> Python, so the document is strict JSON."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,8 +464,8 @@ def check_rows(doc: dict) -> list[tuple[list[str], str]]:
         if status == "reference":
             cells = [b["name"], "–", "reference", "", "", "", "", "reference"]
         elif "logits_rel_diff" in chk:
-            cells = [b["name"], chk["reference"], f"{chk['logits_max_abs_diff']:.3g}", f"{chk['logits_rel_diff']:.2e}",
-                     f"{chk['top1_agreement']:.1%}", str(chk["top1_decisive_mismatches"]),
+            cells = [b["name"], chk["reference"], _fmt(chk["logits_max_abs_diff"], ".3g"),
+                     _fmt(chk["logits_rel_diff"], ".2e"), _fmt(chk["top1_agreement"], ".1%"), str(chk["top1_decisive_mismatches"]),
                      f"{min(chk['greedy_match_len'])}/{chk['greedy_compared']}", "ok" if chk["ok"] else "FAILED"]
         else:
             cells = [b["name"], chk.get("reference", "–"), "–", "–", "–", "–", "–",

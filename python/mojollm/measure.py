@@ -521,3 +521,32 @@ def _total_memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the JSON envelope of bench/ results (bench/SCHEMA.md)
+
+SCHEMA_VERSION = 1
+
+
+def bench_document(kind: str, config: dict, rows: list[dict], command: str | None = None) -> dict:
+    """The envelope every bench/ script writes: `kind` is kernels | e2e | throughput (or the full
+    `mojollm.bench.<kind>`); rows are flat dicts of scalars; `ok` is false if any row says so."""
+    full = kind if kind.startswith("mojollm.") else f"mojollm.bench.{kind}"
+    if command is None:
+        import shlex
+
+        command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
+    for i, row in enumerate(rows):
+        bad = [k for k, v in row.items() if not (v is None or isinstance(v, (str, bool, int, float)))]
+        if bad:
+            raise ValueError(f"row {i}: values of {bad} are not scalars (bench rows must be flat)")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": full,
+        "command": command,
+        "config": dict(config),
+        "environment": environment_info(),
+        "rows": list(rows),
+        "ok": all(row.get("ok", True) is not False for row in rows),
+    }
