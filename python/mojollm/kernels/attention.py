@@ -1,0 +1,185 @@
+"""Paged attention ops of the cpu backend (Mojo kernels in mojo/attention.mojo).
+
+    store_kv(k_cache, v_cache, k[T, KVH, D], v, slot_mapping[T] int64)        in place
+    attention_prefill(q[T, H, D], k_cache, v_cache, block_tables[S, M] int32,
+                      cu_seqlens_q[S+1] int32, context_lens[S] int32, scale) -> [T, H, D]
+    attention_decode(q[S, H, D], k_cache, v_cache, block_tables, context_lens, scale) -> [S, H, D]
+
+Caches are [num_blocks, B, KVH, D] float32 (layout and causal semantics: backends/base.py).
+Every index the kernels will follow (slots, the block ids a sequence's context needs, query
+counts) is range-checked here first, so a bad step plan raises ValueError instead of reading
+or writing outside a buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mojollm.kernels.build import load_module
+from mojollm.kernels.nn import check_array, check_float
+
+_info: dict[str, int] = {}
+
+
+def _kernels():
+    return load_module("attention")
+
+
+def _workers() -> int:
+    if "workers" not in _info:
+        k = _kernels()
+        _info["workers"] = int(k.workers())
+        _info["rows"] = int(k.tile_rows())
+    return _info["workers"]
+
+
+def _scratch(d: int) -> np.ndarray:
+    """Per-worker scratch for the tile kernel (uninitialised: the kernel writes before reading)."""
+    key = f"scratch{d}"
+    if key not in _info:
+        _info[key] = int(_kernels().scratch_per_worker(d))
+    return np.empty(_workers() * _info[key], dtype=np.float32)
+
+
+def _meta(*values) -> np.ndarray:
+    return np.array([int(v) for v in values], dtype=np.int64)
+
+
+def _check_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
+    check_array("k_cache", k_cache, np.float32, ndim=4)
+    check_array("v_cache", v_cache, np.float32, ndim=4)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape")
+    nb, b, kvh, d = k_cache.shape
+    if min(nb, b, kvh, d) == 0:
+        raise ValueError(f"KV cache dimensions must be non-zero, got {k_cache.shape}")
+    return nb, b, kvh, d
+
+
+def _check_q(q, kvh: int, d: int, name: str = "q") -> tuple[int, int]:
+    check_array(name, q, np.float32, ndim=3)
+    t, h, qd = q.shape
+    if qd != d:
+        raise ValueError(f"{name} head dim {qd} does not match the KV cache's {d}")
+    if h == 0 or h % kvh:
+        raise ValueError(f"{name} has {h} heads, which must be a non-zero multiple of the cache's {kvh} kv heads")
+    return t, h
+
+
+def _check_tables(block_tables, context_lens, n_seqs: int, nb: int, b: int) -> None:
+    """context_lens fit the block tables, and every block id they reach is a real block."""
+    check_array("block_tables", block_tables, np.int32, ndim=2)
+    check_array("context_lens", context_lens, np.int32, ndim=1)
+    if context_lens.shape[0] != n_seqs:
+        raise ValueError(f"context_lens has {context_lens.shape[0]} entries for {n_seqs} sequences")
+    if block_tables.shape[0] != n_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {n_seqs} sequences")
+    if n_seqs == 0:
+        return
+    m = block_tables.shape[1]
+    lo, hi = int(context_lens.min()), int(context_lens.max())
+    if lo < 0 or hi > m * b:
+        raise ValueError(f"context_lens must lie in [0, {m * b}] ({m} blocks of {b} per table row), got [{lo}, {hi}]")
+    needed = (context_lens.astype(np.int64) + b - 1) // b
+    used = block_tables[np.arange(m)[None, :] < needed[:, None]]
+    if used.size and (int(used.min()) < 0 or int(used.max()) >= nb):
+        raise ValueError(f"block_tables reach block ids [{int(used.min())}, {int(used.max())}] outside the cache's {nb} blocks")
+
+
+def store_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
+    """k_cache.reshape(-1, KVH, D)[slot_mapping[t]] = k[t] (and v), in place."""
+    nb, b, kvh, d = _check_caches(k_cache, v_cache)
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.writeable:
+            raise ValueError(f"{name} must be writable: store_kv updates it in place")
+    check_array("k", k, np.float32, ndim=3)
+    check_array("v", v, np.float32, ndim=3)
+    check_array("slot_mapping", slot_mapping, np.int64, ndim=1)
+    if k.shape != v.shape or k.shape[1:] != (kvh, d):
+        raise ValueError(f"k {k.shape} and v {v.shape} must both be [T, {kvh}, {d}] to match the cache")
+    t = k.shape[0]
+    if slot_mapping.shape[0] != t:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {t} tokens")
+    if t == 0:
+        return
+    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    if lo < 0 or hi >= nb * b:
+        raise ValueError(f"slot_mapping must lie in [0, {nb * b}) ({nb} blocks of {b}), got [{lo}, {hi}]")
+    meta = _meta(k_cache.ctypes.data, v_cache.ctypes.data, k.ctypes.data, v.ctypes.data, slot_mapping.ctypes.data,
+                 t, kvh * d)
+    _kernels().store_kv(meta.ctypes.data)
+
+
+def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
+                      cu_seqlens_q: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:
+    """Causal attention of a varlen batch of new tokens over the paged cache (which already
+    holds them: call store_kv first). Query i of sequence s sits at position
+    context_lens[s] - q_len_s + i."""
+    nb, b, kvh, d = _check_caches(k_cache, v_cache)
+    t, h = _check_q(q, kvh, d)
+    check_array("cu_seqlens_q", cu_seqlens_q, np.int32, ndim=1)
+    n_seqs = cu_seqlens_q.shape[0] - 1
+    if n_seqs < 0:
+        raise ValueError("cu_seqlens_q must have S + 1 entries (it starts with 0)")
+    _check_tables(block_tables, context_lens, n_seqs, nb, b)
+    q_lens = np.diff(cu_seqlens_q.astype(np.int64))
+    if int(cu_seqlens_q[0]) != 0 or int(cu_seqlens_q[-1]) != t or (q_lens < 0).any():
+        raise ValueError(f"cu_seqlens_q must rise from 0 to T={t}, got {cu_seqlens_q.tolist()[:8]}...")
+    if (q_lens > context_lens).any():
+        s = int(np.argmax(q_lens > context_lens))
+        raise ValueError(f"sequence {s} has {int(q_lens[s])} new tokens but context_len {int(context_lens[s])}: "
+                         "context_lens must count the new tokens too")
+    sc = check_float("scale", scale, positive=True)
+    out = np.empty_like(q)
+    if t == 0:
+        return out
+    scratch = _scratch(d)
+    meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
+                 cu_seqlens_q.ctypes.data, context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data,
+                 t, h, kvh, d, b, n_seqs, block_tables.shape[1], _workers())
+    _kernels().attention_prefill(meta.ctypes.data, sc)
+    return out
+
+
+def decode_splits(n_seqs: int, h: int, kvh: int, max_ctx: int, workers: int) -> int:
+    """How many key chunks per sequence (flash-decoding): enough jobs to keep `workers` busy
+    (4 per worker, for balance) when sequences x kv heads alone are too few, chunks >= 256 keys."""
+    rows = _info.get("rows", 64)
+    base_jobs = n_seqs * kvh * math.ceil((h // kvh) / rows)
+    target = 4 * workers
+    if workers <= 1 or base_jobs >= target:
+        return 1
+    return max(1, min(math.ceil(target / base_jobs), math.ceil(max_ctx / 256)))
+
+
+def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
+                     context_lens: np.ndarray, scale: float, *, num_splits: int | None = None) -> np.ndarray:
+    """One query per sequence (at position context_lens[s] - 1) over its paged context.
+    num_splits overrides the flash-decoding chunk count (tests; default: decode_splits)."""
+    nb, b, kvh, d = _check_caches(k_cache, v_cache)
+    n_seqs, h = _check_q(q, kvh, d)
+    _check_tables(block_tables, context_lens, n_seqs, nb, b)
+    if n_seqs and int(context_lens.min()) < 1:
+        raise ValueError("context_lens must be >= 1 in decode: the cache holds at least the new token")
+    sc = check_float("scale", scale, positive=True)
+    out = np.empty_like(q)
+    if n_seqs == 0:
+        return out
+    workers = _workers()
+    rows = _info["rows"]
+    if num_splits is None:
+        splits = decode_splits(n_seqs, h, kvh, int(context_lens.max()), workers)
+    else:
+        splits = int(num_splits)
+        if splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    row_tiles = math.ceil((h // kvh) / rows)
+    partial = np.empty(n_seqs * kvh * row_tiles * splits * rows * (d + 2) if splits > 1 else 1, dtype=np.float32)
+    scratch = _scratch(d)
+    meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
+                 context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data, partial.ctypes.data,
+                 n_seqs, h, kvh, d, b, block_tables.shape[1], splits, workers)
+    _kernels().attention_decode(meta.ctypes.data, sc)
+    return out
