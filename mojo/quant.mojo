@@ -1,0 +1,612 @@
+# GGUF block-quantized kernels (Q4_0, Q4_1, Q8_0) and the embedding gather (CPU, float32 out).
+#
+# Block layouts (ggml; 32 weights per block along a row, see python/mojollm/weights.py):
+#     Q4_0: f16 d, 16 B nibbles          w = (q - 8) * d        18 B
+#     Q4_1: f16 d, f16 m, 16 B nibbles   w = q * d + m          20 B
+#     Q8_0: f16 d, 32 x int8             w = q * d              34 B
+# Nibble byte j holds element j (low 4 bits) and element j + 16 (high 4 bits).
+#
+# Every entry takes raw addresses and sizes from mojollm.kernels.quant, which has already
+# checked shapes, dtypes, contiguity and id ranges; nothing here re-validates.
+#
+# Y[T, N] = X[T, K] @ W[N, K]^T straight from the blocks, never a dequantized copy of W:
+#   * small T (decode): each row's blocks are streamed once and decoded in registers; a block
+#     contributes d * dot(q, x) + m * sum(x) (Q4_0: m = -8d), so per block we need one
+#     nibble decode, two FMAs and one scale FMA per activation row. Rows are split over
+#     threads in ONE parallel region.
+#   * larger T (prefill): a GEMM. X is packed transposed (k-major, 16 tokens per vector);
+#     each thread dequantizes MR rows x KC columns of W into an L1 tile and runs an
+#     MR x 32 register microkernel over every token block, so each W block is decoded once
+#     per call and reused T times. The X chunk (T x KC) stays in L2 across row panels.
+# Activations stay float32 throughout (no int8 activation quantization): results match a
+# float64 product on the dequantized weights to float32 rounding.
+
+from std.math import floor, trunc
+from std.memory import bitcast
+from std.os import abort
+from std.python import PythonObject
+from std.python.bindings import PythonModuleBuilder
+from std.sys import num_physical_cores
+
+from max.algorithm import parallelize
+
+comptime F32Ptr = Pointer[Float32, MutAnyOrigin]
+comptime F16Ptr = Pointer[Float16, MutAnyOrigin]
+comptime U8Ptr = Pointer[UInt8, MutAnyOrigin]
+comptime U16Ptr = Pointer[UInt16, MutAnyOrigin]
+comptime I32Ptr = Pointer[Int32, MutAnyOrigin]
+comptime V16 = SIMD[DType.float32, 16]
+
+# Type codes: ggml's GGMLQuantizationType values.
+comptime F32 = 0
+comptime F16 = 1
+comptime Q4_0 = 2
+comptime Q4_1 = 3
+comptime Q8_0 = 8
+comptime BF16 = 30
+
+comptime QK = 32
+comptime SMALL_T = 4  # up to this many activation rows take the streaming (GEMV) path
+comptime MR = 8  # W rows per GEMM microkernel tile
+comptime PARALLEL_MIN_BYTES = 1 << 16  # below this much weight data one thread does the work
+
+
+@always_inline
+def _block_bytes[qt: Int]() -> Int:
+    comptime if qt == Q4_0:
+        return 18
+    elif qt == Q4_1:
+        return 20
+    else:
+        return 34
+
+
+def _work_items(rows: Int, bytes_per_row: Int, min_rows: Int) -> Int:
+    """How many row chunks to split an op into: 1 (no parallel region) when it is small.
+    More chunks than cores so a core slowed by a neighbour hands rows to the other."""
+    if rows * bytes_per_row < PARALLEL_MIN_BYTES or rows < 2 * min_rows:
+        return 1
+    return max(1, min(rows // min_rows, 4 * num_physical_cores()))
+
+
+# ---------------------------------------------------------------- block decoding
+
+
+@always_inline
+def _scale(h: F16Ptr, half_off: Int) -> Float32:
+    return h[unsafe_offset=half_off].cast[DType.float32]()
+
+
+@always_inline
+def _codes[qt: Int](u8: U8Ptr, off: Int, mut lo: V16, mut hi: V16):
+    """Raw codes of the block at byte `off` as float32: elements 0..15 in lo, 16..31 in hi.
+    Q4_*: 0..15 (unsigned nibbles); Q8_0: -128..127."""
+    comptime if qt == Q8_0:
+        lo = bitcast[DType.int8, 16](u8.unsafe_load[width=16](off + 2)).cast[DType.float32]()
+        hi = bitcast[DType.int8, 16](u8.unsafe_load[width=16](off + 18)).cast[DType.float32]()
+    else:
+        comptime qs = 2 if qt == Q4_0 else 4
+        var q = u8.unsafe_load[width=16](off + qs).cast[DType.int32]()
+        lo = (q & 15).cast[DType.float32]()
+        hi = (q >> 4).cast[DType.float32]()
+
+
+@always_inline
+def _dequant_block[qt: Int](u8: U8Ptr, h: F16Ptr, off: Int, mut lo: V16, mut hi: V16):
+    """The block's 32 weights, computed exactly as gguf.quants.dequantize does (same
+    operations in the same order, no fused multiply-add), so results are bit-identical."""
+    var d = _scale(h, off >> 1)
+    comptime if qt == Q4_0:
+        var q = u8.unsafe_load[width=16](off + 2).cast[DType.int32]()
+        lo = ((q & 15) - 8).cast[DType.float32]() * d
+        hi = ((q >> 4) - 8).cast[DType.float32]() * d
+    elif qt == Q4_1:
+        var m = _scale(h, (off >> 1) + 1)
+        _codes[qt](u8, off, lo, hi)
+        lo = _no_fma_add(lo * d, m)
+        hi = _no_fma_add(hi * d, m)
+    else:
+        _codes[qt](u8, off, lo, hi)
+        lo = lo * d
+        hi = hi * d
+
+
+@always_inline
+def _no_fma_add(prod: V16, m: Float32) -> V16:
+    # A plain `a * d + m` may be contracted into one FMA (a single rounding); numpy rounds the
+    # product first. Keeping the add separate keeps dequantize bit-exact with gguf.
+    return prod + V16(m)
+
+
+# ---------------------------------------------------------------- GEMV (small T)
+
+
+@always_inline
+def _gemv_rows[qt: Int, TT: Int](w_addr: Int, row_bytes: Int, nb: Int, x: F32Ptr, k: Int,
+                                 sx: F32Ptr, y: F32Ptr, n: Int, r0: Int, r1: Int):
+    """Compute y[t, r] = sum_b d_b * dot(q_b, x[t, b]) + m_b * sum(x[t, b]) for rows r0..r1, TT tokens.
+    sx[t * nb + b] holds sum(x[t, b]) (unused for Q8_0)."""
+    comptime BB = _block_bytes[qt]()
+    comptime HB = BB // 2
+    for r in range(r0, r1):
+        var base = w_addr + r * row_bytes
+        var u8 = U8Ptr(unsafe_from_address=base)
+        var h = F16Ptr(unsafe_from_address=base)
+        # Two accumulators per token (even/odd blocks) so consecutive FMAs do not wait on
+        # each other when TT is 1.
+        var acc = Array[V16, 2 * TT](fill=0)
+        var accm = Array[Float32, TT](fill=0)
+        var b = 0
+        while b + 2 <= nb:
+            comptime for u in range(2):
+                var bb = b + u
+                var d = _scale(h, bb * HB)
+                var lo = V16(0)
+                var hi = V16(0)
+                _codes[qt](u8, bb * BB, lo, hi)
+                comptime for t in range(TT):
+                    var xo = t * k + bb * QK
+                    var s = lo * x.unsafe_load[width=16](xo)
+                    s = hi.fma(x.unsafe_load[width=16](xo + 16), s)
+                    acc[2 * t + u] = s.fma(V16(d), acc[2 * t + u])
+                comptime if qt == Q4_1:
+                    var m = _scale(h, bb * HB + 1)
+                    comptime for t in range(TT):
+                        accm[t] += m * sx[unsafe_offset=t * nb + bb]
+                elif qt == Q4_0:
+                    comptime for t in range(TT):
+                        accm[t] -= 8 * d * sx[unsafe_offset=t * nb + bb]
+            b += 2
+        if b < nb:
+            var d = _scale(h, b * HB)
+            var lo = V16(0)
+            var hi = V16(0)
+            _codes[qt](u8, b * BB, lo, hi)
+            comptime for t in range(TT):
+                var xo = t * k + b * QK
+                var s = lo * x.unsafe_load[width=16](xo)
+                s = hi.fma(x.unsafe_load[width=16](xo + 16), s)
+                acc[2 * t] = s.fma(V16(d), acc[2 * t])
+            comptime if qt == Q4_1:
+                var m = _scale(h, b * HB + 1)
+                comptime for t in range(TT):
+                    accm[t] += m * sx[unsafe_offset=t * nb + b]
+            elif qt == Q4_0:
+                comptime for t in range(TT):
+                    accm[t] -= 8 * d * sx[unsafe_offset=t * nb + b]
+        comptime for t in range(TT):
+            y[unsafe_offset=t * n + r] = (acc[2 * t] + acc[2 * t + 1]).reduce_add() + accm[t]
+
+
+def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int) raises:
+    comptime BB = _block_bytes[qt]()
+    var nb = k // QK
+    var row_bytes = nb * BB
+    var x = F32Ptr(unsafe_from_address=x_addr)
+    var y = F32Ptr(unsafe_from_address=y_addr)
+    # Per-block activation sums for the m term, computed once per call.
+    var sums = List[Float32](length=TT * nb, fill=0)
+    var sx = F32Ptr(unsafe_from_address=Int(sums.unsafe_ptr()))
+    comptime if qt != Q8_0:
+        for i in range(TT * nb):
+            sx[unsafe_offset=i] = (x.unsafe_load[width=16](i * QK) + x.unsafe_load[width=16](i * QK + 16)).reduce_add()
+    var items = _work_items(n, row_bytes, 16)
+    if items == 1:
+        _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, 0, n)
+    else:
+        def work(i: Int) {imm w_addr, imm row_bytes, imm nb, imm x, imm k, imm sx, imm y, imm n, imm items}:
+            _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, i * n // items, (i + 1) * n // items)
+        parallelize(work, items)
+    _ = sums^
+
+
+# ---------------------------------------------------------------- GEMM (prefill)
+
+
+def _pack_x(x: F32Ptr, xp: F32Ptr, t: Int, k: Int, ntb: Int):
+    """Pack xp[tb][kk][j] = x[tb*16 + j, kk] (zero for tokens past t): 16 tokens per vector."""
+    for tb in range(ntb):
+        var dst = tb * k * 16
+        for j in range(16):
+            var tok = tb * 16 + j
+            if tok < t:
+                var src = tok * k
+                for kk in range(k):
+                    xp[unsafe_offset=dst + kk * 16 + j] = x[unsafe_offset=src + kk]
+            else:
+                for kk in range(k):
+                    xp[unsafe_offset=dst + kk * 16 + j] = 0
+
+
+@always_inline
+def _micro[NT: Int](a: F32Ptr, lda: Int, bp: F32Ptr, b_off: Int, b_stride: Int, kc: Int,
+                    mut acc: Array[V16, MR * NT]):
+    """Accumulate acc[i, j] += sum_kk a[i, kk] * xp[tb + j][kk] for MR rows and NT blocks of 16 tokens."""
+    for kk in range(kc):
+        var bv = Array[V16, NT](fill=0)
+        comptime for j in range(NT):
+            bv[j] = bp.unsafe_load[width=16](b_off + j * b_stride + kk * 16)
+        comptime for i in range(MR):
+            var av = V16(a[unsafe_offset=i * lda + kk])
+            comptime for j in range(NT):
+                acc[i * NT + j] = av.fma(bv[j], acc[i * NT + j])
+
+
+@always_inline
+def _tile[NT: Int](a: F32Ptr, kc: Int, xp: F32Ptr, k: Int, kc0: Int, tb: Int, t: Int,
+                   part: F32Ptr, t_pad: Int, p_row: Int, first: Bool, last: Bool,
+                   y: F32Ptr, n: Int, row0: Int, rows: Int):
+    """One MR x (16*NT) tile of Y^T over the K chunk [kc0, kc0+kc): start from zero or from the
+    partial sums of earlier chunks, and either keep the partials or write Y on the last chunk."""
+    var acc = Array[V16, MR * NT](fill=0)
+    if not first:
+        comptime for i in range(MR):
+            comptime for j in range(NT):
+                acc[i * NT + j] = part.unsafe_load[width=16]((p_row + i) * t_pad + (tb + j) * 16)
+    _micro[NT](a, kc, xp, tb * k * 16 + kc0 * 16, k * 16, kc, acc)
+    if last:
+        comptime for i in range(MR):
+            if i < rows:
+                comptime for j in range(NT):
+                    var v = acc[i * NT + j]
+                    var t0 = (tb + j) * 16
+                    comptime for l in range(16):
+                        if t0 + l < t:
+                            y[unsafe_offset=(t0 + l) * n + row0 + i] = v[l]
+    else:
+        comptime for i in range(MR):
+            comptime for j in range(NT):
+                part.unsafe_store((p_row + i) * t_pad + (tb + j) * 16, acc[i * NT + j])
+
+
+def _gemm_rows[qt: Int](w_addr: Int, row_bytes: Int, xp: F32Ptr, t: Int, k: Int, kc_max: Int,
+                        y: F32Ptr, n: Int, r0: Int, r1: Int):
+    """Rows r0..r1 of Y^T = W X^T, K in chunks of kc_max so the packed X chunk stays in L2."""
+    comptime BB = _block_bytes[qt]()
+    var ntb = (t + 15) // 16
+    var t_pad = ntb * 16
+    var a_buf = List[Float32](length=MR * kc_max, fill=0)
+    var a = F32Ptr(unsafe_from_address=Int(a_buf.unsafe_ptr()))
+    var nrows = r1 - r0
+    var npanels = (nrows + MR - 1) // MR
+    var multi = kc_max < k
+    var part_buf = List[Float32](length=(npanels * MR * t_pad) if multi else 1, fill=0)
+    var part = F32Ptr(unsafe_from_address=Int(part_buf.unsafe_ptr()))
+    var kc0 = 0
+    while kc0 < k:
+        var kc = min(kc_max, k - kc0)
+        var first = kc0 == 0
+        var last = kc0 + kc == k
+        for p in range(npanels):
+            var row0 = r0 + p * MR
+            var rows = min(MR, r1 - row0)
+            # Dequantize the MR x kc tile of W (rows past r1 are zero).
+            for i in range(MR):
+                if i < rows:
+                    var base = w_addr + (row0 + i) * row_bytes
+                    var u8 = U8Ptr(unsafe_from_address=base)
+                    var h = F16Ptr(unsafe_from_address=base)
+                    for blk in range(kc // QK):
+                        var lo = V16(0)
+                        var hi = V16(0)
+                        _dequant_block[qt](u8, h, (kc0 // QK + blk) * BB, lo, hi)
+                        a.unsafe_store(i * kc + blk * QK, lo)
+                        a.unsafe_store(i * kc + blk * QK + 16, hi)
+                else:
+                    for kk in range(kc // 16):
+                        a.unsafe_store(i * kc + kk * 16, V16(0))
+            var tb = 0
+            while tb + 2 <= ntb:
+                _tile[2](a, kc, xp, k, kc0, tb, t, part, t_pad, p * MR, first, last, y, n, row0, rows)
+                tb += 2
+            if tb < ntb:
+                _tile[1](a, kc, xp, k, kc0, tb, t, part, t_pad, p * MR, first, last, y, n, row0, rows)
+        kc0 += kc
+    _ = a_buf^
+    _ = part_buf^
+
+
+def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int) raises:
+    comptime BB = _block_bytes[qt]()
+    var row_bytes = (k // QK) * BB
+    var x = F32Ptr(unsafe_from_address=x_addr)
+    var y = F32Ptr(unsafe_from_address=y_addr)
+    var ntb = (t + 15) // 16
+    var xp_buf = List[Float32](length=ntb * 16 * k, fill=0)
+    var xp = F32Ptr(unsafe_from_address=Int(xp_buf.unsafe_ptr()))
+    _pack_x(x, xp, t, k, ntb)
+    # K chunk: the packed X chunk (t_pad x kc floats) should fit in about 512 KiB of L2.
+    var kc_max = max(QK, min(k, ((1 << 17) // (ntb * 16)) // QK * QK))
+    var panels = (n + MR - 1) // MR
+    var items = 1 if panels < 2 else min(panels, 4 * num_physical_cores())
+    if items == 1:
+        _gemm_rows[qt](w_addr, row_bytes, xp, t, k, kc_max, y, n, 0, n)
+    else:
+        def work(i: Int) {imm w_addr, imm row_bytes, imm xp, imm t, imm k, imm kc_max, imm y, imm n, imm items, imm panels}:
+            var r0 = (i * panels // items) * MR
+            var r1 = min(n, ((i + 1) * panels // items) * MR)
+            _gemm_rows[qt](w_addr, row_bytes, xp, t, k, kc_max, y, n, r0, r1)
+        parallelize(work, items)
+    _ = xp_buf^
+
+
+def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int) raises:
+    if t == 1:
+        _gemv[qt, 1](w_addr, x_addr, y_addr, n, k)
+    elif t == 2:
+        _gemv[qt, 2](w_addr, x_addr, y_addr, n, k)
+    elif t == 3:
+        _gemv[qt, 3](w_addr, x_addr, y_addr, n, k)
+    elif t == SMALL_T:
+        _gemv[qt, SMALL_T](w_addr, x_addr, y_addr, n, k)
+    else:
+        _gemm[qt](w_addr, x_addr, y_addr, t, n, k)
+
+
+def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObject, dims: PythonObject) raises -> PythonObject:
+    """Compute y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K)."""
+    var qt = Int(py=qtype)
+    var w_addr = Int(py=w)
+    var x_addr = Int(py=x)
+    var y_addr = Int(py=y)
+    var t = Int(py=dims[0])
+    var n = Int(py=dims[1])
+    var k = Int(py=dims[2])
+    if qt == Q4_0:
+        _matmul[Q4_0](w_addr, x_addr, y_addr, t, n, k)
+    elif qt == Q4_1:
+        _matmul[Q4_1](w_addr, x_addr, y_addr, t, n, k)
+    elif qt == Q8_0:
+        _matmul[Q8_0](w_addr, x_addr, y_addr, t, n, k)
+    else:
+        raise Error("matmul: unsupported type code ", qt)
+    return PythonObject(None)
+
+
+# ---------------------------------------------------------------- dequantize / quantize
+
+
+def _dequant_rows[qt: Int](src_addr: Int, dst: F32Ptr, k: Int, r0: Int, r1: Int):
+    comptime BB = _block_bytes[qt]()
+    var nb = k // QK
+    for r in range(r0, r1):
+        var base = src_addr + r * nb * BB
+        var u8 = U8Ptr(unsafe_from_address=base)
+        var h = F16Ptr(unsafe_from_address=base)
+        for b in range(nb):
+            var lo = V16(0)
+            var hi = V16(0)
+            _dequant_block[qt](u8, h, b * BB, lo, hi)
+            dst.unsafe_store(r * k + b * QK, lo)
+            dst.unsafe_store(r * k + b * QK + 16, hi)
+
+
+def _dequant[qt: Int](src_addr: Int, dst_addr: Int, rows: Int, k: Int) raises:
+    comptime BB = _block_bytes[qt]()
+    var dst = F32Ptr(unsafe_from_address=dst_addr)
+    var items = _work_items(rows, (k // QK) * BB, 4)
+    if items == 1:
+        _dequant_rows[qt](src_addr, dst, k, 0, rows)
+    else:
+        def work(i: Int) {imm src_addr, imm dst, imm k, imm rows, imm items}:
+            _dequant_rows[qt](src_addr, dst, k, i * rows // items, (i + 1) * rows // items)
+        parallelize(work, items)
+
+
+def dequantize(qtype: PythonObject, src: PythonObject, dst: PythonObject, dims: PythonObject) raises -> PythonObject:
+    """Fill dst[rows, K] float32 with the weights of src[rows, K/32 blocks]; dims = (rows, K)."""
+    var qt = Int(py=qtype)
+    var rows = Int(py=dims[0])
+    var k = Int(py=dims[1])
+    if qt == Q4_0:
+        _dequant[Q4_0](Int(py=src), Int(py=dst), rows, k)
+    elif qt == Q4_1:
+        _dequant[Q4_1](Int(py=src), Int(py=dst), rows, k)
+    elif qt == Q8_0:
+        _dequant[Q8_0](Int(py=src), Int(py=dst), rows, k)
+    else:
+        raise Error("dequantize: unsupported type code ", qt)
+    return PythonObject(None)
+
+
+@always_inline
+def _store_nibbles(u8: U8Ptr, off: Int, q: SIMD[DType.int32, 32]):
+    """Store 16 bytes: byte j = q[j] | q[j + 16] << 4."""
+    var lo = q.slice[16, offset=0]()
+    var hi = q.slice[16, offset=16]()
+    u8.unsafe_store(off, (lo | (hi << 4)).cast[DType.uint8]())
+
+
+def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
+    """One block, replicating gguf.quants.quantize's float32 arithmetic step by step."""
+    comptime V32 = SIMD[DType.float32, 32]
+    var v = x.unsafe_load[width=32](xo)
+    comptime if qt == Q8_0:
+        # d = max|x| / 127, id = 1/d (0 when d == 0), q = round-half-away(x * id)
+        var d = abs(v).reduce_max() / 127
+        var id: Float32 = 0
+        if d != 0:
+            id = 1 / d
+        var s = v * id
+        var a = abs(s)
+        var fl = floor(a)
+        var r = fl + floor(2 * (a - fl))
+        var q = s.lt(0).select(-r, r).cast[DType.int32]()
+        h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
+        u8.unsafe_store(off + 2, q.cast[DType.int8]().slice[16, offset=0]().cast[DType.uint8]())
+        u8.unsafe_store(off + 18, q.cast[DType.int8]().slice[16, offset=16]().cast[DType.uint8]())
+    elif qt == Q4_0:
+        # the element of largest magnitude (first one on ties) keeps its sign: d = max / -8
+        var av = abs(v)
+        var amax = av.reduce_max()
+        var mx: Float32 = 0
+        for j in range(32):
+            if av[j] == amax:
+                mx = v[j]
+                break
+        var d = mx / -8
+        var id: Float32 = 0
+        if d != 0:
+            id = 1 / d
+        var q = trunc(_no_fma_add32(v * id, 8.5)).cast[DType.int32]()
+        q = min(max(q, 0), 15)
+        h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
+        _store_nibbles(u8, off + 2, q)
+    else:
+        var mx = v.reduce_max()
+        var mn = v.reduce_min()
+        var d = (mx - mn) / 15
+        var id: Float32 = 0
+        if d != 0:
+            id = 1 / d
+        var q = trunc(_no_fma_add32((v - mn) * id, 0.5)).cast[DType.int32]()
+        q = min(max(q, 0), 15)
+        h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
+        h[unsafe_offset=(off >> 1) + 1] = mn.cast[DType.float16]()
+        _store_nibbles(u8, off + 4, q)
+
+
+@always_inline
+def _no_fma_add32(prod: SIMD[DType.float32, 32], c: Float32) -> SIMD[DType.float32, 32]:
+    return prod + SIMD[DType.float32, 32](c)
+
+
+def _quant_rows[qt: Int](x: F32Ptr, dst_addr: Int, k: Int, r0: Int, r1: Int):
+    comptime BB = _block_bytes[qt]()
+    var nb = k // QK
+    for r in range(r0, r1):
+        var base = dst_addr + r * nb * BB
+        var u8 = U8Ptr(unsafe_from_address=base)
+        var h = F16Ptr(unsafe_from_address=base)
+        for b in range(nb):
+            _quant_block[qt](x, r * k + b * QK, u8, h, b * BB)
+
+
+def _quant[qt: Int](src_addr: Int, dst_addr: Int, rows: Int, k: Int) raises:
+    var x = F32Ptr(unsafe_from_address=src_addr)
+    var items = _work_items(rows, k * 4, 4)
+    if items == 1:
+        _quant_rows[qt](x, dst_addr, k, 0, rows)
+    else:
+        def work(i: Int) {imm x, imm dst_addr, imm k, imm rows, imm items}:
+            _quant_rows[qt](x, dst_addr, k, i * rows // items, (i + 1) * rows // items)
+        parallelize(work, items)
+
+
+def quantize(qtype: PythonObject, src: PythonObject, dst: PythonObject, dims: PythonObject) raises -> PythonObject:
+    """Fill dst[rows, K/32 blocks] with the GGUF blocks of src[rows, K] float32; dims = (rows, K)."""
+    var qt = Int(py=qtype)
+    var rows = Int(py=dims[0])
+    var k = Int(py=dims[1])
+    if qt == Q4_0:
+        _quant[Q4_0](Int(py=src), Int(py=dst), rows, k)
+    elif qt == Q4_1:
+        _quant[Q4_1](Int(py=src), Int(py=dst), rows, k)
+    elif qt == Q8_0:
+        _quant[Q8_0](Int(py=src), Int(py=dst), rows, k)
+    else:
+        raise Error("quantize: unsupported type code ", qt)
+    return PythonObject(None)
+
+
+# ---------------------------------------------------------------- embedding gather
+
+
+def _gather_row[qt: Int](table_addr: Int, row: Int, d: Int, dst: F32Ptr, out_off: Int):
+    comptime if qt == F32:
+        var src = F32Ptr(unsafe_from_address=table_addr)
+        var i = 0
+        while i + 16 <= d:
+            dst.unsafe_store(out_off + i, src.unsafe_load[width=16](row * d + i))
+            i += 16
+        while i < d:
+            dst[unsafe_offset=out_off + i] = src[unsafe_offset=row * d + i]
+            i += 1
+    elif qt == F16:
+        var src = F16Ptr(unsafe_from_address=table_addr)
+        var i = 0
+        while i + 16 <= d:
+            dst.unsafe_store(out_off + i, src.unsafe_load[width=16](row * d + i).cast[DType.float32]())
+            i += 16
+        while i < d:
+            dst[unsafe_offset=out_off + i] = src[unsafe_offset=row * d + i].cast[DType.float32]()
+            i += 1
+    elif qt == BF16:
+        var src = U16Ptr(unsafe_from_address=table_addr)
+        var i = 0
+        while i + 16 <= d:
+            var bits = src.unsafe_load[width=16](row * d + i).cast[DType.uint32]() << 16
+            dst.unsafe_store(out_off + i, bitcast[DType.float32, 16](bits))
+            i += 16
+        while i < d:
+            var bits = src.unsafe_load[width=1](row * d + i).cast[DType.uint32]() << 16
+            dst[unsafe_offset=out_off + i] = bitcast[DType.float32, 1](bits)
+            i += 1
+    else:
+        comptime BB = _block_bytes[qt]()
+        var base = table_addr + row * (d // QK) * BB
+        var u8 = U8Ptr(unsafe_from_address=base)
+        var h = F16Ptr(unsafe_from_address=base)
+        for b in range(d // QK):
+            var lo = V16(0)
+            var hi = V16(0)
+            _dequant_block[qt](u8, h, b * BB, lo, hi)
+            dst.unsafe_store(out_off + b * QK, lo)
+            dst.unsafe_store(out_off + b * QK + 16, hi)
+
+
+def _gather[qt: Int](table_addr: Int, ids_addr: Int, out_addr: Int, t: Int, d: Int) raises:
+    var ids = I32Ptr(unsafe_from_address=ids_addr)
+    var dst = F32Ptr(unsafe_from_address=out_addr)
+    var items = _work_items(t, d * 4, 4)
+    if items == 1:
+        for i in range(t):
+            _gather_row[qt](table_addr, Int(ids[unsafe_offset=i]), d, dst, i * d)
+    else:
+        def work(c: Int) {imm table_addr, imm ids, imm dst, imm t, imm d, imm items}:
+            for i in range(c * t // items, (c + 1) * t // items):
+                _gather_row[qt](table_addr, Int(ids[unsafe_offset=i]), d, dst, i * d)
+        parallelize(work, items)
+
+
+def embedding(qtype: PythonObject, table: PythonObject, ids: PythonObject, dst: PythonObject, dims: PythonObject) raises -> PythonObject:
+    """Fill out[T, D] float32 with rows ids[T] (int32) of table[vocab, D]; dims = (T, D)."""
+    var qt = Int(py=qtype)
+    var t = Int(py=dims[0])
+    var d = Int(py=dims[1])
+    var ta = Int(py=table)
+    var ia = Int(py=ids)
+    var oa = Int(py=dst)
+    if qt == F32:
+        _gather[F32](ta, ia, oa, t, d)
+    elif qt == F16:
+        _gather[F16](ta, ia, oa, t, d)
+    elif qt == BF16:
+        _gather[BF16](ta, ia, oa, t, d)
+    elif qt == Q4_0:
+        _gather[Q4_0](ta, ia, oa, t, d)
+    elif qt == Q4_1:
+        _gather[Q4_1](ta, ia, oa, t, d)
+    elif qt == Q8_0:
+        _gather[Q8_0](ta, ia, oa, t, d)
+    else:
+        raise Error("embedding: unsupported type code ", qt)
+    return PythonObject(None)
+
+
+def num_threads() raises -> PythonObject:
+    return PythonObject(num_physical_cores())
+
+
+@export
+def PyInit_quant() abi("C") -> PythonObject:
+    try:
+        var m = PythonModuleBuilder("quant")
+        m.def_function[matmul]("matmul", docstring="y = x @ W^T on GGUF blocks: (qtype, w, x, y, (T, N, K))")
+        m.def_function[dequantize]("dequantize", docstring="GGUF blocks -> float32: (qtype, src, dst, (rows, K))")
+        m.def_function[quantize]("quantize", docstring="float32 -> GGUF blocks: (qtype, src, dst, (rows, K))")
+        m.def_function[embedding]("embedding", docstring="row gather: (qtype, table, ids, out, (T, D))")
+        m.def_function[num_threads]("num_threads")
+        return m.finalize()
+    except e:
+        abort(String("failed to create the quant module: ", e))

@@ -1,0 +1,229 @@
+"""GGUF block-quantized linear layers, (de)quantization and the embedding table (cpu backend).
+
+The Mojo kernels (mojo/quant.mojo) work directly on the GGUF blocks of Q4_0 / Q4_1 / Q8_0
+weights; a weight matrix is never expanded to float32. Every entry point here checks shapes,
+dtypes, contiguity and index ranges and raises a one-line ValueError before any buffer address
+reaches Mojo.
+
+    QuantLinear(w).forward(x[T, K] f32)     -> [T, N] f32      y = x @ W.T, W [N, K] quantized
+    QuantLinear.concat([a, b, ...])         -> one layer whose rows are a's, then b's, ...
+    quantize(x[..., K] f32, qtype)          -> uint8 [..., K/32 * block_bytes]  (== gguf.quants.quantize)
+    dequantize(raw uint8, qtype, shape)     -> float32 of `shape`               (== gguf.quants.dequantize)
+    EmbeddingTable(w).lookup(ids[T] int)    -> [T, D] f32     rows of an F32/F16/BF16/Q4_0/Q4_1/Q8_0 table
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mojollm.kernels.build import load_module
+from mojollm.weights import BLOCK_BYTES, FLOAT_TYPES, QK, WeightTensor
+
+# ggml's GGMLQuantizationType values, the type codes the Mojo module expects.
+TYPE_CODES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
+QUANT_TYPES = tuple(BLOCK_BYTES)
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _kernels():
+    return load_module("quant")
+
+
+def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
+    if qtype not in allowed:
+        raise ValueError(f"unsupported type {qtype!r}: expected one of {', '.join(allowed)}")
+    return qtype
+
+
+def _check_array(name: str, a, dtype, ndim: int | None = None) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim > 1 else ''}, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    return a
+
+
+def _check_row_length(k: int, what: str) -> None:
+    if k <= 0 or k % QK:
+        raise ValueError(f"{what} must be a positive multiple of {QK} (the block size), got {k}")
+
+
+def _block_data(w: WeightTensor, rows: int, k: int) -> np.ndarray:
+    """The tensor's blocks as a C-contiguous uint8 [rows, k/32 * block_bytes] array (no copy
+    when the loader's view already is one, e.g. a slice of the memory-mapped GGUF file)."""
+    want = (rows, k // QK * BLOCK_BYTES[w.qtype])
+    data = np.asarray(w.data)
+    if data.dtype != np.uint8 or data.shape != want:
+        raise ValueError(f"tensor {w.name}: {w.qtype} data must be uint8 of shape {want}, got {data.dtype} {data.shape}")
+    return np.ascontiguousarray(data)
+
+
+class QuantLinear:
+    """y = x @ W.T for a GGUF-quantized W [out_features, in_features], computed on the blocks."""
+
+    def __init__(self, w: WeightTensor):
+        if not isinstance(w, WeightTensor):
+            raise ValueError(f"QuantLinear needs a WeightTensor, got {type(w).__name__}")
+        self.qtype = _check_qtype(w.qtype)
+        if len(w.shape) != 2:
+            raise ValueError(f"tensor {w.name}: a linear weight must be 2-D [out, in], got shape {w.shape}")
+        n, k = (int(s) for s in w.shape)
+        if n <= 0:
+            raise ValueError(f"tensor {w.name}: needs at least one output row, got shape {w.shape}")
+        _check_row_length(k, f"tensor {w.name}: row length (in_features)")
+        self.name = w.name
+        self.out_features = n
+        self.in_features = k
+        self.data = _block_data(w, n, k)
+        self._code = TYPE_CODES[self.qtype]
+        self.parts: tuple[int, ...] = (n,)  # out_features of the layers fused into this one
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def weight(self) -> WeightTensor:
+        return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self.data)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features]."""
+        _check_array("x", x, np.float32, ndim=2)
+        t, k = x.shape
+        if k != self.in_features:
+            raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")
+        y = np.empty((t, self.out_features), dtype=np.float32)
+        if t:
+            _kernels().matmul(self._code, self.data.ctypes.data, x.ctypes.data, y.ctypes.data,
+                              (t, self.out_features, k))
+        return y
+
+    __call__ = forward
+
+    def dequantize(self) -> np.ndarray:
+        """The weights as float32 [out_features, in_features] (for references and debugging)."""
+        return dequantize(self.data, self.qtype, (self.out_features, self.in_features))
+
+    @classmethod
+    def concat(cls, linears: Sequence["QuantLinear"], name: str | None = None) -> "QuantLinear":
+        """One layer computing all of `linears` in a single call (e.g. q/k/v or gate/up): their
+        rows stacked in order; split the output with `parts`. Blocks are self-contained, so
+        stacking the raw bytes is exact."""
+        linears = list(linears)
+        if not linears or not all(isinstance(l, QuantLinear) for l in linears):
+            raise ValueError("concat needs a non-empty sequence of QuantLinear layers")
+        qtypes = {l.qtype for l in linears}
+        if len(qtypes) != 1:
+            raise ValueError(f"concat needs one quantization type, got {sorted(qtypes)}")
+        ks = {l.in_features for l in linears}
+        if len(ks) != 1:
+            raise ValueError(f"concat needs one in_features, got {sorted(ks)}")
+        data = np.concatenate([l.data for l in linears], axis=0)
+        n = int(data.shape[0])
+        fused = cls(WeightTensor(name or "+".join(l.name for l in linears), (n, ks.pop()), qtypes.pop(), data))
+        fused.parts = tuple(p for l in linears for p in l.parts)
+        return fused
+
+    def __repr__(self) -> str:
+        return f"QuantLinear({self.name!r}, {self.qtype}, out={self.out_features}, in={self.in_features})"
+
+
+def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 [..., K] -> uint8 [..., K/32 * block_bytes] GGUF blocks, bit-identical to
+    gguf.quants.quantize for Q4_0, Q4_1 and Q8_0."""
+    _check_qtype(qtype)
+    _check_array("x", x, np.float32)
+    if x.ndim < 1:
+        raise ValueError("x must have at least one dimension (the row)")
+    k = int(x.shape[-1])
+    _check_row_length(k, "x's last axis")
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite: NaN or inf cannot be block-quantized")
+    rows = x.size // k
+    out = np.empty(x.shape[:-1] + (k // QK * BLOCK_BYTES[qtype],), dtype=np.uint8)
+    if rows:
+        _kernels().quantize(TYPE_CODES[qtype], x.ctypes.data, out.ctypes.data, (rows, k))
+    return out
+
+
+def dequantize(raw: np.ndarray, qtype: str, shape: Sequence[int]) -> np.ndarray:
+    """uint8 GGUF blocks -> float32 of logical `shape` (last axis K), bit-identical to
+    gguf.quants.dequantize. `raw` holds the rows' blocks in order (any shape, C-contiguous);
+    pass a slice of rows to dequantize only those."""
+    _check_qtype(qtype)
+    _check_array("raw", raw, np.uint8)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if not shape or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of non-negative sizes, got {shape}")
+    k = shape[-1]
+    _check_row_length(k, "shape's last axis")
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    need = rows * (k // QK) * BLOCK_BYTES[qtype]
+    if raw.size != need:
+        raise ValueError(f"{qtype} {shape} needs {need} bytes of blocks, raw has {raw.size}")
+    out = np.empty(shape, dtype=np.float32)
+    if rows:
+        _kernels().dequantize(TYPE_CODES[qtype], raw.ctypes.data, out.ctypes.data, (rows, k))
+    return out
+
+
+class EmbeddingTable:
+    """Token embeddings [vocab, D] of any supported type; lookup dequantizes only the rows asked for."""
+
+    def __init__(self, w: WeightTensor):
+        if not isinstance(w, WeightTensor):
+            raise ValueError(f"EmbeddingTable needs a WeightTensor, got {type(w).__name__}")
+        self.qtype = _check_qtype(w.qtype, FLOAT_TYPES + QUANT_TYPES)
+        if len(w.shape) != 2 or w.shape[0] <= 0 or w.shape[1] <= 0:
+            raise ValueError(f"tensor {w.name}: an embedding table must be 2-D [vocab, dim], got shape {w.shape}")
+        self.name = w.name
+        self.vocab_size, self.dim = (int(s) for s in w.shape)
+        if self.qtype in QUANT_TYPES:
+            _check_row_length(self.dim, f"tensor {w.name}: embedding dim")
+            self.data = _block_data(w, self.vocab_size, self.dim)
+        else:
+            data = np.asarray(w.data)
+            want = np.dtype(_FLOAT_DTYPES[self.qtype])
+            if data.dtype != want or data.shape != tuple(w.shape):
+                raise ValueError(f"tensor {w.name}: {self.qtype} data must be {want.name} of shape {w.shape}, "
+                                 f"got {data.dtype} {data.shape}")
+            self.data = np.ascontiguousarray(data)
+        self._code = TYPE_CODES[self.qtype]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """ids integer [T] in [0, vocab) -> float32 [T, dim]."""
+        if not isinstance(ids, np.ndarray):
+            raise ValueError(f"ids must be a numpy integer array, got {type(ids).__name__}")
+        if ids.ndim != 1:
+            raise ValueError(f"ids must be 1-D [T], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be integers (int32), got {ids.dtype}")
+        t = int(ids.shape[0])
+        out = np.empty((t, self.dim), dtype=np.float32)
+        if t == 0:
+            return out
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for {self.name} (vocab size {self.vocab_size})")
+        ids32 = np.ascontiguousarray(ids, dtype=np.int32)
+        _kernels().embedding(self._code, self.data.ctypes.data, ids32.ctypes.data, out.ctypes.data, (t, self.dim))
+        return out
+
+    __call__ = lookup
+
+    def __repr__(self) -> str:
+        return f"EmbeddingTable({self.name!r}, {self.qtype}, vocab={self.vocab_size}, dim={self.dim})"
