@@ -99,10 +99,19 @@ def find_mojo() -> Path:
 _version_cache: dict[Path, str] = {}
 
 
+def _compiler_env() -> dict[str, str]:
+    # A loaded Mojo extension module sets PYTHONPATH=":" in the C environment (not visible in
+    # os.environ); inherited, that puts the cwd on the `mojo` script's path, and in the repo root
+    # `mojo/` (the kernel sources) then shadows the compiler's own `mojo` package. Pass the
+    # Python-side environment explicitly instead.
+    return dict(os.environ)
+
+
 def compiler_version(mojo: Path) -> str:
     if mojo not in _version_cache:
         try:
-            out = subprocess.run([str(mojo), "--version"], capture_output=True, text=True, timeout=60)
+            out = subprocess.run([str(mojo), "--version"], capture_output=True, text=True, timeout=60,
+                                 env=_compiler_env())
         except (OSError, subprocess.TimeoutExpired) as e:
             raise KernelBuildError(f"the Mojo compiler at {mojo} does not run ({e}): reinstall `mojo==1.2.0`") from e
         if out.returncode != 0:
@@ -163,7 +172,7 @@ def build_module(name: str, backend: str = "cpu", target: Target = HOST, out_dir
         cmd += [str(src), "-o", str(tmp)]
         if progress is not None:
             progress(f"compiling {backend}/{name}.mojo for {target}")
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=_compiler_env())
         if res.returncode != 0 or not tmp.is_file():
             errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
             first = errors[0] if errors else res.stderr.strip().splitlines()[-1:] or ["(no output)"]
