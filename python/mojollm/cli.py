@@ -1,0 +1,427 @@
+"""The `mojollm` command line.
+
+    mojollm generate "The capital of France is" --max-tokens 16
+    mojollm chat                      # interactive, /exit to leave
+    mojollm perplexity wiki.txt --json
+    mojollm pull | backends | build | bench throughput
+
+Every user error (bad option, unusable backend, missing or corrupt model, prompt too long)
+prints one line `error: ...` on stderr and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+import click
+
+from mojollm.errors import MojollmError
+
+
+def _one_line(msg) -> str:
+    return " ".join(str(msg).split()) or "unknown error"
+
+
+def _error(msg) -> None:
+    click.echo(f"error: {_one_line(msg)}", err=True)
+
+
+class _Cli(click.Group):
+    """A click group whose errors are one line on stderr (exit 2) instead of usage dumps/tracebacks."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "mojollm", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _error("interrupted")
+            sys.exit(130)
+        except click.ClickException as e:
+            _error(e.format_message())
+            sys.exit(e.exit_code if e.exit_code else 2)
+        except (MojollmError, ValueError, OSError) as e:
+            _error(e)
+            sys.exit(2)
+        except Exception as e:  # a bug: still one line unless asked for the traceback
+            if os.environ.get("MOJOLLM_DEBUG"):
+                raise
+            _error(f"internal error ({type(e).__name__}): {e} (set MOJOLLM_DEBUG=1 for the traceback)")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mojollm", prog_name="mojollm")
+def cli():
+    """mojollm: LLM inference with Mojo kernels on cpu, cuda, rocm and tpu backends."""
+
+
+def main(argv=None):
+    """Console-script entry point (`mojollm`)."""
+    cli.main(args=argv, prog_name="mojollm")
+
+
+# ---------------------------------------------------------------- shared pieces
+
+@contextmanager
+def _progress(quiet: bool):
+    """A callback for load/build progress messages: a rich spinner on stderr (nothing if quiet)."""
+    if quiet:
+        yield lambda *a, **k: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda msg, *a, **k: console.print(f"[dim]{msg}[/]", highlight=False)
+        return
+    with console.status("starting") as status:
+        yield lambda msg, *a, **k: status.update(str(msg))
+
+
+def _load_llm(model, backend, quiet: bool, **engine_kwargs):
+    """Load the model (progress on stderr); tests replace this to run the CLI on a fake model."""
+    from mojollm.llm import LLM
+
+    with _progress(quiet) as say:
+        return LLM(model=model, backend=backend, progress=say, **engine_kwargs)
+
+
+def _engine_kwargs(kv_cache_memory, max_model_len) -> dict:
+    kw = {}
+    if kv_cache_memory is not None:
+        kw["kv_cache_memory"] = kv_cache_memory
+    if max_model_len is not None:
+        kw["max_model_len"] = max_model_len
+    return kw
+
+
+def model_options(f):
+    f = click.option("--max-model-len", type=int, default=None, help="Cap the context length (tokens).")(f)
+    f = click.option("--kv-cache-memory", default=None, metavar="SIZE",
+                     help="KV-cache budget, e.g. 512MiB or 2GiB (default: 1 GiB at most).")(f)
+    f = click.option("--backend", "-b", default=None,
+                     help="cpu, cuda, rocm, tpu or auto (default: $MOJOLLM_BACKEND, else auto).")(f)
+    f = click.option("--model", "-m", default=None, metavar="PATH",
+                     help="A .gguf file or a Hugging Face directory (default: the default model).")(f)
+    return f
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--max-tokens", type=int, default=128, show_default=True, help="New tokens at most."),
+        click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass in (0, 1]."),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per prompt."),
+        click.option("--beam-width", type=int, default=1, show_default=True, help=">1: beam search."),
+        click.option("--length-penalty", type=float, default=1.0, show_default=True, help="Beam search only."),
+        click.option("--logprobs", type=int, default=None, help="Also report the top-K log-probs per token."),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-sequence tokens."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _sampling_params(kw: dict):
+    from mojollm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        n=kw["n"], max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
+        top_p=kw["top_p"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
+        presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"],
+        stop=list(kw["stop"]) or None, ignore_eos=kw["ignore_eos"], seed=kw["seed"],
+        logprobs=kw["logprobs"], beam_width=kw["beam_width"], length_penalty=kw["length_penalty"])
+
+
+def _output_json(llm, out) -> dict:
+    m = out.metrics
+    doc = {
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "prompt_tokens": len(out.prompt_token_ids),
+        "generated_tokens": m.num_generated_tokens,
+        "finish_reason": out.finish_reason,
+        "ttft_ms": None if m.ttft is None else round(m.ttft * 1e3, 3),
+        "decode_tokens_per_s": None if m.decode_tokens_per_s is None else round(m.decode_tokens_per_s, 3),
+        "backend": llm.backend_name,
+    }
+    if len(out.outputs) > 1 or any(o.logprobs is not None for o in out.outputs):
+        doc["outputs"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                           "cumulative_logprob": o.cumulative_logprob,
+                           "logprobs": None if o.logprobs is None else [
+                               {"token_id": e["token_id"], "logprob": e["logprob"],
+                                "top": {str(k): v for k, v in e["top"].items()}} for e in o.logprobs]}
+                          for o in out.outputs]
+    if out.error:
+        doc["error"] = out.error
+    return doc
+
+
+def _stats_line(llm, out) -> str:
+    m = out.metrics
+    parts = [f"{m.num_generated_tokens} tokens"]
+    if m.ttft is not None:
+        parts.append(f"TTFT {m.ttft * 1e3:.0f} ms")
+    if m.decode_tokens_per_s is not None:
+        parts.append(f"{m.decode_tokens_per_s:.1f} tok/s decode")
+    if llm.backend_name:
+        parts.append(f"backend {llm.backend_name}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _fail_on_error(out) -> None:
+    if out is not None and out.error:
+        raise MojollmError(out.error)
+
+
+def _print_completion(llm, prompt_or_messages, params, as_json: bool, quiet: bool, chat: bool = False):
+    """Stream (n = 1, no beams, not --json) or print the outputs of one prompt; returns the text."""
+    if params.n == 1 and not params.use_beam_search and not as_json:
+        stream = llm.chat_stream(prompt_or_messages, params) if chat else llm.stream(prompt_or_messages, params)
+        for delta in stream:
+            click.echo(delta, nl=False)
+        click.echo()
+        out = stream.output
+        _fail_on_error(out)
+        if not quiet and out is not None:
+            click.echo(_stats_line(llm, out), err=True)
+        return out.text if out is not None else ""
+    out = llm.chat(prompt_or_messages, params) if chat else llm.generate(prompt_or_messages, params)[0]
+    _fail_on_error(out)
+    if as_json:
+        click.echo(json.dumps(_output_json(llm, out)))
+    else:
+        for o in out.outputs:
+            if len(out.outputs) > 1:
+                head = f"--- {'beam' if params.use_beam_search else 'sample'} {o.index}"
+                if o.cumulative_logprob is not None:
+                    head += f" (logprob {o.cumulative_logprob:.3f})"
+                click.echo(head + " ---")
+            click.echo(o.text)
+        if not quiet:
+            click.echo(_stats_line(llm, out), err=True)
+    return out.text
+
+
+# ---------------------------------------------------------------- commands
+
+@cli.command()
+@click.argument("prompt")
+@model_options
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or statistics on stderr.")
+def generate(prompt, model, backend, kv_cache_memory, max_model_len, as_json, quiet, **kw):
+    """Complete PROMPT (streams the text as it is decoded)."""
+    if prompt == "":
+        raise click.UsageError("the prompt is empty")
+    params = _sampling_params(kw)  # bad values fail here, before the model loads
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
+    _print_completion(llm, prompt, params, as_json, quiet)
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@model_options
+@sampling_options
+@click.option("--system", default=None, help="A system message opening the conversation.")
+@click.option("--json", "as_json", is_flag=True, help="One turn: print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or statistics on stderr.")
+def chat(prompt, model, backend, kv_cache_memory, max_model_len, system, as_json, quiet, **kw):
+    """Chat with the model: one turn for PROMPT, else interactive (/exit or Ctrl-D to leave)."""
+    if prompt is not None and prompt.strip() == "":
+        raise click.UsageError("the prompt is empty")
+    params = _sampling_params(kw)
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
+    history = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        _print_completion(llm, history + [{"role": "user", "content": prompt}], params, as_json, quiet, chat=True)
+        return
+    stdin = click.get_text_stream("stdin")
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            reply = _print_completion(llm, history, params, False, quiet, chat=True)
+        except (MojollmError, ValueError) as e:  # e.g. the history outgrew the context: say so, go on
+            history.pop()
+            _error(e)
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@model_options
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the file.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens, as_json, quiet):
+    """Perplexity of the model on a text FILE (windows of the context length)."""
+    if max_tokens is not None and max_tokens < 2:
+        raise click.UsageError(f"--max-tokens must be >= 2, got {max_tokens}")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise click.UsageError(f"{file} is not UTF-8 text ({e.reason})")
+    if not text.strip():
+        raise click.UsageError(f"{file} is empty")
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
+    res = llm.perplexity(text, max_tokens=max_tokens)
+    if as_json:
+        click.echo(json.dumps({"ppl": res["ppl"], "tokens": res["tokens"], "nll": res["nll"],
+                               "backend": llm.backend_name}))
+    else:
+        click.echo(f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens")
+
+
+@cli.command()
+@click.option("--quiet", "-q", is_flag=True)
+def pull(quiet):
+    """Download the default model into the cache (once)."""
+    from mojollm import model_store
+
+    with _progress(quiet) as say:
+        path = model_store.pull(progress=say)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def backends(as_json):
+    """List the backends and whether each can run here (and why not)."""
+    from mojollm.backends import probe_all
+
+    probes = [p.as_dict() for p in probe_all()]
+    if as_json:
+        click.echo(json.dumps(probes))
+        return
+    width = max(len(p["name"]) for p in probes)
+    for p in probes:
+        state = "available" if p["available"] else "unavailable"
+        detail = p["device"] if p["available"] else p["reason"]
+        click.echo(f"{p['name']:<{width}}  {state:<11}  {detail}")
+
+
+@cli.command()
+@click.option("--target", "targets", multiple=True,
+              help="host (default), cuda:sm_XX or rocm:gfxNNN; repeatable.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write DIR/<target>/<module>.so (the layout MOJOLLM_KERNEL_DIR reads).")
+@click.option("--quiet", "-q", is_flag=True)
+def build(targets, out_dir, quiet):
+    """Compile every kernel module for the given targets (cached; --out for prebuilt sets)."""
+    from pathlib import Path
+
+    from mojollm.kernels import Target, available_modules, build_module
+
+    parsed = [Target.parse(t) for t in (targets or ("host",))]
+    with _progress(quiet) as say:
+        for target in parsed:
+            backend = "cpu" if target.kind == "host" else target.kind
+            names = available_modules(backend)
+            if not names:
+                raise MojollmError(f"no kernel modules found for {target} (backend folder {backend!r})")
+            dest = Path(out_dir) / target.dirname if out_dir else None
+            for name in names:
+                path = build_module(name, backend, target, out_dir=dest, progress=say)
+                click.echo(f"{target}\t{name}\t{path}")
+
+
+@cli.group(cls=click.Group)
+def bench():
+    """Benchmarks (throughput in-process; kernels, e2e run the scripts in bench/)."""
+
+
+@bench.command("throughput")
+@model_options
+@click.option("--num-prompts", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--input-len", type=click.IntRange(1), default=64, show_default=True,
+              help="Mean prompt length (prompts are uniform in [L/2, 3L/2]).")
+@click.option("--output-len", type=click.IntRange(1), default=64, show_default=True,
+              help="Mean output length (uniform in [L/2, 3L/2]).")
+@click.option("--sequential-prompts", type=click.IntRange(1), default=None,
+              help="Run only this many of the requests one at a time (default: all).")
+@click.option("--shared-prefix-len", type=click.IntRange(0), default=256, show_default=True,
+              help="System-prompt length of the prefix-cache comparison (0 skips it).")
+@click.option("--max-num-seqs", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-num-batched-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result document (bench/SCHEMA.md).")
+@click.option("--quiet", "-q", is_flag=True)
+def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts, input_len, output_len,
+                     sequential_prompts, shared_prefix_len, max_num_seqs, max_num_batched_tokens, seed,
+                     as_json, quiet):
+    """Continuous batching vs one request at a time; prefix cache on vs off."""
+    import shlex
+
+    from mojollm.engine.metrics import throughput_benchmark, throughput_rows
+
+    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len), max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=max_num_batched_tokens)
+    llm = _load_llm(model, backend, quiet, **engine_kw)
+    with _progress(quiet) as say:
+        res = throughput_benchmark(llm.model, num_prompts, input_len, output_len, seed=seed,
+                                   sequential_prompts=sequential_prompts, shared_prefix_len=shared_prefix_len,
+                                   engine_kwargs=engine_kw, progress=say)
+    rows = throughput_rows(res, llm.backend_name)
+    if as_json:
+        from mojollm.measure import bench_document
+
+        config = {"model": str(getattr(llm.model, "path", model)), "backend": llm.backend_name,
+                  "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+                  "sequential_prompts": sequential_prompts, "shared_prefix_len": shared_prefix_len,
+                  **engine_kw, "seed": seed}
+        argv = ["mojollm", "bench", "throughput", "--num-prompts", str(num_prompts), "--input-len", str(input_len),
+                "--output-len", str(output_len), "--shared-prefix-len", str(shared_prefix_len), "--seed", str(seed)]
+        for flag, v in (("--model", model), ("--backend", backend), ("--kv-cache-memory", kv_cache_memory),
+                        ("--max-model-len", max_model_len), ("--sequential-prompts", sequential_prompts)):
+            if v is not None:
+                argv += [flag, str(v)]
+        doc = bench_document("throughput", config, rows, shlex.join(argv + ["--json"]))
+        doc["summary"] = {"batched_over_sequential": res["batched_over_sequential"],
+                          "prefix_cache_speedup": res.get("prefix_cache_speedup")}
+        click.echo(json.dumps(doc))
+        return
+    for r in rows:
+        click.echo("  ".join(f"{k}={v}" for k, v in r.items()))
+    click.echo(f"batched / sequential output tok/s: {res['batched_over_sequential']}")
+    if res.get("prefix_cache_speedup") is not None:
+        click.echo(f"prefix cache on / off (shared system prompt): {res['prefix_cache_speedup']}")
+
+
+def _register_extras() -> None:
+    """`compare` and the script-backed bench commands live in cli_compare (another module)."""
+    try:
+        from mojollm.cli_compare import register
+    except ImportError:
+        return
+    register(cli)
+
+
+_register_extras()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

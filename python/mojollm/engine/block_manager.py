@@ -1,0 +1,232 @@
+"""The paged KV-cache block pool: device-free bookkeeping of which sequence owns which block.
+
+The model's KV cache is `num_blocks` blocks of `block_size` token rows. A sequence's token at
+position p lives in block `block_table[p // block_size]`, row `p % block_size`, i.e. in slot
+`block * block_size + row` (vLLM's slot_mapping).
+
+- Allocation, free and lookup are O(1): a free list of never-cached blocks, an LRU dict of
+  unreferenced blocks that still hold a cached prefix, and a hash -> block dict.
+- Blocks are reference counted: forks (n > 1 samples, beams) share them.
+- Copy-on-write: a sequence never writes into a block another sequence also references. The copy
+  is made by recomputation: the sequence drops the shared partial block and runs its rows again
+  into a fresh one (at most block_size - 1 tokens). That keeps the engine-model contract a single
+  forward step (StepBatch) with no separate block-copy op.
+- Prefix cache: every fully computed block is keyed by hash(parent block's hash, its token ids);
+  a new sequence reuses the longest chain of cached blocks that matches its prompt. Unreferenced
+  cached blocks stay cached until the free list runs dry, then the least recently used is evicted.
+  Lookups verify the stored (parent hash, tokens), so a hash collision can never reuse wrong KV.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from mojollm.engine.sequence import Sequence
+
+
+def block_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent_hash, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least 1 block, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # stack: block 0 handed out first
+        self._evictable: OrderedDict[int, None] = OrderedDict()      # cached, unreferenced; LRU first
+        self._hash_to_block: dict[int, int] = {}
+        self._block_key: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}  # block -> (hash, parent, tokens)
+        # prefix-cache counters (tokens), counted when a sequence is admitted
+        self.num_query_tokens = 0
+        self.num_hit_tokens = 0
+        self.num_evictions = 0
+
+    # ---------------------------------------------------------------- pool state
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_to_block)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep their contents)."""
+        for b in list(self._evictable):
+            self._free.append(b)
+        self._evictable.clear()
+        self._hash_to_block.clear()
+        self._block_key.clear()
+
+    def _take_free_block(self) -> int:
+        if self._free:
+            b = self._free.pop()
+        else:
+            b, _ = self._evictable.popitem(last=False)  # least recently used cached block
+            self._uncache(b)
+            self.num_evictions += 1
+        assert self.ref_counts[b] == 0
+        self.ref_counts[b] = 1
+        return b
+
+    def _uncache(self, b: int) -> None:
+        key = self._block_key.pop(b, None)
+        if key is not None and self._hash_to_block.get(key[0]) == b:
+            del self._hash_to_block[key[0]]
+
+    def _decref(self, b: int) -> None:
+        rc = self.ref_counts[b] - 1
+        assert rc >= 0, f"block {b} freed twice"
+        self.ref_counts[b] = rc
+        if rc == 0:
+            if b in self._block_key:
+                self._evictable[b] = None  # most recently used end
+            else:
+                self._free.append(b)
+
+    def _incref(self, b: int) -> None:
+        if self.ref_counts[b] == 0:
+            self._evictable.pop(b)  # a cache hit on an unreferenced block: it leaves the LRU
+        self.ref_counts[b] += 1
+
+    # ---------------------------------------------------------------- hashing
+    def _update_hashes(self, seq: Sequence) -> None:
+        """Extend seq.block_hashes to every full block of its tokens (tokens only ever append)."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        n_full = seq.num_tokens // bs
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), n_full):
+            parent = block_hash(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(parent)
+
+    def _lookup(self, seq: Sequence, i: int) -> int | None:
+        h = seq.block_hashes[i]
+        b = self._hash_to_block.get(h)
+        if b is None:
+            return None
+        _, parent, tokens = self._block_key[b]
+        bs = self.block_size
+        want_parent = seq.block_hashes[i - 1] if i else None
+        if parent != want_parent or tokens != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            return None  # hash collision: not the same prefix
+        return b
+
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Blocks of the longest cached prefix of a sequence that holds no blocks yet.
+
+        At most (num_tokens - 1) tokens are reused, so at least one token is run and yields the
+        logits of the next token; a fully cached last block is recomputed into a fresh block
+        rather than written in place.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return []
+        self._update_hashes(seq)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for i in range(max_blocks):
+            b = self._lookup(seq, i)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    # ---------------------------------------------------------------- allocation
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, num_hits: int = 0) -> int:
+        total = -(-(seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table) - num_hits)
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
+        """Give `seq` blocks for its next `num_new_tokens` tokens; all or nothing.
+
+        `computed_blocks` (from get_computed_blocks, only for a sequence with no blocks) become the
+        head of its block table and count as computed tokens.
+        """
+        hits = computed_blocks or []
+        if hits:
+            assert not seq.block_table and seq.num_computed_tokens == 0
+        new = self.blocks_needed(seq, num_new_tokens, len(hits))
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # hits that leave the free pool
+        if new + revived > self.num_free_blocks:
+            return False
+        for b in hits:
+            self._incref(b)
+        if hits:
+            seq.block_table.extend(hits)
+            seq.num_computed_tokens = len(hits) * self.block_size
+            seq.num_registered_blocks = len(hits)
+        for _ in range(new):
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def count_admission(self, seq: Sequence, num_hit_blocks: int) -> None:
+        """Prefix-cache counters: a sequence asked for its prompt and got num_hit_blocks blocks."""
+        if self.enable_prefix_caching:
+            self.num_query_tokens += seq.num_tokens
+            self.num_hit_tokens += num_hit_blocks * self.block_size
+
+    def needs_copy_on_write(self, seq: Sequence) -> bool:
+        """The next token would be written into a partial block another sequence also uses."""
+        if seq.num_computed_tokens % self.block_size == 0 or not seq.block_table:
+            return False
+        return self.ref_counts[seq.block_table[-1]] > 1
+
+    def copy_on_write(self, seq: Sequence) -> int:
+        """Drop the shared partial last block; its rows will be recomputed into a fresh block.
+
+        Returns the number of tokens the sequence must run again.
+        """
+        redo = seq.num_computed_tokens % self.block_size
+        self._decref(seq.block_table.pop())  # still referenced by the other sequence: never freed here
+        seq.num_computed_tokens -= redo
+        return redo
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` (parent.fork()) shares every block of `parent`."""
+        child.block_table = list(parent.block_table)
+        for b in child.block_table:
+            self.ref_counts[b] += 1
+
+    def free(self, seq: Sequence, uncache: bool = False) -> None:
+        """Release a sequence's blocks (tail first, so a cached prefix outlives its tail in the LRU).
+
+        `uncache`: blocks nobody else holds also leave the prefix cache (their KV is not trusted)."""
+        for b in reversed(seq.block_table):
+            if uncache and self.ref_counts[b] == 1:
+                self._uncache(b)
+            self._decref(b)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache (after a step ran them)."""
+        if not self.enable_prefix_caching:
+            return
+        n_full = seq.num_computed_tokens // self.block_size
+        if n_full <= seq.num_registered_blocks:
+            return
+        self._update_hashes(seq)
+        bs = self.block_size
+        for i in range(seq.num_registered_blocks, n_full):
+            b = seq.block_table[i]
+            h = seq.block_hashes[i]
+            if b in self._block_key or h in self._hash_to_block:
+                continue  # already cached (a hit), or the same prefix is cached in another block
+            self._hash_to_block[h] = b
+            self._block_key[b] = (h, seq.block_hashes[i - 1] if i else None,
+                                  tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+        seq.num_registered_blocks = n_full
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

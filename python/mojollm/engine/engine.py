@@ -1,0 +1,497 @@
+"""The decoding engine: requests in, one model step at a time, RequestOutputs out.
+
+    engine = Engine(model)
+    rid = engine.add_request(prompt_token_ids, SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Each step: the scheduler plans a StepBatch (continuous batching, chunked prefill, preemption),
+the model returns the logits of the rows it asked for, and every sequence that reached its last
+token gets its next token (sampling, n > 1 forks, beam search), its text (incremental
+detokenization, stop strings) and its metrics. A failure inside one request (NaN logits, an
+exception while post-processing it) finishes that request with an error and frees its blocks;
+the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Iterable
+
+import numpy as np
+
+from mojollm.engine.block_manager import BlockManager
+from mojollm.engine.metrics import EngineStats
+from mojollm.engine.sampler import Sampler, beam_candidates, beam_score, log_softmax
+from mojollm.engine.scheduler import Scheduler, SchedulerOutput
+from mojollm.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from mojollm.sampling_params import SamplingParams
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_blocks nor kv_cache_memory is given
+_SCORE_ROWS = 64  # log-softmax rows at a time while scoring (bounds the float64 temporary)
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
+
+
+def parse_bytes(value) -> int:
+    """1073741824, "1GiB", "512MB", "2g" -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    try:
+        if unit not in _UNITS:
+            raise ValueError
+        return int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a memory size (e.g. 1GiB, 512MB)") from None
+
+
+class Engine:
+    def __init__(self, model, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_memory: int | str | None = None, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None, seed: int | None = None, clock=time.perf_counter):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        cfg = model.config
+        self.vocab_size = int(cfg.vocab_size)
+        model_len = int(cfg.max_position_embeddings)
+        if max_model_len is not None:
+            if max_model_len < 2:
+                raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+            model_len = min(model_len, int(max_model_len))
+        if num_blocks is None:
+            per_block = int(model.kv_cache_bytes_per_block(block_size))
+            if kv_cache_memory is None:
+                need = -(-max_num_seqs * model_len // block_size) * per_block
+                budget = min(DEFAULT_KV_CACHE_MEMORY, need)
+            else:
+                budget = parse_bytes(kv_cache_memory)
+            num_blocks = budget // per_block
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory ({budget} bytes) is smaller than one KV block ({per_block} bytes)")
+        elif not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # A sequence must fit in the pool on its own, so preemption can always make room for it.
+        self.max_model_len = min(model_len, num_blocks * block_size)
+        model.allocate_kv_cache(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs)
+        self.sampler = Sampler(self.vocab_size)
+        self.eos_token_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or ())
+        self.stats = EngineStats()
+        self.clock = clock
+        self._seed_rng = np.random.default_rng(seed)
+        self._ids = itertools.count()
+        self.requests: dict[str, Request] = {}
+        self._pending_outputs: list[RequestOutput] = []
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt_token_ids: Iterable[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0, prompt: str | None = None,
+                    _score_only: bool = False) -> str:
+        """Queue a prompt; returns its request id. Bad input raises ValueError; a prompt that does
+        not fit the context finishes at the next step() with an error."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._check_token_ids(prompt_token_ids)
+        if params.beam_width > self.scheduler.max_num_seqs:
+            raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})")
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, ids, params, self.clock(), int(priority), prompt, score_only=_score_only)
+        req.base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2 ** 63))
+        req.seqs[0].rng = np.random.default_rng([req.base_seed, 0])
+        self.requests[request_id] = req
+        limit = self.max_model_len if _score_only else self.max_model_len - 1
+        if len(ids) > limit:
+            self._fail(req, f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                            f"(prompt plus at least one new token)" if not _score_only else
+                            f"the text has {len(ids)} tokens but the context holds {self.max_model_len}")
+            return request_id
+        self.scheduler.add(req.seqs[0])
+        return request_id
+
+    def _check_token_ids(self, token_ids) -> list[int]:
+        try:
+            arr = np.asarray(list(token_ids))
+        except TypeError:
+            raise ValueError("prompt_token_ids must be a sequence of integers") from None
+        if arr.size == 0:
+            raise ValueError("the prompt is empty")
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError("prompt_token_ids must be a flat sequence of integers")
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {int(arr.min())}..{int(arr.max())}")
+        return arr.astype(np.int64).tolist()
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; True if it was running or waiting."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        for seq in req.live_seqs:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+        req.finished = True
+        req.metrics.finished_time = self.clock()
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; returns the outputs of requests that advanced or finished."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        t0 = self.clock()
+        plan = self.scheduler.schedule()
+        self.stats.schedule_time += self.clock() - t0
+        self.stats.preemptions += len(plan.preempted)
+        self.stats.recomputed_tokens += plan.num_recomputed_tokens
+        if plan.is_empty:
+            if self.scheduler.num_unfinished or (self.requests and not outputs):
+                # the scheduler always makes progress while anything is unfinished: a bug, not a hang
+                raise RuntimeError(f"engine made no progress with {len(self.requests)} unfinished requests")
+            return outputs
+        self.stats.steps += 1
+        for s in plan.scheduled:
+            m = s.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = t0
+                m.num_cached_tokens = s.seq.num_cached_tokens
+            if s.num_new_tokens == 1:
+                self.stats.decode_tokens += 1
+            else:
+                self.stats.prefill_tokens += s.num_new_tokens
+
+        t1 = self.clock()
+        try:
+            logits = self.model.forward(plan.batch)
+            logits = np.asarray(logits)
+            want = (plan.batch.logits_indices.shape[0], self.vocab_size)
+            if logits.shape != want:
+                raise ValueError(f"model returned logits of shape {logits.shape}, expected {want}")
+        except Exception as e:  # every request of the batch is affected; the engine goes on
+            for req in {id(s.seq.request): s.seq.request for s in plan.scheduled}.values():
+                if not req.finished:
+                    self._fail(req, f"model forward failed: {type(e).__name__}: {e}")
+            outputs.extend(self._take_pending())
+            return outputs
+        t2 = self.clock()
+        self.stats.forward_time += t2 - t1
+        self.scheduler.step_done(plan)
+
+        touched: dict[str, Request] = {}
+        bad_rows = np.isnan(logits).any(axis=1) | np.isposinf(logits).any(axis=1) if logits.size else None
+        for s in plan.scheduled:
+            seq, req = s.seq, s.seq.request
+            if s.num_logits == 0 or req.finished or seq.is_finished:
+                continue
+            try:
+                rows = logits[s.logits_start:s.logits_start + s.num_logits]
+                if bad_rows[s.logits_start:s.logits_start + s.num_logits].any():
+                    raise FloatingPointError("the model produced NaN/inf logits")
+                if req.score_only:
+                    self._score_rows(seq, rows, seq.num_computed_tokens - s.num_new_tokens)
+                elif req.params.use_beam_search:
+                    seq.pending_logits = np.array(rows[0], dtype=np.float32)
+                else:
+                    self._sample(seq, rows[0], t2)
+                touched[req.request_id] = req
+            except Exception as e:
+                self._fail(req, f"{type(e).__name__}: {e}")
+        advanced = []
+        for req in touched.values():
+            if req.finished:
+                continue
+            try:
+                if req.params.use_beam_search:
+                    live = req.live_seqs
+                    if live and all(b.pending_logits is not None for b in live):
+                        self._beam_step(req, live, t2)
+                if self._update_request(req, t2) and not req.finished:
+                    advanced.append(req)
+            except Exception as e:
+                self._fail(req, f"{type(e).__name__}: {e}")
+        self.stats.sample_time += self.clock() - t2
+        outputs.extend(self._take_pending())
+        for req in advanced:
+            out = self._make_output(req)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    # ---------------------------------------------------------------- per-request work
+    def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> None:
+        req = seq.request
+        params = req.params
+        group = [seq]
+        if params.n > 1 and not req.forked:  # the prompt is computed once; the samples share its blocks
+            req.forked = True
+            for k in range(1, params.n):
+                child = seq.fork(k)
+                child.rng = np.random.default_rng([req.base_seed, k])
+                self.block_manager.fork(seq, child)
+                self.scheduler.add_running(child)
+                req.seqs.append(child)
+                group.append(child)
+        for s in group:
+            token = self.sampler.sample(row, s)
+            if params.logprobs is not None:
+                lp, entry = self.sampler.logprob_entry(row, token, params.logprobs)
+                s.cumulative_logprob += lp
+                s.output_logprobs.append(entry)
+            s.append_token(token)
+            req.metrics.num_generated_tokens += 1
+            req.new_tokens_this_step = True
+            self._check_stop(s, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        req = seq.request
+        params = req.params
+        if token in req.stop_token_set:
+            self._flush_text(seq, seq.num_tokens - 1)
+            return self._finish_seq(seq, "stop", token)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            self._flush_text(seq, seq.num_tokens - 1)
+            return self._finish_seq(seq, "stop", None)
+        old_len = len(seq.output_text)
+        seq.output_text += self._detokenize(seq)
+        if req.stop_strings and len(seq.output_text) > old_len:
+            start = max(0, old_len - req.max_stop_len + 1)
+            hits = [(seq.output_text.find(st, start), st) for st in req.stop_strings]
+            hits = [(i, st) for i, st in hits if i >= 0]
+            if hits:
+                i, st = min(hits)
+                seq.output_text = seq.output_text[:i]
+                return self._finish_seq(seq, "stop", st)
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._flush_text(seq, seq.num_tokens)
+            return self._finish_seq(seq, "length", None)
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """New text of `seq` (vLLM's incremental detokenization: decode a short window of tokens
+        around the new ones and hold back text that ends in an incomplete character)."""
+        skip = seq.request.params.skip_special_tokens
+        ids = seq.token_ids
+        prefix_text = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+        new_text = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return new_text[len(prefix_text):]
+
+    def _flush_text(self, seq: Sequence, upto: int) -> None:
+        """At the end, emit held-back text (an incomplete character stays a replacement char)."""
+        if seq.read_offset >= upto:
+            return
+        skip = seq.request.params.skip_special_tokens
+        ids = seq.token_ids
+        prefix_text = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+        new_text = self.tokenizer.decode(ids[seq.prefix_offset:upto], skip_special_tokens=skip)
+        seq.output_text += new_text[len(prefix_text):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, upto
+
+    def _finish_seq(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+
+    def _score_rows(self, seq: Sequence, rows: np.ndarray, start: int) -> None:
+        """Teacher forcing: row j (position start + j) predicts the token at start + j + 1."""
+        req = seq.request
+        ids = seq.token_ids
+        n = min(rows.shape[0], seq.num_tokens - 1 - start)
+        for a in range(0, n, _SCORE_ROWS):
+            b = min(n, a + _SCORE_ROWS)
+            z = rows[a:b].astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(z).sum(axis=1))
+            nxt = np.asarray(ids[start + a + 1:start + b + 1])
+            req.prompt_logprobs.extend((z[np.arange(b - a), nxt] - lse).tolist())
+        if seq.num_computed_tokens == seq.num_tokens:
+            self._finish_seq(seq, "length", None)
+
+    def _beam_step(self, req: Request, beams: list[Sequence], now: float) -> None:
+        """One step of beam search over the live beams, which all have their logits.
+
+        The best 2w one-token extensions (w = beam width) are taken in order of cumulative
+        log-probability: an extension ending in EOS/a stop token becomes a finished hypothesis if it
+        ranks in the first w, the others become the next beams until there are w. Hypotheses are
+        scored sum(logprob) / len ** length_penalty (len = generated tokens, EOS included).
+        """
+        params = req.params
+        w = params.beam_width
+        rows = [b.pending_logits for b in beams]
+        for b in beams:
+            b.pending_logits = None
+        cands = beam_candidates(beams, rows, self.sampler, w)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        chosen: list[tuple[int, int, float, float]] = []  # (beam index, token, cum logprob, token logprob)
+        for rank, (cum, bi, tok, tlp) in enumerate(cands):
+            if tok in stop_ids:
+                if rank < w:
+                    self._add_hypothesis(req, beams[bi], [tok], cum, tlp, rows[bi], "stop", tok)
+                continue
+            chosen.append((bi, tok, cum, tlp))
+            if len(chosen) == w:
+                break
+        # Fork before appending: a beam chosen k times becomes k beams sharing its blocks.
+        children: dict[int, list[Sequence]] = {}
+        new_beams: list[tuple[Sequence, int, float, float, int]] = []
+        for bi, tok, cum, tlp in chosen:
+            parent = beams[bi]
+            kids = children.setdefault(bi, [])
+            if not kids:
+                seq = parent
+            else:
+                seq = parent.fork(parent.sample_index)
+                self.block_manager.fork(parent, seq)
+                self.scheduler.add_running(seq)
+                req.seqs.append(seq)
+            kids.append(seq)
+            new_beams.append((seq, tok, cum, tlp, bi))
+        for bi, b in enumerate(beams):
+            if bi not in children:
+                b.finish_reason = "pruned"
+                self.scheduler.finish(b)
+        for seq, tok, cum, tlp, bi in new_beams:
+            if params.logprobs is not None:
+                _, entry = self.sampler.logprob_entry(rows[bi], tok, params.logprobs)
+                seq.output_logprobs.append(entry)
+            seq.append_token(tok)
+            seq.cumulative_logprob = cum
+            req.metrics.num_generated_tokens += 1
+            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self._add_hypothesis(req, seq, [], cum, None, None, "length", None)
+                seq.finish_reason = "length"
+                self.scheduler.finish(seq)
+        req.new_tokens_this_step = True
+        req.seqs = [s for s in req.seqs if not s.is_finished]
+        if not req.seqs or self._beam_search_done(req):
+            for s in req.seqs:
+                s.finish_reason = "pruned"
+                self.scheduler.finish(s)
+            req.seqs = []
+
+    def _add_hypothesis(self, req: Request, seq: Sequence, extra: list[int], cum: float,
+                        tlp: float | None, row, reason: str, stop_reason) -> None:
+        tokens = seq.output_token_ids + extra
+        logprobs = list(seq.output_logprobs)
+        if extra and req.params.logprobs is not None:
+            logprobs.append(self.sampler.logprob_entry(row, extra[0], req.params.logprobs)[1])
+        req.beam_hypotheses.append({
+            "score": beam_score(cum, len(tokens), req.params.length_penalty),
+            "token_ids": tokens, "cumulative_logprob": cum, "logprobs": logprobs,
+            "finish_reason": reason, "stop_reason": stop_reason,
+        })
+
+    def _beam_search_done(self, req: Request) -> bool:
+        """True once no live beam can beat the w-th best finished hypothesis."""
+        w = req.params.beam_width
+        if len(req.beam_hypotheses) < w:
+            return False
+        worst_kept = sorted((h["score"] for h in req.beam_hypotheses), reverse=True)[w - 1]
+        lp = req.params.length_penalty
+        max_len = min(req.params.max_tokens, self.max_model_len - len(req.prompt_token_ids))
+        best = -np.inf
+        for s in req.seqs:
+            # log-probs are <= 0, so the sum only falls; with lp > 0 the longest length divides most.
+            n = max_len if lp > 0 else s.num_output_tokens
+            best = max(best, beam_score(s.cumulative_logprob, n, lp))
+        return best <= worst_kept
+
+    def _fail(self, req: Request, message: str) -> None:
+        for seq in req.live_seqs:
+            seq.finish_reason = "error"
+            # its KV may be garbage (e.g. NaN): keep what only it computed out of the prefix cache
+            self.scheduler.finish(seq, uncache=True)
+        req.error = message
+        self._finish_request(req, self.clock())
+
+    def _update_request(self, req: Request, now: float) -> bool:
+        """Token timing, and the request's end once every sequence has finished.
+        Returns whether the request produced tokens this step."""
+        m = req.metrics
+        advanced = req.new_tokens_this_step
+        if advanced:
+            req.new_tokens_this_step = False
+            if m.first_token_time is None:
+                m.first_token_time = now
+            else:
+                m.inter_token_latencies.append(now - m.last_token_time)
+            m.last_token_time = now
+        if req.score_only:
+            if req.seqs[0].is_finished:
+                self._finish_request(req, now)
+        elif req.params.use_beam_search:
+            if not req.seqs:
+                self._finish_request(req, now)
+        elif all(s.is_finished for s in req.seqs) and (req.forked or req.params.n == 1):
+            self._finish_request(req, now)
+        return advanced
+
+    def _finish_request(self, req: Request, now: float) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        req.metrics.finished_time = now
+        self.requests.pop(req.request_id, None)
+        self._pending_outputs.append(self._make_output(req))
+
+    def _take_pending(self) -> list[RequestOutput]:
+        out, self._pending_outputs = self._pending_outputs, []
+        return out
+
+    def _make_output(self, req: Request) -> RequestOutput | None:
+        params = req.params
+        if req.score_only:
+            outputs = []
+        elif params.use_beam_search:
+            if not req.finished:
+                return None  # beams reorder every step: only the final hypotheses are meaningful
+            hyps = sorted(req.beam_hypotheses, key=lambda h: -h["score"])[:params.n]
+            outputs = [CompletionOutput(
+                index=i, text=self.tokenizer.decode(h["token_ids"], skip_special_tokens=params.skip_special_tokens),
+                token_ids=list(h["token_ids"]), cumulative_logprob=h["cumulative_logprob"],
+                logprobs=list(h["logprobs"]) if params.logprobs is not None else None,
+                finish_reason=h["finish_reason"], stop_reason=h["stop_reason"]) for i, h in enumerate(hyps)]
+        else:
+            seqs = sorted(req.seqs, key=lambda s: s.sample_index)
+            outputs = [CompletionOutput(
+                index=s.sample_index, text=s.output_text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if params.logprobs is not None else None,
+                logprobs=list(s.output_logprobs) if params.logprobs is not None else None,
+                finish_reason=s.finish_reason if s.is_finished else None, stop_reason=s.stop_reason)
+                for s in seqs]
+        hold = max(req.max_stop_len - 1, 0)
+        stable = [len(o.text) if (o.finish_reason or req.finished) else max(0, len(o.text) - hold) for o in outputs]
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
+            outputs=outputs, finished=req.finished, metrics=req.metrics, error=req.error,
+            prompt_logprobs=list(req.prompt_logprobs) if req.score_only else None, num_stable_chars=stable)
+
+    # ---------------------------------------------------------------- conveniences
+    def run_until_done(self) -> list[RequestOutput]:
+        """Step until every queued request has finished; their final outputs in finishing order."""
+        done = []
+        while self.has_unfinished():
+            done.extend(o for o in self.step() if o.finished)
+        return done

@@ -1,0 +1,203 @@
+"""Continuous batching with chunked prefill, device-free (vLLM v1's unified token budget).
+
+Every step, each sequence asks for the tokens it has not run yet (num_tokens -
+num_computed_tokens): the whole prompt at first, one token per step while decoding, a few more
+after a copy-on-write. The scheduler fills a budget of `max_num_batched_tokens`:
+
+1. running sequences first, in priority order (priority, then arrival): decodes cost one token,
+   an unfinished prefill takes what is left of the budget (chunked prefill). When the block pool
+   runs dry the lowest-priority running sequence is preempted by recompute: its blocks are freed
+   and it goes back to the waiting queue, to be prefilled again later (prefix-cache hits make
+   that cheap).
+2. then waiting sequences, in the same order, while the budget, `max_num_seqs` and the pool
+   allow; each first reuses the longest cached prefix of its tokens.
+
+The result is one StepBatch (engine/step.py) plus which rows of the returned logits belong to
+which sequence.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mojollm.engine.block_manager import BlockManager
+from mojollm.engine.sequence import Sequence, SequenceStatus
+from mojollm.engine.step import StepBatch
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    logits_start: int = -1      # first row of this sequence in the step's logits (-1: none)
+    num_logits: int = 0         # 1 for the last token of the sequence, all new tokens when scoring
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    batch: StepBatch | None
+    preempted: list[Sequence] = field(default_factory=list)
+    num_recomputed_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 512, max_num_seqs: int = 64):
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        # both kept sorted by Sequence.priority_key: the head runs first, the tail is preempted first
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+
+    # ---------------------------------------------------------------- queue management
+    def add(self, seq: Sequence) -> None:
+        """A new (or preempted) sequence waits for admission."""
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority_key)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A fork of a running sequence (it already holds shared blocks)."""
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.priority_key)
+
+    def finish(self, seq: Sequence, uncache: bool = False) -> None:
+        """Remove a sequence for good and free its blocks (`uncache`: drop those only it held
+        from the prefix cache too)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq, uncache=uncache)
+        seq.status = SequenceStatus.FINISHED
+        seq.pending_logits = None
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.pending_logits = None  # recomputed with the prefix
+        seq.request.metrics.num_preemptions += 1
+        self.add(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---------------------------------------------------------------- the step plan
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        recomputed = 0
+
+        # 1. running sequences, highest priority first
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.num_uncomputed_tokens == 0:  # a beam waiting for its siblings' logits
+                i += 1
+                continue
+            if bm.needs_copy_on_write(seq):
+                recomputed += bm.copy_on_write(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.allocate_slots(seq, n):
+                victim = self.running[-1]  # lowest priority
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # `seq` preempted itself: everything after it is gone too
+
+        # 2. waiting sequences (not in a step that had to preempt: the pool is short)
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = [] if seq.request.score_only else bm.get_computed_blocks(seq)
+            n = min(seq.num_tokens - len(hits) * self.block_size, budget)
+            if not bm.allocate_slots(seq, n, hits):
+                break
+            bm.count_admission(seq, len(hits))
+            if seq.num_output_tokens == 0:
+                seq.num_cached_tokens = len(hits) * self.block_size
+            else:  # a preempted sequence: everything not served from the cache is recomputed
+                recomputed += seq.num_tokens - len(hits) * self.block_size
+            self.waiting.pop(0)
+            self.add_running(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+
+        if not scheduled and self.waiting and self.running and not preempted:
+            # Every running sequence is a beam waiting for a sibling that cannot be admitted:
+            # make room by preempting them, then plan again (the pool is then empty enough).
+            victims = list(reversed(self.running))
+            for seq in victims:
+                self.preempt(seq)
+            out = self.schedule()
+            out.preempted[:0] = victims
+            return out
+        return SchedulerOutput(scheduled, self._build_batch(scheduled) if scheduled else None,
+                               preempted, recomputed)
+
+    def _build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
+        bs = self.block_size
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        token_ids = np.empty(num_tokens, dtype=np.int32)
+        positions = np.empty(num_tokens, dtype=np.int32)
+        slot_mapping = np.empty(num_tokens, dtype=np.int64)
+        max_blocks = max(len(s.seq.block_table) for s in scheduled)
+        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+        context_lens = np.empty(len(scheduled), dtype=np.int32)
+        cu_seqlens_q = np.zeros(len(scheduled) + 1, dtype=np.int32)
+        logits_indices: list[int] = []
+        t = 0
+        for i, s in enumerate(scheduled):
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            table = np.asarray(seq.block_table, dtype=np.int32)
+            block_tables[i, :table.shape[0]] = table
+            pos = np.arange(start, start + n, dtype=np.int32)
+            token_ids[t:t + n] = seq.token_ids[start:start + n]
+            positions[t:t + n] = pos
+            slot_mapping[t:t + n] = table[pos // bs].astype(np.int64) * bs + pos % bs
+            context_lens[i] = start + n
+            cu_seqlens_q[i + 1] = t + n
+            if seq.request.score_only:  # every token's logits (teacher-forced scoring)
+                s.logits_start, s.num_logits = len(logits_indices), n
+                logits_indices.extend(range(t, t + n))
+            elif start + n == seq.num_tokens:  # the chunk reaches the last token: sample after it
+                s.logits_start, s.num_logits = len(logits_indices), 1
+                logits_indices.append(t + n - 1)
+            t += n
+        return StepBatch(
+            token_ids=token_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=context_lens,
+            cu_seqlens_q=cu_seqlens_q,
+            logits_indices=np.asarray(logits_indices, dtype=np.int32),
+            is_decode=all(s.num_new_tokens == 1 for s in scheduled),
+        )
+
+    def step_done(self, out: SchedulerOutput) -> None:
+        """The model ran the plan: advance the sequences and offer full blocks to the prefix cache."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_computed_blocks(s.seq)
