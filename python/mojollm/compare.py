@@ -366,6 +366,7 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
                 entry["check"] = None
             continue
         doc["model"] = doc["model"] or data["info"]
+        doc.setdefault("prompt_tokens", data["prompts"].tolist())
         try:
             seq_tokens = (ref_tokens if ref_tokens is not None else data["tokens"])
             full = np.concatenate([data["prompts"], seq_tokens.astype(np.int32)], axis=1)
