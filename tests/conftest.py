@@ -9,6 +9,7 @@ asked otherwise) with a small byte-level BPE tokenizer to a temp directory and r
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -94,9 +95,12 @@ def make_hf_model(tmp_path_factory):
                     p.uniform_(0.5, 1.5)
                 else:
                     p.normal_(0.0, 0.15)
-        if dtype is not None:
-            model = model.to(dtype)
-        model.save_pretrained(path, safe_serialization=True)
-        return path, model.float()
+            if dtype is not None:  # round the weights to `dtype` but keep the reference in float32
+                for p in model.parameters():
+                    p.copy_(p.to(dtype).float())
+        # Converting a copy (not the reference) keeps its float32 rotary buffers exact.
+        saved = copy.deepcopy(model).to(dtype) if dtype is not None else model
+        saved.save_pretrained(path, safe_serialization=True)
+        return path, model
 
     return build

@@ -189,6 +189,8 @@ class LlamaModel:
         if batch.positions.shape != (T,) or batch.slot_mapping.shape != (T,):
             raise ValueError(f"positions {batch.positions.shape} and slot_mapping {batch.slot_mapping.shape} "
                              f"must both have shape ({T},)")
+        if batch.token_ids.min() < 0 or batch.token_ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) (the model's vocabulary)")
         if batch.positions.min() < 0 or batch.positions.max() >= self.max_positions:
             raise ValueError(f"positions must lie in [0, {self.max_positions}) (the model's context length)")
         li = batch.logits_indices
