@@ -248,7 +248,7 @@ def chat(prompt, model, backend, kv_cache_memory, max_model_len, system, as_json
     if prompt is not None:
         _print_completion(llm, history + [{"role": "user", "content": prompt}], params, as_json, quiet, chat=True)
         return
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     interactive = stdin.isatty()
     while True:
         if interactive:
