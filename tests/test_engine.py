@@ -151,6 +151,15 @@ def test_streamed_text_is_incremental_and_holds_back_stop_prefixes():
     deltas = list(stream)
     assert "".join(deltas) == stream.output.text
     assert stream.output.token_ids == full.token_ids and len(deltas) > 3
+    # two streams interleaved on one LLM each get all of their own text
+    sa = iter(llm.stream([0, 90], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)))
+    sb_stream = llm.stream([0, 91], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    sb = iter(sb_stream)
+    got_a = [next(sa)]
+    got_b = list(sb)                                         # runs b to the end, stepping a along
+    got_a += list(sa)
+    assert "".join(got_b) == sb_stream.output.text
+    assert "".join(got_a) == model.tokenizer.decode(reference_greedy(model, [0, 90], 12, eos=False))
     # an aborted stream frees its blocks
     s2 = llm.stream([0, 70, 80], SamplingParams(max_tokens=50, ignore_eos=True))
     it = iter(s2)

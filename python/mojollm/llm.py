@@ -48,24 +48,26 @@ class TextStream:
         self._emitted = 0
 
     def __iter__(self) -> Iterator[str]:
-        engine = self._llm.engine
+        llm = self._llm
         try:
             while self.output is None or not self.output.finished:
-                if not engine.has_unfinished():
-                    break
-                for out in engine.step():
-                    if out.request_id != self.request_id:
-                        continue
-                    self.output = out
-                    if out.outputs:
-                        stable = out.num_stable_chars[0] if out.num_stable_chars else len(out.text)
-                        if stable > self._emitted:
-                            delta = out.text[self._emitted:stable]
-                            self._emitted = stable
-                            yield delta
+                out = llm._latest.pop(self.request_id, None)
+                if out is None:
+                    if not llm.engine.has_unfinished():
+                        break
+                    llm._step()
+                    continue
+                self.output = out
+                if out.outputs:
+                    stable = out.num_stable_chars[0] if out.num_stable_chars else len(out.text)
+                    if stable > self._emitted:
+                        delta = out.text[self._emitted:stable]
+                        self._emitted = stable
+                        yield delta
         finally:
             if self.output is None or not self.output.finished:
-                engine.abort(self.request_id)  # the consumer stopped early: free the blocks
+                llm.engine.abort(self.request_id)  # the consumer stopped early: free the blocks
+                llm._latest.pop(self.request_id, None)
 
 
 class LLM:
@@ -86,6 +88,13 @@ class LLM:
             self.model = load_model(model, self.backend, progress=progress)
         self.tokenizer = self.model.tokenizer
         self.engine = Engine(self.model, **engine_kwargs)
+        # newest output of every request, whoever stepped the engine (streams and generate calls
+        # may interleave on one LLM; each takes only its own requests' outputs)
+        self._latest: dict[str, object] = {}
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            self._latest[out.request_id] = out
 
     @property
     def backend_name(self) -> str | None:
@@ -146,20 +155,28 @@ class LLM:
         for (ids, text), sp, prio in zip(encoded, params_list, prios):
             ids_order.append(self.engine.add_request(ids, sp if sp is not None else SamplingParams(),
                                                      priority=prio, prompt=text))
-        pending = set(ids_order)
+        return self._wait(ids_order)
+
+    def _wait(self, request_ids: list[str]) -> list:
+        """Step the engine until every one of `request_ids` has finished; their final outputs."""
+        pending = set(request_ids)
         done = {}
         try:
             while pending:
-                if not self.engine.has_unfinished():
-                    raise RuntimeError("the engine stopped with requests unfinished")
-                for out in self.engine.step():
-                    if out.finished and out.request_id in pending:
-                        done[out.request_id] = out
-                        pending.discard(out.request_id)
+                for rid in list(pending):
+                    out = self._latest.get(rid)
+                    if out is not None and out.finished:
+                        done[rid] = self._latest.pop(rid)
+                        pending.discard(rid)
+                if pending:
+                    if not self.engine.has_unfinished():
+                        raise RuntimeError("the engine stopped with requests unfinished")
+                    self._step()
         finally:
             for rid in pending:
                 self.engine.abort(rid)
-        return [done[r] for r in ids_order]
+                self._latest.pop(rid, None)
+        return [done[r] for r in request_ids]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> TextStream:
         """Text deltas of one prompt as they are decoded (the first sample when n > 1)."""
@@ -203,16 +220,10 @@ class LLM:
 
     def _score_ids(self, ids: list[int]) -> list[float]:
         rid = self.engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0), _score_only=True)
-        try:
-            while True:
-                for out in self.engine.step():
-                    if out.request_id == rid and out.finished:
-                        if out.error:
-                            raise RuntimeError(f"scoring failed: {out.error}")
-                        return out.prompt_logprobs
-        finally:
-            if rid in self.engine.requests:
-                self.engine.abort(rid)
+        (out,) = self._wait([rid])
+        if out.error:
+            raise RuntimeError(f"scoring failed: {out.error}")
+        return out.prompt_logprobs
 
     def perplexity(self, text, max_tokens: int | None = None) -> dict:
         """exp(-mean log p) over the text's tokens (at most `max_tokens` of them).

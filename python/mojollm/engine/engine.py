@@ -199,7 +199,8 @@ class Engine:
         self.scheduler.step_done(plan)
 
         touched: dict[str, Request] = {}
-        bad_rows = np.isnan(logits).any(axis=1) | np.isposinf(logits).any(axis=1) if logits.size else None
+        # NaN or +inf anywhere in a row makes its max NaN or +inf (one pass over the logits)
+        bad_rows = ~(logits.max(axis=1) < np.inf) if logits.size else None
         for s in plan.scheduled:
             seq, req = s.seq, s.seq.request
             if s.num_logits == 0 or req.finished or seq.is_finished:

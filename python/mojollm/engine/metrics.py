@@ -168,8 +168,16 @@ def run_workload(engine, workload, sequential: bool = False) -> dict:
             outputs.extend(o for o in engine.step() if o.finished)
     wall = time.perf_counter() - t0
     summary = summarize(outputs, wall)
+    st = engine.stats
     summary["prefix_cache_hit_rate"] = round(engine.block_manager.hit_rate, 4)
-    summary["preemptions"] = engine.stats.preemptions
+    summary["preemptions"] = st.preemptions
+    summary["steps"] = st.steps
+    summary["mean_tokens_per_step"] = round((st.prefill_tokens + st.decode_tokens) / st.steps, 2) if st.steps else None
+    summary["forward_s"] = round(st.forward_time, 3)
+    summary["engine_overhead_s"] = round(wall - st.forward_time, 3)  # scheduling, sampling, detokenizing
+    weight_bytes = getattr(engine.model, "weight_bytes", 0) or 0
+    # every step streams all the weights once, however many sequences it carries
+    summary["weight_read_gbs"] = round(st.steps * weight_bytes / wall / 1e9, 3) if weight_bytes and wall > 0 else None
     return summary
 
 
