@@ -126,7 +126,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str]):
+def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str], arch: str = "llama"):
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -137,7 +137,7 @@ def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str]):
     specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
     tokens = [t for t, _ in vocab]
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -166,11 +166,14 @@ def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str]):
     for i in range(cfg.num_hidden_layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+        if arch == "qwen2":
+            for p in "qkv":
+                names[f"model.layers.{i}.self_attn.{p}_proj.bias"] = f"blk.{i}.attn_{p}.bias"
     for hf_name, gg_name in names.items():
         a = sd[hf_name]
-        if gg_name.endswith("attn_q.weight"):
+        if arch == "llama" and gg_name.endswith("attn_q.weight"):  # qwen2 files keep the HF layout
             a = _llama_cpp_permute(a, cfg.num_attention_heads)
-        elif gg_name.endswith("attn_k.weight"):
+        elif arch == "llama" and gg_name.endswith("attn_k.weight"):
             a = _llama_cpp_permute(a, cfg.num_key_value_heads)
         kind = "F32" if a.ndim == 1 else types[gg_name.split(".")[-2]]
         qt = Q[kind]
@@ -190,16 +193,18 @@ TINY_TYPES = {"token_embd": "Q8_0", "output": "Q4_1", "attn_q": "Q4_0", "attn_k"
 UNIFORM_TYPES = {k: "Q4_1" for k in TINY_TYPES}
 
 
-@pytest.mark.parametrize("types", [TINY_TYPES, UNIFORM_TYPES], ids=["mixed_types", "uniform_q4_1"])
-def test_tiny_gguf_matches_transformers(make_hf_model, cpu_backend, tmp_path, types):
+@pytest.mark.parametrize("arch,types", [("llama", TINY_TYPES), ("llama", UNIFORM_TYPES), ("qwen2", UNIFORM_TYPES)],
+                         ids=["llama_mixed_types", "llama_uniform_q4_1", "qwen2_bias_q4_1"])
+def test_tiny_gguf_matches_transformers(make_hf_model, cpu_backend, tmp_path, arch, types):
     from transformers import AutoModelForCausalLM
 
-    hf_dir, torch_model = make_hf_model("llama", num_key_value_heads=2, intermediate_size=96)
+    hf_dir, torch_model = make_hf_model(arch, num_key_value_heads=2, intermediate_size=96)
     path = tmp_path / "tiny.gguf"
-    _write_tiny_gguf(path, hf_dir, torch_model, types)
+    _write_tiny_gguf(path, hf_dir, torch_model, types, arch)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     model = load_model(path, cpu_backend)
-    assert not model.config.rope_neox
+    assert model.config.arch == arch
+    assert model.config.rope_neox == (arch == "qwen2") and model.config.attention_bias == (arch == "qwen2")
     fused = model.layers[0].qkv is not None
     assert fused == (types is UNIFORM_TYPES)
     ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. 12345") + [5, 77, 200]

@@ -74,6 +74,7 @@ class LlamaModel:
         self.tokenizer = tokenizer
         self.backend = backend
         self.kv_caches: list[tuple[Any, Any]] | None = None
+        self.path = None  # set by load_model
         self.block_size: int | None = None
         b, c = backend, config
         _check_shapes(c, weights)
@@ -201,11 +202,13 @@ class LlamaModel:
 
 
 def _split_heads(qkv, T: int, heads: tuple[int, int, int], D: int):
-    """[T, (H + KVH + KVH) * D] -> q [T, H, D], k, v [T, KVH, D] (contiguous copies)."""
+    """[T, (H + KVH + KVH) * D] -> q [T, H, D], k, v [T, KVH, D].
+    Column slices are strided views; the kernels take dense tensors, so each part is copied
+    (numpy/jax: .copy(), torch: .contiguous())."""
     out, start = [], 0
     for n in heads:
-        part = qkv[:, start:start + n * D]
-        out.append(part.reshape(T, n, D).copy() if hasattr(part, "copy") else part.reshape(T, n, D).contiguous())
+        part = qkv[:, start:start + n * D].reshape(T, n, D)
+        out.append(part.contiguous() if hasattr(part, "contiguous") else part.copy())
         start += n * D
     return out
 
