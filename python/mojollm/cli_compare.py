@@ -21,11 +21,17 @@ BENCH_SCRIPTS = {
 }
 
 
+class UserError(click.ClickException):
+    """A bad option or missing extra: exit 2, like every other user error of the mojollm CLI."""
+
+    exit_code = 2
+
+
 def _check_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise click.ClickException("--plot needs matplotlib: pip install 'mojollm[bench]'")
+        raise UserError("--plot needs matplotlib: pip install 'mojollm[bench]'")
 
 
 @click.command("compare")
@@ -49,7 +55,8 @@ def _check_matplotlib() -> None:
 def compare(model, backends, prompt_len, output_len, batch, reference, repeats, warmup, logits_tol,
             json_path, plot_path, quiet):
     """Run the same prompts on several backends: speed, memory, roofline, energy, and a
-    correctness cross-check against a reference backend. Exits 1 when a backend disagrees."""
+    correctness cross-check against a reference backend. Exits 1 when a backend disagrees or
+    fails (after printing and writing everything), 2 on a user error."""
     from rich.console import Console
 
     from mojollm.compare import CompareConfig, PlotUnavailable, Thresholds, print_table, run_compare, write_plot
@@ -64,7 +71,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
     try:
         doc = run_compare(config, progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
     except (MojollmError, ValueError) as e:
-        raise click.ClickException(str(e))
+        raise UserError(str(e))
     doc["command"] = shlex.join(
         ["mojollm", "compare"] + (["--model", model] if model else [])
         + ["--backends", backends, "--prompt-len", str(prompt_len), "--output-len", str(output_len),
@@ -79,7 +86,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
         try:
             write_plot(doc, plot_path)
         except PlotUnavailable as e:
-            raise click.ClickException(str(e))
+            raise UserError(str(e))
         err.print(f"wrote {plot_path}")
     bad = [b["name"] for b in doc["backends"] if b["available"] and b.get("ok") is False]
     if bad:
@@ -97,7 +104,7 @@ def _bench_command(name: str, script: str) -> click.Command:
     def run(args):
         path = _bench_dir() / script
         if not path.is_file():
-            raise click.ClickException(f"{path} not found: `mojollm bench` runs the scripts of a source checkout")
+            raise UserError(f"{path} not found: `mojollm bench {name}` runs the scripts of a source checkout")
         sys.exit(subprocess.call([sys.executable, str(path), *args]))
 
     run.help = (f"Run bench/{script} (arguments pass through; --help shows its own options). "

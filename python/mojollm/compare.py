@@ -301,7 +301,6 @@ def run_backend(name: str, config: CompareConfig, path: str, progress: Callable[
             with measure.EnergyMeter(name) as energy:
                 for _ in range(config.repeats):
                     runs.append(runner.generate(prompts, config.output_len))
-            progress(f"{name}: teacher-forced logits")
             tokens = runs[-1]["tokens"]
         if any(not np.array_equal(r["tokens"], tokens) for r in runs):
             entry.setdefault("warnings", []).append("greedy tokens differ between repeats (non-deterministic backend)")
@@ -367,6 +366,7 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
             continue
         doc["model"] = doc["model"] or data["info"]
         doc.setdefault("prompt_tokens", data["prompts"].tolist())
+        progress(f"{name}: teacher-forced logits for the cross-check")
         try:
             seq_tokens = (ref_tokens if ref_tokens is not None else data["tokens"])
             full = np.concatenate([data["prompts"], seq_tokens.astype(np.int32)], axis=1)
