@@ -395,17 +395,19 @@ def test_real_tiny_model_batching_prefix_cache_and_preemption(tiny_llm_path, cpu
     alone = [llm.generate(t, params)[0].token_ids for t in texts]        # now with prefix-cache hits
     assert llm.engine.block_manager.num_hit_tokens > 0
     compared = 0
+    agree = []                                                           # tokens checked per prompt
     for p, b, a in zip(ids, batched, alone):
-        n = _hf_greedy_check(hf, p, b)
+        n = min(_hf_greedy_check(hf, p, b), _hf_greedy_check(hf, p, a))
         assert a[:n] == b[:n]
+        agree.append(n)
         compared += n
     assert compared >= 0.7 * 12 * len(texts), "greedy tokens leave transformers' too early (not near ties?)"
     tight = LLM(model=llm.model, num_blocks=12, block_size=4, max_num_batched_tokens=32)
     squeezed = [o.token_ids for o in tight.generate(texts, params)]
     assert tight.engine.stats.preemptions > 0
     compared = 0
-    for p, s, b in zip(ids, squeezed, batched):
-        n = _hf_greedy_check(hf, p, s)
+    for p, s, b, nb in zip(ids, squeezed, batched, agree):
+        n = min(_hf_greedy_check(hf, p, s), nb)
         assert s[:n] == b[:n]
         compared += n
     assert compared >= 0.7 * 12 * len(texts)
