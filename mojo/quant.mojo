@@ -46,7 +46,7 @@ comptime Q8_0 = 8
 comptime BF16 = 30
 
 comptime QK = 32
-comptime SMALL_T = 4  # up to this many activation rows take the streaming (GEMV) path
+comptime SMALL_T = 8  # up to this many activation rows take the streaming (GEMV) path
 comptime MR = 8  # W rows per GEMM microkernel tile
 comptime PARALLEL_MIN_BYTES = 1 << 16  # below this much weight data one thread does the work
 
@@ -122,63 +122,123 @@ def _no_fma_add(prod: V16, m: Float32) -> V16:
 
 
 @always_inline
-def _gemv_rows[qt: Int, TT: Int](w_addr: Int, row_bytes: Int, nb: Int, x: F32Ptr, k: Int,
-                                 sx: F32Ptr, y: F32Ptr, n: Int, r0: Int, r1: Int):
-    """Compute y[t, r] = sum_b d_b * dot(q_b, x[t, b]) + m_b * sum(x[t, b]) for rows r0..r1, TT tokens.
-    sx[t * nb + b] holds sum(x[t, b]) (unused for Q8_0)."""
+def _group_scales[qt: Int](h: F16Ptr, half_off: Int) -> SIMD[DType.float32, 8]:
+    """Scales of the 4 blocks starting at half-word `half_off`: [d0, d1, d2, d3, m0, m1, m2, m3]
+    (m = 0 for Q8_0; Q4_0's m = -8d is applied by the caller). For Q4_* all eight halves lie in
+    the group's first 64 bytes: one load and one permute instead of eight scalar conversions."""
+    comptime if qt == Q4_1:
+        var v = h.unsafe_load[width=32](half_off)
+        return SIMD[DType.float16, 8](v[0], v[10], v[20], v[30], v[1], v[11], v[21], v[31]).cast[DType.float32]()
+    elif qt == Q4_0:
+        var v = h.unsafe_load[width=32](half_off)
+        return SIMD[DType.float16, 8](v[0], v[9], v[18], v[27], v[0], v[9], v[18], v[27]).cast[DType.float32]()
+    else:
+        var r = SIMD[DType.float32, 8](0)
+        comptime for i in range(4):
+            r[i] = h[unsafe_offset=half_off + i * 17].cast[DType.float32]()
+        return r
+
+
+@always_inline
+def _gemv_tile[qt: Int, TT: Int, R: Int](w_addr: Int, row_bytes: Int, nb: Int, x: F32Ptr, k: Int,
+                                         sx: F32Ptr, y: F32Ptr, n: Int, r: Int):
+    """Compute y[t, r + i] = dot(W[r + i], x[t]) for R rows and TT tokens, streaming the rows'
+    blocks once. Blocks go four at a time so their scales are decoded together.
+
+    One token: a block adds d * dot(q, x) + m * sum(x) (sx[b] = sum(x[b]) precomputed, Q4_0's
+    m = -8d), i.e. 3 vector FMAs per block. Several tokens: each block is dequantized once in
+    registers (q * d + m, 2 FMAs) and then costs 2 FMAs per token; R rows share each x load."""
     comptime BB = _block_bytes[qt]()
     comptime HB = BB // 2
-    for r in range(r0, r1):
-        var base = w_addr + r * row_bytes
-        var u8 = U8Ptr(unsafe_from_address=base)
-        var h = F16Ptr(unsafe_from_address=base)
-        # Two accumulators per token (even/odd blocks) so consecutive FMAs do not wait on
-        # each other when TT is 1.
-        var acc = Array[V16, 2 * TT](fill=0)
-        var accm = Array[Float32, TT](fill=0)
-        var b = 0
-        while b + 2 <= nb:
-            comptime for u in range(2):
-                var bb = b + u
-                var d = _scale(h, bb * HB)
-                var lo = V16(0)
-                var hi = V16(0)
-                _codes[qt](u8, bb * BB, lo, hi)
-                comptime for t in range(TT):
-                    var xo = t * k + bb * QK
-                    var s = lo * x.unsafe_load[width=16](xo)
-                    s = hi.fma(x.unsafe_load[width=16](xo + 16), s)
-                    acc[2 * t + u] = s.fma(V16(d), acc[2 * t + u])
-                comptime if qt == Q4_1:
-                    var m = _scale(h, bb * HB + 1)
-                    comptime for t in range(TT):
-                        accm[t] += m * sx[unsafe_offset=t * nb + bb]
-                elif qt == Q4_0:
-                    comptime for t in range(TT):
-                        accm[t] -= 8 * d * sx[unsafe_offset=t * nb + bb]
-            b += 2
-        if b < nb:
-            var d = _scale(h, b * HB)
+    comptime G = 4
+    comptime FACTORED = TT == 1
+    # Enough independent accumulator chains to hide the FMA latency: lo and hi halves go to
+    # separate accumulators unless rows x tokens already give 8 chains.
+    comptime NA = 2 if TT * R < 8 else 1
+    comptime NT = NA * TT
+    var acc = Array[V16, R * NT](fill=0)
+    var accm = Array[SIMD[DType.float32, 4], R * TT](fill=0)
+    var u8 = Array[U8Ptr, R](fill=U8Ptr(unsafe_from_address=w_addr))
+    var h = Array[F16Ptr, R](fill=F16Ptr(unsafe_from_address=w_addr))
+    comptime for i in range(R):
+        u8[i] = U8Ptr(unsafe_from_address=w_addr + (r + i) * row_bytes)
+        h[i] = F16Ptr(unsafe_from_address=w_addr + (r + i) * row_bytes)
+    var b = 0
+    while b + G <= nb:
+        var sc = Array[SIMD[DType.float32, 8], R](fill=0)
+        comptime for i in range(R):
+            sc[i] = _group_scales[qt](h[i], b * HB)
+        comptime for u in range(G):
+            var lo = Array[V16, R](fill=0)
+            var hi = Array[V16, R](fill=0)
+            comptime for i in range(R):
+                _codes[qt](u8[i], (b + u) * BB, lo[i], hi[i])
+                comptime if not FACTORED:
+                    var d = V16(sc[i][u])
+                    var m = V16(0)
+                    comptime if qt == Q4_1:
+                        m = V16(sc[i][4 + u])
+                    elif qt == Q4_0:
+                        m = V16(-8 * sc[i][u])
+                    lo[i] = lo[i].fma(d, m)
+                    hi[i] = hi[i].fma(d, m)
+            comptime for t in range(TT):
+                var xo = t * k + (b + u) * QK
+                var xl = x.unsafe_load[width=16](xo)
+                var xh = x.unsafe_load[width=16](xo + 16)
+                comptime for i in range(R):
+                    comptime if FACTORED:
+                        var s = lo[i] * xl
+                        s = hi[i].fma(xh, s)
+                        comptime a = i * NT + NA * t + u % NA
+                        acc[a] = s.fma(V16(sc[i][u]), acc[a])
+                    else:
+                        comptime a = i * NT + NA * t
+                        acc[a] = lo[i].fma(xl, acc[a])
+                        acc[a + NA - 1] = hi[i].fma(xh, acc[a + NA - 1])
+        comptime if FACTORED and qt != Q8_0:
+            comptime for t in range(TT):
+                var s4 = sx.unsafe_load[width=4](t * nb + b)
+                comptime for i in range(R):
+                    accm[i * TT + t] = sc[i].slice[4, offset=4]().fma(s4, accm[i * TT + t])
+        b += G
+    while b < nb:
+        comptime for i in range(R):
             var lo = V16(0)
             var hi = V16(0)
-            _codes[qt](u8, b * BB, lo, hi)
+            _dequant_block[qt](u8[i], h[i], b * BB, lo, hi)
             comptime for t in range(TT):
                 var xo = t * k + b * QK
                 var s = lo * x.unsafe_load[width=16](xo)
-                s = hi.fma(x.unsafe_load[width=16](xo + 16), s)
-                acc[2 * t] = s.fma(V16(d), acc[2 * t])
-            comptime if qt == Q4_1:
-                var m = _scale(h, b * HB + 1)
-                comptime for t in range(TT):
-                    accm[t] += m * sx[unsafe_offset=t * nb + b]
-            elif qt == Q4_0:
-                comptime for t in range(TT):
-                    accm[t] -= 8 * d * sx[unsafe_offset=t * nb + b]
+                acc[i * NT + NA * t] = hi.fma(x.unsafe_load[width=16](xo + 16), s) + acc[i * NT + NA * t]
+        b += 1
+    comptime for i in range(R):
         comptime for t in range(TT):
-            y[unsafe_offset=t * n + r] = (acc[2 * t] + acc[2 * t + 1]).reduce_add() + accm[t]
+            var total = acc[i * NT + NA * t]
+            comptime if NA == 2:
+                total += acc[i * NT + NA * t + 1]
+            var mterm: Float32 = 0
+            comptime if FACTORED and qt != Q8_0:
+                mterm = accm[i * TT + t].reduce_add()
+                comptime if qt == Q4_0:
+                    mterm = -8 * mterm  # Q4_0: m = -8d, accumulated as d * sum(x)
+            y[unsafe_offset=t * n + r + i] = total.reduce_add() + mterm
 
 
-def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int) raises:
+def _gemv_rows[qt: Int, TT: Int](w_addr: Int, row_bytes: Int, nb: Int, x: F32Ptr, k: Int,
+                                 sx: F32Ptr, y: F32Ptr, n: Int, r0: Int, r1: Int):
+    # Several tokens re-read x for every row: two rows at a time halve those loads.
+    comptime R = 1 if TT == 1 else 2
+    var r = r0
+    while r + R <= r1:
+        _gemv_tile[qt, TT, R](w_addr, row_bytes, nb, x, k, sx, y, n, r)
+        r += R
+    while r < r1:
+        _gemv_tile[qt, TT, 1](w_addr, row_bytes, nb, x, k, sx, y, n, r)
+        r += 1
+
+
+def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int, max_items: Int) raises:
     comptime BB = _block_bytes[qt]()
     var nb = k // QK
     var row_bytes = nb * BB
@@ -187,10 +247,12 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
     # Per-block activation sums for the m term, computed once per call.
     var sums = List[Float32](length=TT * nb, fill=0)
     var sx = F32Ptr(unsafe_from_address=Int(sums.unsafe_ptr()))
-    comptime if qt != Q8_0:
+    comptime if qt != Q8_0 and TT == 1:
         for i in range(TT * nb):
             sx[unsafe_offset=i] = (x.unsafe_load[width=16](i * QK) + x.unsafe_load[width=16](i * QK + 16)).reduce_add()
     var items = _work_items(n, row_bytes, 16)
+    if max_items > 0:
+        items = min(items, max_items)
     if items == 1:
         _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, 0, n)
     else:
@@ -306,7 +368,7 @@ def _gemm_rows[qt: Int](w_addr: Int, row_bytes: Int, xp: F32Ptr, t: Int, k: Int,
     _ = part_buf^
 
 
-def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int) raises:
+def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
     comptime BB = _block_bytes[qt]()
     var row_bytes = (k // QK) * BB
     var x = F32Ptr(unsafe_from_address=x_addr)
@@ -319,6 +381,8 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     var kc_max = max(QK, min(k, ((1 << 17) // (ntb * 16)) // QK * QK))
     var panels = (n + MR - 1) // MR
     var items = 1 if panels < 2 else min(panels, 4 * num_physical_cores())
+    if max_items > 0:
+        items = min(items, max_items)
     if items == 1:
         _gemm_rows[qt](w_addr, row_bytes, xp, t, k, kc_max, y, n, 0, n)
     else:
@@ -330,21 +394,32 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     _ = xp_buf^
 
 
-def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int) raises:
-    if t == 1:
-        _gemv[qt, 1](w_addr, x_addr, y_addr, n, k)
+def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+    if t > SMALL_T:
+        _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
+    elif t == 1:
+        _gemv[qt, 1](w_addr, x_addr, y_addr, n, k, max_items)
     elif t == 2:
-        _gemv[qt, 2](w_addr, x_addr, y_addr, n, k)
+        _gemv[qt, 2](w_addr, x_addr, y_addr, n, k, max_items)
     elif t == 3:
-        _gemv[qt, 3](w_addr, x_addr, y_addr, n, k)
-    elif t == SMALL_T:
-        _gemv[qt, SMALL_T](w_addr, x_addr, y_addr, n, k)
+        _gemv[qt, 3](w_addr, x_addr, y_addr, n, k, max_items)
+    elif t == 4:
+        _gemv[qt, 4](w_addr, x_addr, y_addr, n, k, max_items)
+    elif t == 5:
+        _gemv[qt, 5](w_addr, x_addr, y_addr, n, k, max_items)
+    elif t == 6:
+        _gemv[qt, 6](w_addr, x_addr, y_addr, n, k, max_items)
+    elif t == 7:
+        _gemv[qt, 7](w_addr, x_addr, y_addr, n, k, max_items)
+    elif t == 8:
+        _gemv[qt, 8](w_addr, x_addr, y_addr, n, k, max_items)
     else:
-        _gemm[qt](w_addr, x_addr, y_addr, t, n, k)
+        _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
 
 
 def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObject, dims: PythonObject) raises -> PythonObject:
-    """Compute y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K)."""
+    """Compute y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K, max_work_items)
+    where max_work_items 0 lets the kernel choose and 1 keeps it on the calling thread."""
     var qt = Int(py=qtype)
     var w_addr = Int(py=w)
     var x_addr = Int(py=x)
@@ -352,12 +427,13 @@ def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObjec
     var t = Int(py=dims[0])
     var n = Int(py=dims[1])
     var k = Int(py=dims[2])
+    var max_items = Int(py=dims[3])
     if qt == Q4_0:
-        _matmul[Q4_0](w_addr, x_addr, y_addr, t, n, k)
+        _matmul[Q4_0](w_addr, x_addr, y_addr, t, n, k, max_items)
     elif qt == Q4_1:
-        _matmul[Q4_1](w_addr, x_addr, y_addr, t, n, k)
+        _matmul[Q4_1](w_addr, x_addr, y_addr, t, n, k, max_items)
     elif qt == Q8_0:
-        _matmul[Q8_0](w_addr, x_addr, y_addr, t, n, k)
+        _matmul[Q8_0](w_addr, x_addr, y_addr, t, n, k, max_items)
     else:
         raise Error("matmul: unsupported type code ", qt)
     return PythonObject(None)

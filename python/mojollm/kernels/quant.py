@@ -92,8 +92,9 @@ class QuantLinear:
     def weight(self) -> WeightTensor:
         return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self.data)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features]."""
+    def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
+        """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
+        max_threads > 0 caps the work items (1 = the calling thread only; for measurements)."""
         _check_array("x", x, np.float32, ndim=2)
         t, k = x.shape
         if k != self.in_features:
@@ -101,7 +102,7 @@ class QuantLinear:
         y = np.empty((t, self.out_features), dtype=np.float32)
         if t:
             _kernels().matmul(self._code, self.data.ctypes.data, x.ctypes.data, y.ctypes.data,
-                              (t, self.out_features, k))
+                              (t, self.out_features, k, max(0, int(max_threads))))
         return y
 
     __call__ = forward
