@@ -60,9 +60,11 @@ def _auto_choice() -> str:
     reasons = []
     for name in _AUTO_ORDER:
         p = probe(name)
-        if p.available and (name != "tpu" or "TPU" in p.device):
+        # The tpu backend also runs on XLA:CPU/GPU, but auto only picks it on real TPU chips.
+        on_tpu_chips = p.device.startswith("TPU")
+        if p.available and (name != "tpu" or on_tpu_chips):
             return name
-        reasons.append(f"{name}: {p.reason or 'not a TPU'}")
+        reasons.append(f"{name}: {p.reason or 'no TPU chips (' + p.device + ')'}")
     raise BackendUnavailable("no backend can run here: " + "; ".join(reasons))
 
 
