@@ -152,9 +152,10 @@ def _gemv_tile[qt: Int, TT: Int, R: Int](w_addr: Int, row_bytes: Int, nb: Int, x
     comptime HB = BB // 2
     comptime G = 4
     comptime FACTORED = TT == 1
-    # Enough independent accumulator chains to hide the FMA latency: lo and hi halves go to
-    # separate accumulators unless rows x tokens already give 8 chains.
-    comptime NA = 2 if TT * R < 8 else 1
+    # Enough independent accumulator chains to hide the FMA latency: with few tokens the lo
+    # and hi halves (or even and odd blocks) go to separate accumulators. NA depends on TT only
+    # so a row's summation order, and thus its result, does not depend on how rows are grouped.
+    comptime NA = 2 if TT < 4 else 1
     comptime NT = NA * TT
     var acc = Array[V16, R * NT](fill=0)
     var accm = Array[SIMD[DType.float32, 4], R * TT](fill=0)
