@@ -17,7 +17,10 @@
 #   sum_d K[j, d] * QT[d, :] is a broadcast-FMA over row vectors (no horizontal sums); with few
 #   rows (decode), dot products over d. Softmax statistics are vectors over rows.
 #   P.V: O[r, :] += sum_j P[j, r] * V[j, :], register-blocked 4 rows x 4 vectors.
-# Threading: one parallel region per call; workers pull tiles from an atomic counter (causal
+# Decode walks one (sequence, key chunk) per job with all its kv heads: a position's K/V row
+# [KVH, D] is contiguous, so the cache streams sequentially from memory (a job per kv head
+# would stride by KVH * D floats and defeat the hardware prefetchers).
+# Threading: one parallel region per call; workers pull jobs from an atomic counter (causal
 # tiles differ in cost) and each owns a slice of the scratch buffer passed in from Python.
 
 from std.atomic import Atomic
@@ -50,14 +53,27 @@ def _i32(addr: Int64) -> I32Ptr:
 
 
 @always_inline
+def _exp0[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    """exp(x), exactly 0 below -87: exp() clamps its argument and would return a subnormal
+    (~1e-38) for masked scores, and subnormal operands cost ~100 cycles each on threads that do
+    not flush them to zero (the Python thread that runs small calls)."""
+    return x.ge(SIMD[DType.float32, n](-87.0)).select(exp(x), SIMD[DType.float32, n](0))
+
+
+@always_inline
 def _at(base: Int, floats: Int) -> F32Ptr:
     """Pointer to float number `floats` of the buffer at address `base`."""
     return F32Ptr(unsafe_from_address=base + 4 * floats)
 
 
-def scratch_floats(d: Int) -> Int:
-    """Floats of scratch one worker needs for head dim d (QT, O, S^T and four row vectors)."""
-    return 2 * d * ROWS + BK * ROWS + 4 * ROWS
+def unit_floats(d: Int) -> Int:
+    """Floats of one row tile's state: Q (transposed or row-major), O, and m, l, alpha, pos."""
+    return 2 * d * ROWS + 4 * ROWS
+
+
+def scratch_floats(d: Int, units: Int) -> Int:
+    """Floats of scratch one worker needs: `units` row-tile states plus the shared S^T block."""
+    return units * unit_floats(d) + BK * ROWS
 
 
 @fieldwise_init
@@ -78,15 +94,33 @@ struct Attn(ImplicitlyCopyable, Movable):
 
 
 # ------------------------------------------------------------------ tile kernel
+# A row tile's state lives at address u: QT/Q [D*ROWS] | O [ROWS*D] | m | l | alpha | pos.
 
 
 @always_inline
-def _key_offsets(a: Attn, s: Int, kvh: Int, k0: Int, nk: Int, mut offs: Array[Int, BK]):
-    """Element offsets of the K/V rows of positions k0..k0+nk-1 (no division per key)."""
+def _q_of(u: Int) -> F32Ptr:
+    return _at(u, 0)
+
+
+@always_inline
+def _o_of(u: Int, d: Int) -> F32Ptr:
+    return _at(u, d * ROWS)
+
+
+@always_inline
+def _stat(u: Int, d: Int, which: Int) -> F32Ptr:
+    """which: 0 running max m, 1 running sum l, 2 rescale alpha, 3 row position."""
+    return _at(u, 2 * d * ROWS + which * ROWS)
+
+
+@always_inline
+def _key_offsets(a: Attn, s: Int, k0: Int, nk: Int, mut offs: Array[Int, BK]):
+    """Offsets of the [KVH, D] cache rows of positions k0..k0+nk-1 (no division per key)."""
     var blk = s * a.m + k0 // a.b
     var row = k0 % a.b
+    var row_floats = a.kvh * a.d
     for j in range(nk):
-        offs[j] = ((Int(a.bt[unsafe_offset=blk]) * a.b + row) * a.kvh + kvh) * a.d
+        offs[j] = (Int(a.bt[unsafe_offset=blk]) * a.b + row) * row_floats
         row += 1
         if row == a.b:
             row = 0
@@ -94,15 +128,15 @@ def _key_offsets(a: Attn, s: Int, kvh: Int, k0: Int, nk: Int, mut offs: Array[In
 
 
 @always_inline
-def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int, BK], nk: Int):
+def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, nk: Int):
     """S^T[j, r] = sum_d K[j, d] QT[d, r] for NR row vectors; 4 keys x NR vectors in registers."""
     var j = 0
     while j + 4 <= nk:
         var acc = Array[Vec, 4 * NR](fill=Vec(0))
-        var o0 = offs[j]
-        var o1 = offs[j + 1]
-        var o2 = offs[j + 2]
-        var o3 = offs[j + 3]
+        var o0 = offs[j] + kv_off
+        var o1 = offs[j + 1] + kv_off
+        var o2 = offs[j + 2] + kv_off
+        var o3 = offs[j + 3] + kv_off
         for d in range(a.d):
             var k0 = Vec(a.kc[unsafe_offset=o0 + d])
             var k1 = Vec(a.kc[unsafe_offset=o1 + d])
@@ -120,7 +154,7 @@ def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int
         j += 4
     while j < nk:
         var acc = Array[Vec, NR](fill=Vec(0))
-        var o = offs[j]
+        var o = offs[j] + kv_off
         for d in range(a.d):
             var k = Vec(a.kc[unsafe_offset=o + d])
             comptime for v in range(NR):
@@ -131,28 +165,134 @@ def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int
 
 
 @always_inline
-def _scores_dot(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], nk: Int, nrows: Int):
-    """S^T[j, r] = q_r . K[j] for a few rows (decode): q rows are row-major in qr[r * D]."""
+def _pair_sum(x: Vec, y: Vec) -> Vec:
+    """[x0+x1, x2+x3, .., y0+y1, y2+y3, ..]: one level of a 16-vector transpose-reduction."""
+    var halves = x.join(y).deinterleave()
+    return rebind[Vec](halves[0]) + rebind[Vec](halves[1])
+
+
+@always_inline
+def _sum_each(mut acc: Array[Vec, W]) -> Vec:
+    """Lane k = horizontal sum of acc[k]: log2(W) levels of pair sums (~3 instructions per
+    vector) instead of a full horizontal reduction per vector."""
+    comptime levels = 4 if W == 16 else (3 if W == 8 else 2)
+    comptime for lvl in range(levels):
+        comptime for i in range(W >> (lvl + 1)):
+            acc[i] = _pair_sum(acc[2 * i], acc[2 * i + 1])
+    return acc[0]
+
+
+@always_inline
+def _dot_rows_w[DV: Int](a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j: Int, nrows: Int):
+    """Scores of W consecutive keys j.. for each row, head dim DV*W known at compile time: the q
+    row stays in registers, one accumulator per key, then one transpose-reduction."""
+    for r in range(nrows):
+        var qv = Array[Vec, DV](fill=Vec(0))
+        comptime for c in range(DV):
+            qv[c] = qr.unsafe_load[width=W](r * DV * W + c * W)
+        var acc = Array[Vec, W](fill=Vec(0))
+        comptime for jj in range(W):
+            var o = offs[j + jj] + kv_off
+            var s0 = qv[0] * a.kc.unsafe_load[width=W](o)
+            var s1 = qv[1] * a.kc.unsafe_load[width=W](o + W) if DV > 1 else Vec(0)
+            comptime for c in range(2, DV):
+                if c % 2 == 0:
+                    s0 += qv[c] * a.kc.unsafe_load[width=W](o + c * W)
+                else:
+                    s1 += qv[c] * a.kc.unsafe_load[width=W](o + c * W)
+            acc[jj] = s0 + s1
+        st.unsafe_store(r * BK + j, _sum_each(acc))
+
+
+@always_inline
+def _dot_rows_one(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j: Int, nrows: Int):
+    """Scores of key j for each row, any head dim."""
     var d = a.d
-    for j in range(nk):
-        var o = offs[j]
-        st.unsafe_store(j * ROWS, Vec(0))  # padding lanes stay finite
-        for r in range(nrows):
-            var acc0 = Vec(0)
-            var acc1 = Vec(0)
-            var i = 0
-            while i + 2 * W <= d:
-                acc0 += qr.unsafe_load[width=W](r * d + i) * a.kc.unsafe_load[width=W](o + i)
-                acc1 += qr.unsafe_load[width=W](r * d + i + W) * a.kc.unsafe_load[width=W](o + i + W)
-                i += 2 * W
-            if i + W <= d:
-                acc0 += qr.unsafe_load[width=W](r * d + i) * a.kc.unsafe_load[width=W](o + i)
-                i += W
-            var sc = (acc0 + acc1).reduce_add()
-            while i < d:
-                sc += qr[unsafe_offset=r * d + i] * a.kc[unsafe_offset=o + i]
-                i += 1
-            st[unsafe_offset=j * ROWS + r] = sc
+    var o = offs[j] + kv_off
+    for r in range(nrows):
+        var acc0 = Vec(0)
+        var acc1 = Vec(0)
+        var i = 0
+        while i + 2 * W <= d:
+            acc0 += qr.unsafe_load[width=W](r * d + i) * a.kc.unsafe_load[width=W](o + i)
+            acc1 += qr.unsafe_load[width=W](r * d + i + W) * a.kc.unsafe_load[width=W](o + i + W)
+            i += 2 * W
+        if i + W <= d:
+            acc0 += qr.unsafe_load[width=W](r * d + i) * a.kc.unsafe_load[width=W](o + i)
+            i += W
+        var sc = (acc0 + acc1).reduce_add()
+        while i < d:
+            sc += qr[unsafe_offset=r * d + i] * a.kc[unsafe_offset=o + i]
+            i += 1
+        st[unsafe_offset=r * BK + j] = sc
+
+
+@always_inline
+def _scores_rowmajor(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, nk: Int, nrows: Int):
+    """S[r, j] = q_r . K[j] for a few rows (decode): q rows row-major in qr[r * D], scores
+    row-major in st[r * BK + j] so that the softmax runs across keys."""
+    var j = 0
+    if a.d == 4 * W:
+        while j + W <= nk:
+            _dot_rows_w[4](a, qr, st, offs, kv_off, j, nrows)
+            j += W
+    elif a.d == 8 * W:
+        while j + W <= nk:
+            _dot_rows_w[8](a, qr, st, offs, kv_off, j, nrows)
+            j += W
+    while j < nk:
+        _dot_rows_one(a, qr, st, offs, kv_off, j, nrows)
+        j += 1
+
+
+@always_inline
+def _online_softmax_rowmajor(st: F32Ptr, mv: F32Ptr, lv: F32Ptr, av: F32Ptr, pv: F32Ptr,
+                             k0: Int, nk: Int, nrows: Int, masked: Bool):
+    """_online_softmax for row-major scores: statistics are per-row scalars, vectors run over keys."""
+    var lane = Vec(0)
+    for i in range(W):
+        lane[i] = Float32(i)
+    for r in range(nrows):
+        var base = r * BK
+        if masked:  # keys past the row's position get NEG
+            var pos = pv[unsafe_offset=r]
+            var j = 0
+            while j + W <= nk:
+                var kp = lane + Float32(k0 + j)
+                st.unsafe_store(base + j, kp.le(Vec(pos)).select(st.unsafe_load[width=W](base + j), Vec(NEG)))
+                j += W
+            while j < nk:
+                if Float32(k0 + j) > pos:
+                    st[unsafe_offset=base + j] = NEG
+                j += 1
+        var mt = Vec(NEG)
+        var j = 0
+        while j + W <= nk:
+            mt = max(mt, st.unsafe_load[width=W](base + j))
+            j += W
+        var m_tile = mt.reduce_max()
+        while j < nk:
+            m_tile = max(m_tile, st[unsafe_offset=base + j])
+            j += 1
+        var m_old = mv[unsafe_offset=r]
+        var m_new = max(m_old, m_tile)
+        var sv = Vec(0)
+        j = 0
+        while j + W <= nk:
+            var p = _exp0(st.unsafe_load[width=W](base + j) - m_new)
+            st.unsafe_store(base + j, p)
+            sv += p
+            j += W
+        var sum = sv.reduce_add()
+        while j < nk:
+            var p = _exp0[1](st[unsafe_offset=base + j] - m_new)
+            st[unsafe_offset=base + j] = p
+            sum += p
+            j += 1
+        var alpha = _exp0[1](m_old - m_new)
+        lv[unsafe_offset=r] = lv[unsafe_offset=r] * alpha + sum
+        mv[unsafe_offset=r] = m_new
+        av[unsafe_offset=r] = alpha
 
 
 @always_inline
@@ -174,10 +314,10 @@ def _online_softmax[NR: Int](st: F32Ptr, mv: F32Ptr, lv: F32Ptr, av: F32Ptr, pv:
                 mt = max(mt, st.unsafe_load[width=W](j * ROWS + v * W))
         var m_old = mv.unsafe_load[width=W](v * W)
         var m_new = max(m_old, mt)
-        var alpha = exp(m_old - m_new)
+        var alpha = _exp0(m_old - m_new)
         var sum = Vec(0)
         for j in range(nk):
-            var p = exp(st.unsafe_load[width=W](j * ROWS + v * W) - m_new)
+            var p = _exp0(st.unsafe_load[width=W](j * ROWS + v * W) - m_new)
             st.unsafe_store(j * ROWS + v * W, p)
             sum += p
         lv.unsafe_store(v * W, lv.unsafe_load[width=W](v * W) * alpha + sum)
@@ -186,8 +326,12 @@ def _online_softmax[NR: Int](st: F32Ptr, mv: F32Ptr, lv: F32Ptr, av: F32Ptr, pv:
 
 
 @always_inline
-def _pv_rows[RG: Int](a: Attn, acc_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], nk: Int, r0: Int):
-    """O[r0:r0+RG, :] = O * alpha + P^T[:, r0:r0+RG]^T . V (RG rows x 4 vectors in registers)."""
+def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK],
+                                kv_off: Int, nk: Int, r0: Int):
+    """O[r0:r0+RG, :] = O * alpha + P[r0:r0+RG, :] . V (RG rows x 4 vectors in registers).
+    P is read from st transposed (PT: st[j * ROWS + r]) or row-major (st[r * BK + j])."""
+    comptime js = ROWS if PT else 1
+    comptime rs = 1 if PT else BK
     var d = a.d
     var c0 = 0
     while c0 + 4 * W <= d:
@@ -195,80 +339,73 @@ def _pv_rows[RG: Int](a: Attn, acc_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Ar
         comptime for ri in range(RG):
             var al = av[unsafe_offset=r0 + ri]
             comptime for cv in range(4):
-                acc[ri * 4 + cv] = acc_buf.unsafe_load[width=W]((r0 + ri) * d + c0 + cv * W) * al
+                acc[ri * 4 + cv] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0 + cv * W) * al
         for j in range(nk):
-            var vo = offs[j] + c0
+            var vo = offs[j] + kv_off + c0
             var v0 = a.vc.unsafe_load[width=W](vo)
             var v1 = a.vc.unsafe_load[width=W](vo + W)
             var v2 = a.vc.unsafe_load[width=W](vo + 2 * W)
             var v3 = a.vc.unsafe_load[width=W](vo + 3 * W)
             comptime for ri in range(RG):
-                var p = Vec(st[unsafe_offset=j * ROWS + r0 + ri])
+                var p = Vec(st[unsafe_offset=j * js + (r0 + ri) * rs])
                 acc[ri * 4 + 0] += p * v0
                 acc[ri * 4 + 1] += p * v1
                 acc[ri * 4 + 2] += p * v2
                 acc[ri * 4 + 3] += p * v3
         comptime for ri in range(RG):
             comptime for cv in range(4):
-                acc_buf.unsafe_store((r0 + ri) * d + c0 + cv * W, acc[ri * 4 + cv])
+                o_buf.unsafe_store((r0 + ri) * d + c0 + cv * W, acc[ri * 4 + cv])
         c0 += 4 * W
     while c0 + W <= d:
         var acc = Array[Vec, RG](fill=Vec(0))
         comptime for ri in range(RG):
-            acc[ri] = acc_buf.unsafe_load[width=W]((r0 + ri) * d + c0) * av[unsafe_offset=r0 + ri]
+            acc[ri] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0) * av[unsafe_offset=r0 + ri]
         for j in range(nk):
-            var vv = a.vc.unsafe_load[width=W](offs[j] + c0)
+            var vv = a.vc.unsafe_load[width=W](offs[j] + kv_off + c0)
             comptime for ri in range(RG):
-                acc[ri] += Vec(st[unsafe_offset=j * ROWS + r0 + ri]) * vv
+                acc[ri] += Vec(st[unsafe_offset=j * js + (r0 + ri) * rs]) * vv
         comptime for ri in range(RG):
-            acc_buf.unsafe_store((r0 + ri) * d + c0, acc[ri])
+            o_buf.unsafe_store((r0 + ri) * d + c0, acc[ri])
         c0 += W
     while c0 < d:  # head dims that are not a multiple of the vector width
         comptime for ri in range(RG):
-            var o = acc_buf[unsafe_offset=(r0 + ri) * d + c0] * av[unsafe_offset=r0 + ri]
+            var o = o_buf[unsafe_offset=(r0 + ri) * d + c0] * av[unsafe_offset=r0 + ri]
             for j in range(nk):
-                o += st[unsafe_offset=j * ROWS + r0 + ri] * a.vc[unsafe_offset=offs[j] + c0]
-            acc_buf[unsafe_offset=(r0 + ri) * d + c0] = o
+                o += st[unsafe_offset=j * js + (r0 + ri) * rs] * a.vc[unsafe_offset=offs[j] + kv_off + c0]
+            o_buf[unsafe_offset=(r0 + ri) * d + c0] = o
         c0 += 1
 
 
 @always_inline
-def _pv(a: Attn, acc_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], nk: Int, nrows: Int):
+def _pv[PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], kv_off: Int, nk: Int,
+                 nrows: Int):
     var r0 = 0
     while r0 + 4 <= nrows:
-        _pv_rows[4](a, acc_buf, st, av, offs, nk, r0)
+        _pv_rows[4, PT](a, o_buf, st, av, offs, kv_off, nk, r0)
         r0 += 4
     if r0 + 2 <= nrows:
-        _pv_rows[2](a, acc_buf, st, av, offs, nk, r0)
+        _pv_rows[2, PT](a, o_buf, st, av, offs, kv_off, nk, r0)
         r0 += 2
     if r0 < nrows:
-        _pv_rows[1](a, acc_buf, st, av, offs, nk, r0)
+        _pv_rows[1, PT](a, o_buf, st, av, offs, kv_off, nk, r0)
 
 
-def _attend[NR: Int](a: Attn, sc: Int, s: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int,
-                     f_lo: Int, nrows: Int, k_lo: Int, k_hi: Int):
-    """Online-softmax attention of rows f_lo..f_lo+nrows-1 of (s, kvh) over keys [k_lo, k_hi).
-    Row f is query f // G (token tok0 + f // G, position ctx - q_len + f // G) of head
-    kvh * G + f % G. Leaves m, l and the unnormalised O of each row in the scratch at `sc`."""
+def _init_unit(a: Attn, u: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int, f_lo: Int, nrows: Int):
+    """Load the tile's rows f_lo..f_lo+nrows-1 of kv head kvh: row f is query f // G (token
+    tok0 + f // G, position ctx - q_len + f // G) of head kvh * G + f % G. Q is pre-scaled;
+    stored transposed (QT[d, r]) for the broadcast-FMA score kernel, row-major for dot products."""
     var d = a.d
-    var qt = _at(sc, 0)
-    var acc_buf = _at(sc, d * ROWS)
-    var st = _at(sc, 2 * d * ROWS)
-    var mv = _at(sc, 2 * d * ROWS + BK * ROWS)
-    var lv = _at(sc, 2 * d * ROWS + BK * ROWS + ROWS)
-    var av = _at(sc, 2 * d * ROWS + BK * ROWS + 2 * ROWS)
-    var pv = _at(sc, 2 * d * ROWS + BK * ROWS + 3 * ROWS)
+    var qt = _q_of(u)
+    var o_buf = _o_of(u, d)
+    var mv = _stat(u, d, 0)
+    var lv = _stat(u, d, 1)
+    var pv = _stat(u, d, 3)
     var use_dot = nrows < DOT_ROWS
-
-    var pos_min = ctx
-    var pos_max = 0
-    for r in range(NR * W):
+    var padded = (nrows + W - 1) // W * W
+    for r in range(padded):
         var f = f_lo + min(r, nrows - 1)  # padding rows repeat the last row's position
         var qi = f // a.g
-        var pos = ctx - q_len + qi
-        pv[unsafe_offset=r] = Float32(pos)
-        pos_min = min(pos_min, pos)
-        pos_max = max(pos_max, pos)
+        pv[unsafe_offset=r] = Float32(ctx - q_len + qi)
         mv[unsafe_offset=r] = NEG
         lv[unsafe_offset=r] = 0
         var src = ((tok0 + qi) * a.h + kvh * a.g + f % a.g) * d
@@ -279,71 +416,69 @@ def _attend[NR: Int](a: Attn, sc: Int, s: Int, kvh: Int, tok0: Int, q_len: Int, 
                 qt[unsafe_offset=r * d + i] = x
             else:
                 qt[unsafe_offset=i * ROWS + r] = x
-            acc_buf[unsafe_offset=r * d + i] = 0
-
-    var offs = Array[Int, BK](fill=0)
-    var k_end = min(k_hi, pos_max + 1)  # causal: no row sees past the tile's last position
-    var k0 = k_lo
-    while k0 < k_end:
-        var nk = min(BK, k_end - k0)
-        _key_offsets(a, s, kvh, k0, nk, offs)
-        if use_dot:
-            _scores_dot(a, qt, st, offs, nk, nrows)
-        else:
-            _scores_transposed[NR](a, qt, st, offs, nk)
-        _online_softmax[NR](st, mv, lv, av, pv, k0, nk, k0 + nk - 1 > pos_min)
-        _pv(a, acc_buf, st, av, offs, nk, nrows)
-        k0 += nk
+            o_buf[unsafe_offset=r * d + i] = 0
 
 
-def _attend_rows(a: Attn, sc: Int, s: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int,
-                 f_lo: Int, nrows: Int, k_lo: Int, k_hi: Int):
-    """_attend with the row-vector count NR picked at run time."""
+@always_inline
+def _step[NR: Int](a: Attn, u: Int, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, k0: Int, nk: Int,
+                  nrows: Int, masked: Bool):
+    """One BK block of keys for one row tile with >= DOT_ROWS rows: scores, online softmax, P.V."""
+    var d = a.d
+    _scores_transposed[NR](a, _q_of(u), st, offs, kv_off, nk)
+    _online_softmax[NR](st, _stat(u, d, 0), _stat(u, d, 1), _stat(u, d, 2), _stat(u, d, 3), k0, nk, masked)
+    _pv[True](a, _o_of(u, d), st, _stat(u, d, 2), offs, kv_off, nk, nrows)
+
+
+def _step_rows(a: Attn, u: Int, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, k0: Int, nk: Int,
+               nrows: Int, masked: Bool):
+    """One BK block of keys for one row tile: few rows (decode) use row-major scores, more use
+    the transposed kernel with the row-vector count NR picked at run time."""
+    if nrows < DOT_ROWS:
+        var d = a.d
+        _scores_rowmajor(a, _q_of(u), st, offs, kv_off, nk, nrows)
+        _online_softmax_rowmajor(st, _stat(u, d, 0), _stat(u, d, 1), _stat(u, d, 2), _stat(u, d, 3), k0, nk,
+                                 nrows, masked)
+        _pv[False](a, _o_of(u, d), st, _stat(u, d, 2), offs, kv_off, nk, nrows)
+        return
     var nr = (nrows + W - 1) // W
     if nr == 1:
-        _attend[1](a, sc, s, kvh, tok0, q_len, ctx, f_lo, nrows, k_lo, k_hi)
+        _step[1](a, u, st, offs, kv_off, k0, nk, nrows, masked)
     elif nr == 2:
-        _attend[2](a, sc, s, kvh, tok0, q_len, ctx, f_lo, nrows, k_lo, k_hi)
+        _step[2](a, u, st, offs, kv_off, k0, nk, nrows, masked)
     elif nr == 3:
-        _attend[3](a, sc, s, kvh, tok0, q_len, ctx, f_lo, nrows, k_lo, k_hi)
+        _step[3](a, u, st, offs, kv_off, k0, nk, nrows, masked)
     else:
-        _attend[4](a, sc, s, kvh, tok0, q_len, ctx, f_lo, nrows, k_lo, k_hi)
+        _step[4](a, u, st, offs, kv_off, k0, nk, nrows, masked)
 
 
-def _write_rows(a: Attn, dst_buf: F32Ptr, sc: Int, kvh: Int, tok0: Int, f_lo: Int, nrows: Int):
+def _write_rows(a: Attn, dst_buf: F32Ptr, u: Int, kvh: Int, tok0: Int, f_lo: Int, nrows: Int):
     """out[token, head, :] = O[r] / l[r] for the tile's rows."""
     var d = a.d
-    var acc_buf = _at(sc, d * ROWS)
-    var lv = _at(sc, 2 * d * ROWS + BK * ROWS + ROWS)
+    var o_buf = _o_of(u, d)
+    var lv = _stat(u, d, 1)
     for r in range(nrows):
         var f = f_lo + r
         var dst = ((tok0 + f // a.g) * a.h + kvh * a.g + f % a.g) * d
         var inv = 1.0 / lv[unsafe_offset=r]
         var i = 0
         while i + W <= d:
-            dst_buf.unsafe_store(dst + i, acc_buf.unsafe_load[width=W](r * d + i) * inv)
+            dst_buf.unsafe_store(dst + i, o_buf.unsafe_load[width=W](r * d + i) * inv)
             i += W
         while i < d:
-            dst_buf[unsafe_offset=dst + i] = acc_buf[unsafe_offset=r * d + i] * inv
+            dst_buf[unsafe_offset=dst + i] = o_buf[unsafe_offset=r * d + i] * inv
             i += 1
 
 
-def _write_partial(d: Int, part: F32Ptr, sc: Int, nrows: Int):
+def _write_partial(d: Int, part: F32Ptr, u: Int, nrows: Int):
     """Split decode: keep (m, l, unnormalised O) of each row for the merge. part: [ROWS*(D+2)]."""
-    var acc_buf = _at(sc, d * ROWS)
-    var mv = _at(sc, 2 * d * ROWS + BK * ROWS)
-    var lv = _at(sc, 2 * d * ROWS + BK * ROWS + ROWS)
+    var o_buf = _o_of(u, d)
+    var mv = _stat(u, d, 0)
+    var lv = _stat(u, d, 1)
     for r in range(nrows):
         part[unsafe_offset=r] = mv[unsafe_offset=r]
         part[unsafe_offset=ROWS + r] = lv[unsafe_offset=r]
         for i in range(d):
-            part[unsafe_offset=2 * ROWS + r * d + i] = acc_buf[unsafe_offset=r * d + i]
-
-
-def _empty_partial(part: F32Ptr, nrows: Int):
-    for r in range(nrows):
-        part[unsafe_offset=r] = NEG
-        part[unsafe_offset=ROWS + r] = 0
+            part[unsafe_offset=2 * ROWS + r * d + i] = o_buf[unsafe_offset=r * d + i]
 
 
 # ------------------------------------------------------------------ entry points
@@ -366,7 +501,7 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
     var scratch = Int(meta[unsafe_offset=7])
     var n_seqs = Int(meta[unsafe_offset=13])
     var workers = Int(meta[unsafe_offset=15])
-    var per_worker = scratch_floats(d)
+    var per_worker = scratch_floats(d, 1)
 
     # Jobs: (sequence, kv head, row tile); within a sequence the last (costliest) tiles first.
     var first_job = List[Int](capacity=n_seqs + 1)
@@ -382,8 +517,10 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
     var counter = Atomic[Int64](0)
     var next_job = Pointer(to=counter)
 
-    def worker(w: Int) {imm a, imm cu, imm ctx_lens, imm out, imm scratch, imm per_worker, imm first_job, imm n_jobs, imm n_seqs, imm next_job}:
-        var sc = scratch + 4 * w * per_worker
+    def worker(w: Int) {imm a, imm cu, imm ctx_lens, imm out, imm scratch, imm per_worker, imm first_job, imm n_jobs, imm next_job}:
+        var u = scratch + 4 * w * per_worker
+        var st = _at(u, unit_floats(a.d))
+        var offs = Array[Int, BK](fill=0)
         while True:
             var job = Int(next_job[].fetch_add(1))
             if job >= n_jobs:
@@ -400,8 +537,16 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
             var kvh = jj % a.kvh
             var nrows = min(ROWS, rows - f_lo)
             var ctx = Int(ctx_lens[unsafe_offset=s])
-            _attend_rows(a, sc, s, kvh, tok0, q_len, ctx, f_lo, nrows, 0, ctx)
-            _write_rows(a, out, sc, kvh, tok0, f_lo, nrows)
+            var pos_min = ctx - q_len + f_lo // a.g
+            var pos_max = ctx - q_len + (f_lo + nrows - 1) // a.g
+            _init_unit(a, u, kvh, tok0, q_len, ctx, f_lo, nrows)
+            var k0 = 0
+            while k0 <= pos_max:  # causal: no row of the tile sees past its last position
+                var nk = min(BK, pos_max + 1 - k0)
+                _key_offsets(a, s, k0, nk, offs)
+                _step_rows(a, u, st, offs, kvh * a.d, k0, nk, nrows, k0 + nk - 1 > pos_min)
+                k0 += nk
+            _write_rows(a, out, u, kvh, tok0, f_lo, nrows)
 
     if n_workers <= 1:
         worker(0)
@@ -412,10 +557,11 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
 
 def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> PythonObject:
     """Meta (int64): q, k_cache, v_cache, block_tables, context_lens, out, scratch, partial,
-    S, H, KVH, D, B, M, n_splits, workers. One query per sequence at position ctx - 1. With
-    n_splits > 1 each sequence's keys are cut into n_splits chunks (flash-decoding) whose
-    partial softmaxes are merged at the end; partial holds S*KVH*row_tiles*n_splits slots of
-    ROWS*(D+2) floats."""
+    S, H, KVH, D, B, M, n_splits, workers. One query per sequence at position ctx - 1.
+    A job is one (sequence, key chunk) with all its kv heads ("units": kv head x row tile of
+    up to ROWS group heads). With n_splits > 1 each sequence's keys are cut into n_splits
+    chunks (flash-decoding) whose partial softmaxes are merged at the end; partial holds
+    S * n_splits * units slots of ROWS * (D + 2) floats."""
     var meta = I64Ptr(unsafe_from_address=Int(py=meta_addr))
     var h = Int(meta[unsafe_offset=9])
     var kvh_n = Int(meta[unsafe_offset=10])
@@ -430,47 +576,56 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
     var n_seqs = Int(meta[unsafe_offset=8])
     var n_splits = Int(meta[unsafe_offset=14])
     var workers = Int(meta[unsafe_offset=15])
-    var per_worker = scratch_floats(d)
     var row_tiles = (a.g + ROWS - 1) // ROWS
+    var units = kvh_n * row_tiles
+    var per_worker = scratch_floats(d, units)
     var slot = ROWS * (d + 2)
 
     var flops = 0
     for s in range(n_seqs):
         flops += 4 * h * Int(ctx_lens[unsafe_offset=s]) * d
-    var n_jobs = n_seqs * kvh_n * row_tiles * n_splits
+    var n_jobs = n_seqs * n_splits
     var n_workers = 1 if flops < SERIAL_FLOPS else min(workers, n_jobs)
 
     var counter = Atomic[Int64](0)
     var next_job = Pointer(to=counter)
 
-    def worker(w: Int) {imm a, imm ctx_lens, imm out, imm scratch, imm part, imm per_worker, imm n_jobs, imm n_splits, imm row_tiles, imm slot, imm next_job}:
-        var sc = scratch + 4 * w * per_worker
+    def worker(w: Int) {imm a, imm ctx_lens, imm out, imm scratch, imm part, imm per_worker, imm n_jobs, imm n_splits, imm row_tiles, imm units, imm slot, imm next_job}:
+        var base = scratch + 4 * w * per_worker
+        var uf = unit_floats(a.d)
+        var st = _at(base, units * uf)
+        var offs = Array[Int, BK](fill=0)
         while True:
             var job = Int(next_job[].fetch_add(1))
             if job >= n_jobs:
                 break
+            var s = job // n_splits
             var c = job % n_splits
-            var rest = job // n_splits
-            var f_lo = (rest % row_tiles) * ROWS
-            rest //= row_tiles
-            var kvh = rest % a.kvh
-            var s = rest // a.kvh
-            var nrows = min(ROWS, a.g - f_lo)
             var ctx = Int(ctx_lens[unsafe_offset=s])
-            if n_splits == 1:
-                _attend_rows(a, sc, s, kvh, s, 1, ctx, f_lo, nrows, 0, ctx)
-                _write_rows(a, out, sc, kvh, s, f_lo, nrows)
-                continue
             # Chunks are whole BK key blocks so that every chunk but the last is full.
             var chunk = ((ctx + n_splits - 1) // n_splits + BK - 1) // BK * BK
             var k_lo = c * chunk
             var k_hi = min(ctx, k_lo + chunk)
-            var dst = _at(part, job * slot)
-            if k_lo >= k_hi:
-                _empty_partial(dst, nrows)
-            else:
-                _attend_rows(a, sc, s, kvh, s, 1, ctx, f_lo, nrows, k_lo, k_hi)
-                _write_partial(a.d, dst, sc, nrows)
+            for un in range(units):
+                var f_lo = (un % row_tiles) * ROWS
+                _init_unit(a, base + 4 * un * uf, un // row_tiles, s, 1, ctx, f_lo, min(ROWS, a.g - f_lo))
+            var k0 = k_lo
+            while k0 < k_hi:
+                var nk = min(BK, k_hi - k0)
+                _key_offsets(a, s, k0, nk, offs)
+                for un in range(units):
+                    var f_lo = (un % row_tiles) * ROWS
+                    _step_rows(a, base + 4 * un * uf, st, offs, (un // row_tiles) * a.d, k0, nk,
+                               min(ROWS, a.g - f_lo), False)
+                k0 += nk
+            for un in range(units):
+                var f_lo = (un % row_tiles) * ROWS
+                var nrows = min(ROWS, a.g - f_lo)
+                if n_splits == 1:
+                    _write_rows(a, out, base + 4 * un * uf, un // row_tiles, s, f_lo, nrows)
+                else:
+                    # An empty chunk (k_lo >= ctx) leaves m = NEG, l = 0: the merge skips it.
+                    _write_partial(a.d, _at(part, (job * units + un) * slot), base + 4 * un * uf, nrows)
 
     if n_workers <= 1:
         worker(0)
@@ -478,38 +633,38 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
         parallelize(worker, n_workers)
 
     if n_splits > 1:
-        _merge_splits(a, out, part, n_seqs, n_splits, row_tiles, slot)
+        _merge_splits(a, out, part, n_seqs, n_splits, units, row_tiles, slot)
     return PythonObject(None)
 
 
-def _merge_splits(a: Attn, dst_buf: F32Ptr, part: Int, n_seqs: Int, n_splits: Int, row_tiles: Int, slot: Int):
+def _merge_splits(a: Attn, dst_buf: F32Ptr, part: Int, n_seqs: Int, n_splits: Int, units: Int,
+                  row_tiles: Int, slot: Int):
     """out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c over the chunks c of each row."""
     var d = a.d
     for s in range(n_seqs):
-        for kvh in range(a.kvh):
-            for t in range(row_tiles):
-                var f_lo = t * ROWS
-                var job0 = ((s * a.kvh + kvh) * row_tiles + t) * n_splits
-                for r in range(min(ROWS, a.g - f_lo)):
-                    var m_all = NEG
-                    for c in range(n_splits):
-                        m_all = max(m_all, _at(part, (job0 + c) * slot)[unsafe_offset=r])
-                    var dst = (s * a.h + kvh * a.g + f_lo + r) * d
+        for un in range(units):
+            var kvh = un // row_tiles
+            var f_lo = (un % row_tiles) * ROWS
+            for r in range(min(ROWS, a.g - f_lo)):
+                var m_all = NEG
+                for c in range(n_splits):
+                    m_all = max(m_all, _at(part, ((s * n_splits + c) * units + un) * slot)[unsafe_offset=r])
+                var dst = (s * a.h + kvh * a.g + f_lo + r) * d
+                for i in range(d):
+                    dst_buf[unsafe_offset=dst + i] = 0
+                var l_all: Float32 = 0
+                for c in range(n_splits):
+                    var p = _at(part, ((s * n_splits + c) * units + un) * slot)
+                    var l_c = p[unsafe_offset=ROWS + r]
+                    if l_c == 0:  # an empty chunk (short sequence)
+                        continue
+                    var wgt = _exp0[1](p[unsafe_offset=r] - m_all)
+                    l_all += l_c * wgt
                     for i in range(d):
-                        dst_buf[unsafe_offset=dst + i] = 0
-                    var l_all: Float32 = 0
-                    for c in range(n_splits):
-                        var p = _at(part, (job0 + c) * slot)
-                        var l_c = p[unsafe_offset=ROWS + r]
-                        if l_c == 0:  # an empty chunk (short sequence)
-                            continue
-                        var wgt = exp(p[unsafe_offset=r] - m_all)
-                        l_all += l_c * wgt
-                        for i in range(d):
-                            dst_buf[unsafe_offset=dst + i] += wgt * p[unsafe_offset=2 * ROWS + r * d + i]
-                    var inv = 1.0 / l_all
-                    for i in range(d):
-                        dst_buf[unsafe_offset=dst + i] *= inv
+                        dst_buf[unsafe_offset=dst + i] += wgt * p[unsafe_offset=2 * ROWS + r * d + i]
+                var inv = 1.0 / l_all
+                for i in range(d):
+                    dst_buf[unsafe_offset=dst + i] *= inv
 
 
 def store_kv(meta_addr: PythonObject) raises -> PythonObject:
@@ -551,8 +706,8 @@ def workers() raises -> PythonObject:
     return PythonObject(num_physical_cores())
 
 
-def scratch_per_worker(d: PythonObject) raises -> PythonObject:
-    return PythonObject(scratch_floats(Int(py=d)))
+def scratch_per_worker(d: PythonObject, units: PythonObject) raises -> PythonObject:
+    return PythonObject(scratch_floats(Int(py=d), Int(py=units)))
 
 
 def tile_rows() raises -> PythonObject:

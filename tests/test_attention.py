@@ -135,10 +135,11 @@ def test_decode_split_counts_agree(splits):
 
 
 def test_default_split_policy():
-    assert attn.decode_splits(n_seqs=16, h=32, kvh=8, max_ctx=4096, workers=2) == 1
-    assert attn.decode_splits(n_seqs=1, h=9, kvh=3, max_ctx=4096, workers=2) > 1
-    assert attn.decode_splits(n_seqs=1, h=9, kvh=3, max_ctx=100, workers=2) == 1  # chunks >= 256 keys
-    assert attn.decode_splits(n_seqs=1, h=9, kvh=3, max_ctx=4096, workers=1) == 1
+    assert attn.decode_splits(n_seqs=16, max_ctx=4096, workers=2) == 1
+    assert attn.decode_splits(n_seqs=1, max_ctx=4096, workers=2) == 8
+    assert attn.decode_splits(n_seqs=1, max_ctx=300, workers=2) == 2  # chunks >= 256 keys
+    assert attn.decode_splits(n_seqs=1, max_ctx=100, workers=2) == 1
+    assert attn.decode_splits(n_seqs=1, max_ctx=4096, workers=1) == 1
 
 
 def test_decode_equals_last_prefill_row():

@@ -35,11 +35,11 @@ def _workers() -> int:
     return _info["workers"]
 
 
-def _scratch(d: int) -> np.ndarray:
-    """Per-worker scratch for the tile kernel (uninitialised: the kernel writes before reading)."""
-    key = f"scratch{d}"
+def _scratch(d: int, units: int = 1) -> np.ndarray:
+    """Per-worker scratch for `units` row tiles (uninitialised: the kernel writes before reading)."""
+    key = f"scratch{d},{units}"
     if key not in _info:
-        _info[key] = int(_kernels().scratch_per_worker(d))
+        _info[key] = int(_kernels().scratch_per_worker(d, units))
     return np.empty(_workers() * _info[key], dtype=np.float32)
 
 
@@ -143,15 +143,14 @@ def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
     return out
 
 
-def decode_splits(n_seqs: int, h: int, kvh: int, max_ctx: int, workers: int) -> int:
-    """How many key chunks per sequence (flash-decoding): enough jobs to keep `workers` busy
-    (4 per worker, for balance) when sequences x kv heads alone are too few, chunks >= 256 keys."""
-    rows = _info.get("rows", 64)
-    base_jobs = n_seqs * kvh * math.ceil((h // kvh) / rows)
+def decode_splits(n_seqs: int, max_ctx: int, workers: int) -> int:
+    """How many key chunks per sequence (flash-decoding). A decode job is one sequence with
+    all its heads; when there are fewer sequences than 4 jobs per worker (for balance), split
+    each into chunks of >= 256 keys."""
     target = 4 * workers
-    if workers <= 1 or base_jobs >= target:
+    if workers <= 1 or n_seqs >= target:
         return 1
-    return max(1, min(math.ceil(target / base_jobs), math.ceil(max_ctx / 256)))
+    return max(1, min(math.ceil(target / n_seqs), math.ceil(max_ctx / 256)))
 
 
 def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
@@ -170,14 +169,14 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     workers = _workers()
     rows = _info["rows"]
     if num_splits is None:
-        splits = decode_splits(n_seqs, h, kvh, int(context_lens.max()), workers)
+        splits = decode_splits(n_seqs, int(context_lens.max()), workers)
     else:
         splits = int(num_splits)
         if splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    row_tiles = math.ceil((h // kvh) / rows)
-    partial = np.empty(n_seqs * kvh * row_tiles * splits * rows * (d + 2) if splits > 1 else 1, dtype=np.float32)
-    scratch = _scratch(d)
+    units = kvh * math.ceil((h // kvh) / rows)  # row tiles of one sequence: kv heads x group-head tiles
+    partial = np.empty(n_seqs * splits * units * rows * (d + 2) if splits > 1 else 1, dtype=np.float32)
+    scratch = _scratch(d, units)
     meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
                  context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data, partial.ctypes.data,
                  n_seqs, h, kvh, d, b, block_tables.shape[1], splits, workers)
