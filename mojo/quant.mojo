@@ -22,7 +22,7 @@
 # float64 product on the dequantized weights to float32 rounding.
 
 from std.math import floor, trunc
-from std.memory import bitcast
+from std.memory import alloc, bitcast
 from std.os import abort
 from std.python import PythonObject
 from std.python.bindings import PythonModuleBuilder
@@ -267,18 +267,27 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
 
 
 def _pack_x(x: F32Ptr, xp: F32Ptr, t: Int, k: Int, ntb: Int):
-    """Pack xp[tb][kk][j] = x[tb*16 + j, kk] (zero for tokens past t): 16 tokens per vector."""
+    """Pack xp[tb][kk][j] = x[tb*16 + j, kk] (zero for tokens past t): 16 tokens per vector.
+    Works on 16 x 16 tiles transposed in registers: four rounds of interleaving row i with
+    row i + 8 (a perfect shuffle of both indices) turn rows into columns."""
     for tb in range(ntb):
         var dst = tb * k * 16
-        for j in range(16):
-            var tok = tb * 16 + j
-            if tok < t:
-                var src = tok * k
-                for kk in range(k):
-                    xp[unsafe_offset=dst + kk * 16 + j] = x[unsafe_offset=src + kk]
-            else:
-                for kk in range(k):
-                    xp[unsafe_offset=dst + kk * 16 + j] = 0
+        var kk = 0
+        while kk < k:
+            var rows = Array[V16, 16](fill=0)
+            comptime for j in range(16):
+                if tb * 16 + j < t:
+                    rows[j] = x.unsafe_load[width=16]((tb * 16 + j) * k + kk)
+            comptime for _round in range(4):
+                var nxt = Array[V16, 16](fill=0)
+                comptime for i in range(8):
+                    var both = rows[i].interleave(rows[i + 8])
+                    nxt[2 * i] = both.slice[16, offset=0]()
+                    nxt[2 * i + 1] = both.slice[16, offset=16]()
+                rows = nxt^
+            comptime for i in range(16):
+                xp.unsafe_store(dst + (kk + i) * 16, rows[i])
+            kk += 16
 
 
 @always_inline
@@ -333,8 +342,8 @@ def _gemm_rows[qt: Int](w_addr: Int, row_bytes: Int, xp: F32Ptr, t: Int, k: Int,
     var nrows = r1 - r0
     var npanels = (nrows + MR - 1) // MR
     var multi = kc_max < k
-    var part_buf = List[Float32](length=(npanels * MR * t_pad) if multi else 1, fill=0)
-    var part = F32Ptr(unsafe_from_address=Int(part_buf.unsafe_ptr()))
+    var part_buf = alloc[Float32]((npanels * MR * t_pad) if multi else 1)  # written by the first chunk
+    var part = F32Ptr(unsafe_from_address=Int(part_buf))
     var kc0 = 0
     while kc0 < k:
         var kc = min(kc_max, k - kc0)
@@ -366,7 +375,7 @@ def _gemm_rows[qt: Int](w_addr: Int, row_bytes: Int, xp: F32Ptr, t: Int, k: Int,
                 _tile[1](a, kc, xp, k, kc0, tb, t, part, t_pad, p * MR, first, last, y, n, row0, rows)
         kc0 += kc
     _ = a_buf^
-    _ = part_buf^
+    part_buf.free()
 
 
 def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
@@ -375,8 +384,8 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     var x = F32Ptr(unsafe_from_address=x_addr)
     var y = F32Ptr(unsafe_from_address=y_addr)
     var ntb = (t + 15) // 16
-    var xp_buf = List[Float32](length=ntb * 16 * k, fill=0)
-    var xp = F32Ptr(unsafe_from_address=Int(xp_buf.unsafe_ptr()))
+    var xp_buf = alloc[Float32](ntb * 16 * k)  # every element is written by _pack_x
+    var xp = F32Ptr(unsafe_from_address=Int(xp_buf))
     _pack_x(x, xp, t, k, ntb)
     # K chunk: the packed X chunk (t_pad x kc floats) should fit in about 512 KiB of L2.
     var kc_max = max(QK, min(k, ((1 << 17) // (ntb * 16)) // QK * QK))
@@ -392,7 +401,7 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
             var r1 = min(n, ((i + 1) * panels // items) * MR)
             _gemm_rows[qt](w_addr, row_bytes, xp, t, k, kc_max, y, n, r0, r1)
         parallelize(work, items)
-    _ = xp_buf^
+    xp_buf.free()
 
 
 def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
