@@ -68,6 +68,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_default_model_config(smollm):
     ours, ref = smollm
     c = ours.config
@@ -81,6 +82,7 @@ def test_default_model_config(smollm):
     assert 0.9 * ours.path.stat().st_size < ours.weight_bytes < ours.path.stat().st_size
 
 
+@pytest.mark.slow
 def test_default_model_teacher_forced_agreement_and_perplexity(smollm):
     ours, ref = smollm
     ids = ours.tokenizer.encode(TEXT)
@@ -105,6 +107,7 @@ def test_default_model_teacher_forced_agreement_and_perplexity(smollm):
     assert abs(ppl_ours / ppl_ref - 1) <= 0.03
 
 
+@pytest.mark.slow
 def test_default_model_greedy_says_paris(smollm):
     ours, _ = smollm
     ids = ours.tokenizer.encode("The capital of France is")
