@@ -80,17 +80,25 @@ class QuantLinear:
         self.name = w.name
         self.out_features = n
         self.in_features = k
-        self.data = _block_data(w, n, k)
+        self._data = _block_data(w, n, k)
+        self._addr = self._data.ctypes.data  # cached: .ctypes costs ~1 us per call
         self._code = TYPE_CODES[self.qtype]
         self.parts: tuple[int, ...] = (n,)  # out_features of the layers fused into this one
 
     @property
+    def data(self) -> np.ndarray:
+        """The blocks, uint8 [out_features, in_features/32 * block_bytes] (read-only view)."""
+        view = self._data.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
+        return int(self._data.nbytes)
 
     @property
     def weight(self) -> WeightTensor:
-        return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self.data)
+        return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self._data)
 
     def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
         """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
@@ -101,7 +109,7 @@ class QuantLinear:
             raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")
         y = np.empty((t, self.out_features), dtype=np.float32)
         if t:
-            _kernels().matmul(self._code, self.data.ctypes.data, x.ctypes.data, y.ctypes.data,
+            _kernels().matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
                               (t, self.out_features, k, max(0, int(max_threads))))
         return y
 
@@ -109,7 +117,7 @@ class QuantLinear:
 
     def dequantize(self) -> np.ndarray:
         """The weights as float32 [out_features, in_features] (for references and debugging)."""
-        return dequantize(self.data, self.qtype, (self.out_features, self.in_features))
+        return dequantize(self._data, self.qtype, (self.out_features, self.in_features))
 
     @classmethod
     def concat(cls, linears: Sequence["QuantLinear"], name: str | None = None) -> "QuantLinear":
@@ -125,7 +133,7 @@ class QuantLinear:
         ks = {l.in_features for l in linears}
         if len(ks) != 1:
             raise ValueError(f"concat needs one in_features, got {sorted(ks)}")
-        data = np.concatenate([l.data for l in linears], axis=0)
+        data = np.concatenate([l._data for l in linears], axis=0)
         n = int(data.shape[0])
         fused = cls(WeightTensor(name or "+".join(l.name for l in linears), (n, ks.pop()), qtypes.pop(), data))
         fused.parts = tuple(p for l in linears for p in l.parts)
@@ -190,19 +198,26 @@ class EmbeddingTable:
         self.vocab_size, self.dim = (int(s) for s in w.shape)
         if self.qtype in QUANT_TYPES:
             _check_row_length(self.dim, f"tensor {w.name}: embedding dim")
-            self.data = _block_data(w, self.vocab_size, self.dim)
+            self._data = _block_data(w, self.vocab_size, self.dim)
         else:
             data = np.asarray(w.data)
             want = np.dtype(_FLOAT_DTYPES[self.qtype])
             if data.dtype != want or data.shape != tuple(w.shape):
                 raise ValueError(f"tensor {w.name}: {self.qtype} data must be {want.name} of shape {w.shape}, "
                                  f"got {data.dtype} {data.shape}")
-            self.data = np.ascontiguousarray(data)
+            self._data = np.ascontiguousarray(data)
+        self._addr = self._data.ctypes.data
         self._code = TYPE_CODES[self.qtype]
 
     @property
+    def data(self) -> np.ndarray:
+        view = self._data.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
+        return int(self._data.nbytes)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """ids integer [T] in [0, vocab) -> float32 [T, dim]."""
@@ -221,7 +236,7 @@ class EmbeddingTable:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for {self.name} (vocab size {self.vocab_size})")
         ids32 = np.ascontiguousarray(ids, dtype=np.int32)
-        _kernels().embedding(self._code, self.data.ctypes.data, ids32.ctypes.data, out.ctypes.data, (t, self.dim))
+        _kernels().embedding(self._code, self._addr, ids32.ctypes.data, out.ctypes.data, (t, self.dim))
         return out
 
     __call__ = lookup
