@@ -1,0 +1,565 @@
+"""The cuda backend: Mojo GPU kernels (backends/cuda/gpu_*.mojo) on torch CUDA tensors.
+
+Tensors are torch tensors on one CUDA device: activations float32, KV caches float32 or bfloat16,
+weights kept in their stored precision (float32, bfloat16, float16) or GGUF-quantized (Q4_0, Q4_1,
+Q8_0, repacked on the device so every block's nibbles are one aligned 16-byte load).
+
+How the kernels reach torch's memory and streams (verified on an H100 with torch 2.11):
+  * Mojo's DeviceContext binds the device's primary CUDA context, the one torch uses, so a
+    tensor's data_ptr() is passed to the kernels as is: no copies, no DLPack.
+  * The process keeps ONE DeviceContext (creating one costs milliseconds).
+  * Every kernel is launched on torch's *current* stream (its raw handle is passed with each
+    call), so Mojo kernels and torch ops are ordered on one stream and `torch.cuda.graph`
+    captures Mojo launches like its own ops (a whole decode step replays from one graph).
+  * Torch's legacy default stream (handle 0) cannot be wrapped by Mojo, so the backend makes its
+    own context's stream torch's current stream (`torch.cuda.set_stream`) on every thread that
+    calls it while the current stream is the legacy default one. Work queued on the default stream
+    before the backend was created is waited for once, in __init__.
+  * A launch from Python costs about 6.5 us; graph replay removes that for decode.
+
+Data-dependent indices (token ids, slots, block ids, positions, sequence lengths) are checked on
+the device: kernels skip out-of-range entries and raise flags that `to_numpy` / `synchronize`
+turn into a ValueError (a host check would cost a synchronisation per op).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from mojollm.backends.base import Backend, Probe
+from mojollm.weights import BLOCK_BYTES, QK, WeightTensor
+
+_MODULE = "gpu_ops"
+_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+_ERR_MESSAGES = (
+    "token ids outside the embedding table",
+    "a slot in slot_mapping lies outside the KV cache",
+    "a block id in block_tables lies outside the KV cache",
+    "a position lies outside the RoPE cos/sin table",
+    "cu_seqlens_q / context_lens are inconsistent (a context shorter than its new tokens, longer "
+    "than its block table, or query rows outside q)",
+)
+_ERR_WORDS = 8
+_GEMV_MAX_TOKENS = 8  # dense weights: up to this many tokens read W once per 8 tokens (GEMV)
+_QGEMV_MAX_TOKENS = 64  # quantized: re-reading small blocks beats dequantizing the matrix
+_SIMT_HEAD_DIMS = (32, 64, 80, 96, 128)
+_MMA_HEAD_DIMS = (64, 128)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class DenseWeight:
+    """A linear/embedding weight [N, K] as a torch tensor (float32, bfloat16 or float16)."""
+
+    __slots__ = ("w", "n", "k")
+
+    def __init__(self, w):
+        self.w = w
+        self.n, self.k = int(w.shape[0]), int(w.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size()
+
+
+class QuantWeight:
+    """A GGUF-quantized weight [N, K], repacked: qs [N, K/32, 16|32] uint8, d (m) [N, K/32] float16."""
+
+    __slots__ = ("qtype", "code", "qs", "d", "m", "n", "k")
+
+    def __init__(self, qtype, qs, d, m, n, k):
+        self.qtype, self.code = qtype, _QCODES[qtype]
+        self.qs, self.d, self.m, self.n, self.k = qs, d, m, n, k
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+
+def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GGUF rows of blocks -> (qs [N, nb, 16 or 32] uint8, d [N, nb] f16, m [N, nb] f16 or None)."""
+    rows = int(np.prod(w.shape[:-1]))
+    nb = w.shape[-1] // QK
+    blocks = np.asarray(w.data, dtype=np.uint8).reshape(rows, nb, BLOCK_BYTES[w.qtype])
+
+    def f16(lo):
+        return np.ascontiguousarray(blocks[:, :, lo:lo + 2]).view(np.float16).reshape(rows, nb)
+
+    if w.qtype == "Q4_0":
+        return np.ascontiguousarray(blocks[:, :, 2:18]), f16(0), None
+    if w.qtype == "Q4_1":
+        return np.ascontiguousarray(blocks[:, :, 4:20]), f16(0), f16(2)
+    return np.ascontiguousarray(blocks[:, :, 2:34]), f16(0), None  # Q8_0
+
+
+def _cuda_target(torch, index: int):
+    from mojollm.kernels.build import Target
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return Target("cuda", f"sm_{major}{minor}")
+
+
+def _kernel_problem(target) -> str:
+    """Why the kernel module cannot be had for `target` ('' when it can): prebuilt or buildable."""
+    prebuilt = os.environ.get("MOJOLLM_KERNEL_DIR")
+    if prebuilt and os.path.isfile(os.path.join(prebuilt, target.dirname, f"{_MODULE}.so")):
+        return ""
+    try:
+        from mojollm.kernels.build import compiler_version, find_mojo
+
+        compiler_version(find_mojo())
+    except Exception as e:  # KernelBuildError: no compiler and no prebuilt module
+        return f"no prebuilt {target} kernels and {e}"
+    return ""
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    @classmethod
+    def probe(cls) -> Probe:
+        # Keep `mojollm backends` fast on machines without a GPU: no torch import unless a device node exists.
+        if not glob.glob("/dev/nvidia*"):
+            return Probe(cls.name, False, "", "no CUDA device")
+        try:
+            torch = _torch()
+        except ImportError:
+            return Probe(cls.name, False, "", "torch not installed (pip install 'mojollm[cuda]')")
+        if getattr(torch.version, "hip", None):
+            return Probe(cls.name, False, "", "torch is a ROCm build (use the rocm backend)")
+        if not torch.cuda.is_available():
+            return Probe(cls.name, False, "", "no CUDA device (torch.cuda.is_available() is False)")
+        problem = _kernel_problem(_cuda_target(torch, 0))
+        if problem:
+            return Probe(cls.name, False, "", problem)
+        return Probe(cls.name, True, torch.cuda.get_device_name(0), "")
+
+    def __init__(self, device_index: int = 0):
+        from mojollm.kernels.build import load_module
+
+        torch = _torch()
+        self.torch = torch
+        self.index = device_index
+        self.device = torch.device("cuda", device_index)
+        torch.cuda.set_device(self.device)
+        self.target = _cuda_target(torch, device_index)
+        self.nvidia = True  # tensor-core kernels (mma.sync) are available on this target
+        self._k = load_module(_MODULE, backend="cuda", target=self.target)
+        self._gpu = self._k.GpuState()
+        torch.cuda.synchronize(self.device)  # work queued on the legacy stream before us is done
+        self._own_handle = int(self._gpu.own_stream())
+        self._stream = torch.cuda.ExternalStream(self._own_handle, device=self.device)
+        self._raw_stream = torch._C._cuda_getCurrentRawStream
+        torch.cuda.set_stream(self._stream)
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._err = torch.zeros(_ERR_WORDS, dtype=torch.int32, device=self.device)
+        self._err_ptr = self._err.data_ptr()
+        self._bandwidth: float | None = None
+        self._dtypes = {None: torch.float32, "float32": torch.float32, "int32": torch.int32,
+                        "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        self._codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+    @property
+    def device_name(self) -> str:
+        return self.torch.cuda.get_device_name(self.device)
+
+    # ---- streams and errors ----
+    def _s(self) -> int:
+        """Handle of torch's current stream, made a real stream first if it is the legacy one."""
+        h = self._raw_stream(self.index)
+        if h == 0:
+            self.torch.cuda.set_stream(self._stream)
+            h = self._own_handle
+        return h
+
+    @property
+    def stream(self):
+        """The torch stream the backend runs on by default (capture graphs on it or on any other)."""
+        return self._stream
+
+    def _check_errors(self) -> None:
+        flags = self._err.cpu()
+        if bool(flags.any()):
+            self._err.zero_()
+            msgs = [m for i, m in enumerate(_ERR_MESSAGES) if int(flags[i])]
+            raise ValueError("invalid input to a cuda kernel: " + "; ".join(msgs))
+
+    def synchronize(self) -> None:
+        self.torch.cuda.synchronize(self.device)
+        self._check_errors()
+
+    # ---- memory ----
+    def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
+        if dtype not in self._dtypes:
+            raise ValueError(f"unsupported dtype {dtype!r}: use float32, int32, int64 or bfloat16")
+        self._s()
+        torch = self.torch
+        want = self._dtypes[dtype]
+        if want == torch.bfloat16:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device).to(want)
+        np_dtype = {torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64,
+                    torch.float16: np.float16}[want]
+        return torch.from_numpy(np.array(a, dtype=np_dtype, copy=True, order="C")).to(self.device)
+
+    def to_numpy(self, t: Any) -> np.ndarray:
+        self._s()
+        host = t.detach()
+        if host.dtype in (self.torch.bfloat16, self.torch.float16):
+            host = host.float()
+        out = host.cpu().numpy()  # synchronises the stream
+        self._check_errors()
+        return out
+
+    def zeros(self, shape, dtype: str = "float32") -> Any:
+        if dtype not in self._dtypes or dtype is None:
+            raise ValueError(f"unsupported dtype {dtype!r}: use float32, int32, int64 or bfloat16")
+        self._s()
+        return self.torch.zeros(tuple(shape), dtype=self._dtypes[dtype], device=self.device)
+
+    def memory_bandwidth_gbs(self) -> float | None:
+        """Device-to-device copy of 512 MiB, bytes read + written per second (median of 5)."""
+        if self._bandwidth is None:
+            torch = self.torch
+            self._s()
+            src = torch.empty(1 << 27, dtype=torch.float32, device=self.device).uniform_()
+            dst = torch.empty_like(src)
+            times = []
+            for i in range(8):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                dst.copy_(src)
+                b.record()
+                b.synchronize()
+                if i >= 3:
+                    times.append(a.elapsed_time(b))
+            self._bandwidth = 2 * src.nbytes / (sorted(times)[len(times) // 2] * 1e-3) / 1e9
+        return self._bandwidth
+
+    # ---- weights ----
+    def prepare_linear(self, w: WeightTensor) -> Any:
+        if len(w.shape) != 2:
+            raise ValueError(f"weight {w.name} must be 2-D [out, in], got shape {w.shape}")
+        self._s()
+        torch = self.torch
+        if w.is_quantized:
+            qs, d, m = repack_gguf_blocks(w)
+            up = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+            return QuantWeight(w.qtype, up(qs), up(d), up(m) if m is not None else None, w.shape[0], w.shape[1])
+        if w.qtype == "BF16":
+            bits = np.ascontiguousarray(w.data, dtype=np.uint16).reshape(w.shape).view(np.int16)
+            return DenseWeight(torch.from_numpy(bits).to(self.device).view(torch.bfloat16))
+        if w.qtype == "F16":
+            return DenseWeight(torch.from_numpy(np.ascontiguousarray(w.data, dtype=np.float16).reshape(w.shape))
+                               .to(self.device))
+        return DenseWeight(torch.from_numpy(np.ascontiguousarray(w.data, dtype=np.float32).reshape(w.shape))
+                           .to(self.device))
+
+    def prepare_embedding(self, w: WeightTensor) -> Any:
+        return self.prepare_linear(w)
+
+    def prepare_linear_tensor(self, t) -> DenseWeight:
+        """A torch [N, K] float32/bfloat16/float16 tensor on this device used as is (no copy)."""
+        self._tensor("weight", t, ndim=2, dtypes=tuple(self._codes))
+        return DenseWeight(t)
+
+    # ---- validation helpers ----
+    def _tensor(self, name, t, ndim=None, dtypes=None, writable=False):
+        torch = self.torch
+        if not isinstance(t, torch.Tensor) or not t.is_cuda or t.get_device() != self.index:
+            raise ValueError(f"{name} must be a torch tensor on {self.device}, got {type(t).__name__}"
+                             + (f" on {t.device}" if isinstance(t, torch.Tensor) else ""))
+        if ndim is not None and t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise ValueError(f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, "
+                             f"got {str(t.dtype).replace('torch.', '')}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        return t
+
+    def _f32(self, name, t, ndim=None):
+        return self._tensor(name, t, ndim, (self.torch.float32,))
+
+    def _idx(self, name, t, dtype, length=None):
+        self._tensor(name, t, 1, (dtype,))
+        if length is not None and t.shape[0] != length:
+            raise ValueError(f"{name} must have {length} entries, got {t.shape[0]}")
+        return t
+
+    def _empty(self, shape, dtype=None):
+        return self.torch.empty(shape, dtype=dtype or self.torch.float32, device=self.device)
+
+    # ---- ops ----
+    def embedding(self, table, ids):
+        torch = self.torch
+        s = self._s()
+        self._idx("ids", ids, torch.int32)
+        T = ids.shape[0]
+        out = self._empty((T, table.k))
+        if T == 0:
+            return out
+        if isinstance(table, QuantWeight):
+            m = table.m if table.m is not None else table.d
+            self._k.embedding_quant(self._gpu, (s, table.code, table.qs.data_ptr(), table.d.data_ptr(), m.data_ptr(),
+                                                ids.data_ptr(), out.data_ptr(), self._err_ptr, T, table.n, table.k))
+        elif isinstance(table, DenseWeight):
+            self._k.embedding_dense(self._gpu, (s, self._codes[table.w.dtype], table.w.data_ptr(), ids.data_ptr(),
+                                                out.data_ptr(), self._err_ptr, T, table.n, table.k))
+        else:
+            raise ValueError("embedding table must come from prepare_embedding")
+        return out
+
+    def linear(self, x, w, bias=None):
+        torch = self.torch
+        s = self._s()
+        self._f32("x", x, 2)
+        if not isinstance(w, (DenseWeight, QuantWeight)):
+            raise ValueError("linear weight must come from prepare_linear")
+        T, K = x.shape
+        if K != w.k:
+            raise ValueError(f"x has {K} features but the weight expects {w.k}")
+        N = w.n
+        if bias is not None:
+            self._f32("bias", bias, 1)
+            if bias.shape[0] != N:
+                raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
+        y = self._empty((T, N))
+        if T == 0:
+            return y
+        has_bias = int(bias is not None)
+        bptr = bias.data_ptr() if bias is not None else y.data_ptr()  # never read without has_bias
+        if isinstance(w, QuantWeight):
+            m = (w.m if w.m is not None else w.d).data_ptr()
+            if T <= _QGEMV_MAX_TOKENS:
+                self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), w.qs.data_ptr(),
+                                               w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K))
+            else:
+                dense = self._empty((N, K))
+                self._k.dequant(self._gpu, (s, w.code, 0, w.qs.data_ptr(), w.d.data_ptr(), m, dense.data_ptr(), N, K))
+                self._k.gemm_simt(self._gpu, (s, 0, x.data_ptr(), dense.data_ptr(), bptr, y.data_ptr(),
+                                              has_bias, T, N, K))
+            return y
+        wt = w.w
+        code = self._codes[wt.dtype]
+        if T <= _GEMV_MAX_TOKENS:
+            vw = 16 // wt.element_size()
+            vec = int(K % vw == 0 and x.data_ptr() % 16 == 0 and wt.data_ptr() % 16 == 0)
+            self._k.gemv_dense(self._gpu, (s, code, 1 if T == 1 else 8, vec, x.data_ptr(), wt.data_ptr(), bptr,
+                                           y.data_ptr(), has_bias, T, N, K))
+        elif code != 0 and self.nvidia and K % 8 == 0 and wt.data_ptr() % 16 == 0:
+            a16 = self._empty((T, K), wt.dtype)
+            self._k.convert(self._gpu, (s, 0, code, x.data_ptr(), a16.data_ptr(), T * K))
+            self._k.gemm_mma(self._gpu, (s, code, 0, a16.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(),
+                                         has_bias, T, N, K))
+        else:
+            self._k.gemm_simt(self._gpu, (s, code, x.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(), has_bias, T, N, K))
+        return y
+
+    def matmul_16bit(self, a, w: DenseWeight, out_dtype=None):
+        """C = A @ W.T on tensor cores with A, W both bfloat16 (or both float16): the GEMM of
+        `linear` without its float32 activations, for benchmarks. Output float32 or A's dtype."""
+        s = self._s()
+        torch = self.torch
+        self._tensor("a", a, 2, (torch.bfloat16, torch.float16))
+        if w.w.dtype != a.dtype:
+            raise ValueError("a and the weight must have the same 16-bit dtype")
+        M, K = a.shape
+        if K != w.k or K % 8 or not self.nvidia:
+            raise ValueError("matmul_16bit needs K == weight's K, K % 8 == 0 and an NVIDIA GPU")
+        out_dtype = out_dtype or torch.float32
+        c = self._empty((M, w.n), out_dtype)
+        self._k.gemm_mma(self._gpu, (s, self._codes[a.dtype], 0 if out_dtype == torch.float32 else 1, a.data_ptr(),
+                                     w.w.data_ptr(), c.data_ptr(), c.data_ptr(), 0, M, w.n, K))
+        return c
+
+    def rms_norm(self, x, weight, eps):
+        s = self._s()
+        self._f32("x", x, 2)
+        self._f32("weight", weight, 1)
+        T, K = x.shape
+        if weight.shape[0] != K:
+            raise ValueError(f"weight has {weight.shape[0]} entries but x has {K} features")
+        out = self._empty((T, K))
+        if T:
+            self._k.rms_norm(self._gpu, (s, x.data_ptr(), weight.data_ptr(), out.data_ptr(), T, K, float(eps)))
+        return out
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        s = self._s()
+        self._f32("x", x, 2)
+        self._f32("residual", residual, 2)
+        self._f32("weight", weight, 1)
+        if x.shape != residual.shape:
+            raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have the same shape")
+        T, K = x.shape
+        if weight.shape[0] != K:
+            raise ValueError(f"weight has {weight.shape[0]} entries but x has {K} features")
+        out = self._empty((T, K))
+        if T:
+            self._k.add_rms_norm(self._gpu, (s, x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                             T, K, float(eps)))
+        return out, residual
+
+    def add(self, a, b):
+        s = self._s()
+        self._f32("a", a)
+        self._f32("b", b)
+        if b.shape != a.shape and not (b.dim() == 1 and a.dim() >= 1 and b.shape[0] == a.shape[-1]):
+            raise ValueError(f"b {tuple(b.shape)} must match a {tuple(a.shape)} or be one row of a's last dimension")
+        out = self._empty(tuple(a.shape))
+        n = a.numel()
+        if n:
+            self._k.add(self._gpu, (s, a.data_ptr(), b.data_ptr(), out.data_ptr(), n, b.numel()))
+        return out
+
+    def rope(self, x, positions, cos_sin, neox):
+        torch = self.torch
+        s = self._s()
+        self._f32("x", x, 3)
+        self._f32("cos_sin", cos_sin, 2)
+        T, H, D = x.shape
+        self._idx("positions", positions, torch.int32, T)
+        P, R = cos_sin.shape
+        if R < 2 or R % 2 or R > D:
+            raise ValueError(f"cos_sin's rotary width {R} must be even, >= 2 and <= head_dim {D}")
+        if T and H:
+            self._k.rope(self._gpu, (s, int(bool(neox)), x.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(),
+                                     self._err_ptr, T, H, D, R, P))
+        return x
+
+    def silu_mul(self, gate_up):
+        s = self._s()
+        self._f32("gate_up", gate_up, 2)
+        T, F2 = gate_up.shape
+        if F2 % 2:
+            raise ValueError(f"gate_up's last dimension {F2} must be even (gate and up halves)")
+        out = self._empty((T, F2 // 2))
+        if T and F2:
+            self._k.silu_mul(self._gpu, (s, gate_up.data_ptr(), out.data_ptr(), T, F2 // 2))
+        return out
+
+    def _cache_pair(self, k_cache, v_cache):
+        torch = self.torch
+        self._tensor("k_cache", k_cache, 4, (torch.float32, torch.bfloat16))
+        self._tensor("v_cache", v_cache, 4, (k_cache.dtype,))
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+        return tuple(int(d) for d in k_cache.shape)
+
+    def store_kv(self, k_cache, v_cache, k, v, slot_mapping):
+        torch = self.torch
+        s = self._s()
+        NB, B, KVH, D = self._cache_pair(k_cache, v_cache)
+        kdtypes = (torch.float32,) if k_cache.dtype == torch.float32 else (torch.float32, torch.bfloat16)
+        self._tensor("k", k, 3, kdtypes)
+        self._tensor("v", v, 3, (k.dtype,))
+        if k.shape != v.shape or tuple(k.shape[1:]) != (KVH, D):
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [T, {KVH}, {D}]")
+        T = k.shape[0]
+        self._idx("slot_mapping", slot_mapping, torch.int64, T)
+        if T:
+            kcode = self._codes[k.dtype]
+            ccode = self._codes[k_cache.dtype]
+            self._k.store_kv(self._gpu, (s, kcode, ccode, k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(),
+                                         v.data_ptr(), slot_mapping.data_ptr(), self._err_ptr, T, KVH * D, NB * B))
+
+    def _attn_common(self, q, k_cache, v_cache, block_tables, nseq_name, nseq):
+        torch = self.torch
+        NB, B, KVH, D = self._cache_pair(k_cache, v_cache)
+        qdtypes = (torch.float32,) if k_cache.dtype == torch.float32 else (torch.float32, torch.bfloat16)
+        self._tensor("q", q, 3, qdtypes)
+        if q.shape[2] != D:
+            raise ValueError(f"q's head dim {q.shape[2]} differs from the cache's {D}")
+        H = q.shape[1]
+        if H % KVH:
+            raise ValueError(f"query heads {H} must be a multiple of kv heads {KVH}")
+        self._tensor("block_tables", block_tables, 2, (torch.int32,))
+        if block_tables.shape[0] != nseq:
+            raise ValueError(f"block_tables has {block_tables.shape[0]} rows but {nseq_name} describes {nseq} sequences")
+        pair = 0 if k_cache.dtype == torch.float32 else (1 if q.dtype == torch.float32 else 2)
+        if q.data_ptr() % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
+            raise ValueError("q and the caches must be 16-byte aligned")
+        return NB, B, KVH, D, H, pair
+
+    def attention_prefill(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+        torch = self.torch
+        s = self._s()
+        self._tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
+        S = cu_seqlens_q.shape[0] - 1
+        if S < 0:
+            raise ValueError("cu_seqlens_q needs at least one entry")
+        self._idx("context_lens", context_lens, torch.int32, S)
+        NB, B, KVH, D, H, pair = self._attn_common(q, k_cache, v_cache, block_tables, "cu_seqlens_q", S)
+        T = q.shape[0]
+        G = H // KVH
+        out = self._empty(tuple(q.shape), q.dtype)
+        if T == 0 or S == 0:
+            return out
+        use_mma = self.nvidia and pair != 0 and D in _MMA_HEAD_DIMS and G <= 64
+        if not use_mma:
+            if D not in _SIMT_HEAD_DIMS:
+                raise ValueError(f"head_dim {D} is not supported by the cuda attention kernels "
+                                 f"(supported: {', '.join(map(str, _SIMT_HEAD_DIMS))})")
+            if G > 32:
+                raise ValueError(f"{G} query heads per kv head exceed the supported 32")
+        rows = 64 if use_mma else 32
+        per_tile = rows // G
+        grid_x = -(-T // per_tile) + S  # >= sum over sequences of their query tiles
+        self._k.attention_prefill(self._gpu, (
+            s, int(use_mma), pair, D, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+            block_tables.data_ptr(), cu_seqlens_q.data_ptr(), context_lens.data_ptr(), self._err_ptr,
+            S, T, H, KVH, block_tables.shape[1], B, NB, float(scale), grid_x))
+        return out
+
+    def decode_splits(self, num_seqs: int, kv_heads: int, max_context: int) -> tuple[int, int]:
+        """(splits, keys per split) of the split-K decode: enough blocks to fill the GPU twice,
+        at least 256 keys per split, split boundaries on 32-key tiles."""
+        base = max(1, num_seqs * kv_heads)
+        want = 1 if base >= 2 * self.num_sms else math.ceil(2 * self.num_sms / base)
+        splits = max(1, min(want, math.ceil(max_context / 256)))
+        chunk = max(32, math.ceil(math.ceil(max_context / splits) / 32) * 32)
+        return max(1, math.ceil(max_context / chunk)), chunk
+
+    def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
+        torch = self.torch
+        s = self._s()
+        self._idx("context_lens", context_lens, torch.int32)
+        S = context_lens.shape[0]
+        NB, B, KVH, D, H, pair = self._attn_common(q, k_cache, v_cache, block_tables, "context_lens", S)
+        if q.shape[0] != S:
+            raise ValueError(f"q has {q.shape[0]} rows but context_lens describes {S} sequences")
+        if D not in _SIMT_HEAD_DIMS:
+            raise ValueError(f"head_dim {D} is not supported by the cuda attention kernels "
+                             f"(supported: {', '.join(map(str, _SIMT_HEAD_DIMS))})")
+        G = H // KVH
+        if G > 16:
+            raise ValueError(f"{G} query heads per kv head exceed the supported 16")
+        out = self._empty(tuple(q.shape), q.dtype)
+        if S == 0:
+            return out
+        M = block_tables.shape[1]
+        splits, chunk = self.decode_splits(S, KVH, M * B)
+        if splits > 1:
+            part_o = self._empty((S * H * splits * D,))
+            part_lse = self._empty((S * H * splits,))
+            po, pl = part_o.data_ptr(), part_lse.data_ptr()
+        else:
+            po = pl = out.data_ptr()  # unused with one split
+        self._k.attention_decode(self._gpu, (
+            s, pair, D, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), po, pl,
+            block_tables.data_ptr(), context_lens.data_ptr(), self._err_ptr, S, H, KVH, M, B, NB, splits, chunk,
+            float(scale)))
+        if splits > 1:
+            self._k.attention_combine(self._gpu, (s, 0 if q.dtype == torch.float32 else 1, po, pl, out.data_ptr(),
+                                                  S * H, splits, D))
+        return out

@@ -1,0 +1,72 @@
+# Shared helpers of the GPU kernels: pointer aliases, vector loads, block reductions, error flags.
+#
+# Every kernel takes raw device addresses (torch tensors' data_ptr()) as typed pointers and
+# fixed-width scalars (Int64 / Float32): kernel arguments cross to the device by value, so their
+# widths must not depend on the host.
+
+from std.memory import stack_allocation
+from std.sys import size_of
+from max.gpu import thread_idx, lane_id, WARP_SIZE
+from max.gpu.sync import barrier
+from max.gpu.primitives import warp
+from max.gpu.memory import AddressSpace
+
+comptime Ptr[dt: DType] = Pointer[Scalar[dt], MutAnyOrigin]
+comptime SharedPtr[dt: DType] = Pointer[Scalar[dt], MutUntrackedOrigin, address_space=AddressSpace.SHARED]
+comptime F32P = Ptr[DType.float32]
+comptime I32P = Ptr[DType.int32]
+comptime I64P = Ptr[DType.int64]
+comptime U8P = Ptr[DType.uint8]
+comptime I8P = Ptr[DType.int8]
+comptime F16P = Ptr[DType.float16]
+
+# Data-dependent indices (token ids, slots, block ids, positions, context lengths) live on the
+# device, so the host cannot check them without a synchronisation. Kernels check them instead:
+# an out-of-range index is skipped (its output is written as zeros) and its kind is flagged in
+# the error words below, which the Python side reads at its next synchronisation point and turns
+# into a ValueError. One int32 word per kind; racing stores of the same value 1 are benign.
+comptime ERR_TOKEN = 0
+comptime ERR_SLOT = 1
+comptime ERR_BLOCK = 2
+comptime ERR_POSITION = 3
+comptime ERR_CONTEXT = 4
+comptime ERR_WORDS = 8
+
+# Quantized block formats (GGUF), 32 weights per block, repacked on the device into
+# qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16.
+comptime Q4_0 = 0
+comptime Q4_1 = 1
+comptime Q8_0 = 2
+
+
+@always_inline
+def flag(err: I32P, kind: Int):
+    err[unsafe_offset=kind] = 1
+
+
+@always_inline
+def vload[W: Int, dt: DType](p: Ptr[dt], off: Int) -> SIMD[dt, W]:
+    """W contiguous elements at p[off], as one aligned vector load (the caller guarantees alignment)."""
+    comptime A = W * size_of[dt]() if W * size_of[dt]() <= 16 else 16
+    return p.unsafe_load[width=W, alignment=A](off)
+
+
+@always_inline
+def vstore[W: Int, dt: DType](p: Ptr[dt], off: Int, v: SIMD[dt, W]):
+    comptime A = W * size_of[dt]() if W * size_of[dt]() <= 16 else 16
+    p.unsafe_store[alignment=A](off, v)
+
+
+@always_inline
+def block_sum[BLOCK: Int](v: Float32) -> Float32:
+    """Sum of v over the whole block (BLOCK threads, a multiple of the warp size); all threads get it."""
+    comptime NW = BLOCK // WARP_SIZE
+    var partial = stack_allocation[NW, Float32, address_space=AddressSpace.SHARED]()
+    var w = warp.sum(v)
+    if lane_id() == 0:
+        partial[unsafe_offset=thread_idx.x // WARP_SIZE] = w
+    barrier()
+    var total: Float32 = 0
+    comptime for i in range(NW):
+        total += partial[unsafe_offset=i]
+    return total

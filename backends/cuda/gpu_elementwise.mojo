@@ -1,0 +1,183 @@
+# Row-wise and element-wise kernels: embedding, RMSNorm (+ fused residual add), add, RoPE,
+# SiLU-and-mul, KV-cache store. All memory-bound; one block per row where a row needs a reduction.
+
+from std.math import rsqrt, exp
+from std.memory import bitcast
+from max.gpu import thread_idx, block_idx, block_dim, global_idx
+
+from gpu_common import (
+    Ptr, F32P, I32P, I64P, U8P, I8P, F16P, flag, block_sum,
+    ERR_TOKEN, ERR_SLOT, ERR_POSITION, Q4_0, Q4_1, Q8_0,
+)
+
+comptime ROW_BLOCK = 256
+
+
+# ---- embedding: out[t, :] = table[ids[t], :] --------------------------------------------------
+def embedding_dense_kernel[dt: DType](
+    table: Ptr[dt], ids: I32P, dst: F32P, err: I32P, V: Int64, Hd: Int64
+):
+    var t = block_idx.x
+    var hd = Int(Hd)
+    var id = Int(ids[unsafe_offset=t])
+    var row0 = t * hd
+    if id < 0 or id >= Int(V):
+        if thread_idx.x == 0:
+            flag(err, ERR_TOKEN)
+        for j in range(thread_idx.x, hd, block_dim.x):
+            dst[unsafe_offset=row0 + j] = 0
+        return
+    var src = id * hd
+    for j in range(thread_idx.x, hd, block_dim.x):
+        dst[unsafe_offset=row0 + j] = table[unsafe_offset=src + j].cast[DType.float32]()
+
+
+@always_inline
+def dequant_one[QT: Int](qs: U8P, d: F16P, m: F16P, row: Int, nb: Int, j: Int) -> Float32:
+    """Weight j of `row` in the repacked GGUF layout (see gpu_common)."""
+    var b = j // 32
+    var r = j % 32
+    var blk = row * nb + b
+    var scale = d[unsafe_offset=blk].cast[DType.float32]()
+    comptime if QT == Q8_0:
+        var q = bitcast[DType.int8, 1](qs[unsafe_offset=blk * 32 + r])
+        return Float32(q) * scale
+    else:
+        var byte = qs[unsafe_offset=blk * 16 + (r % 16)]
+        var nib = byte & 15 if r < 16 else byte >> 4
+        comptime if QT == Q4_0:
+            return (Float32(nib) - 8.0) * scale
+        else:
+            return Float32(nib) * scale + m[unsafe_offset=blk].cast[DType.float32]()
+
+
+def embedding_quant_kernel[QT: Int](
+    qs: U8P, d: F16P, m: F16P, ids: I32P, dst: F32P, err: I32P, V: Int64, Hd: Int64
+):
+    var t = block_idx.x
+    var hd = Int(Hd)
+    var id = Int(ids[unsafe_offset=t])
+    var row0 = t * hd
+    if id < 0 or id >= Int(V):
+        if thread_idx.x == 0:
+            flag(err, ERR_TOKEN)
+        for j in range(thread_idx.x, hd, block_dim.x):
+            dst[unsafe_offset=row0 + j] = 0
+        return
+    var nb = hd // 32
+    for j in range(thread_idx.x, hd, block_dim.x):
+        dst[unsafe_offset=row0 + j] = dequant_one[QT](qs, d, m, id, nb, j)
+
+
+def dequant_kernel[QT: Int, odt: DType](qs: U8P, d: F16P, m: F16P, dst: Ptr[odt], N: Int64, K: Int64):
+    """Whole quantized matrix -> dense [N, K] (used before a GEMM when many tokens share the weights)."""
+    var i = global_idx.x
+    var k = Int(K)
+    if i >= Int(N) * k:
+        return
+    dst[unsafe_offset=i] = dequant_one[QT](qs, d, m, i // k, k // 32, i % k).cast[odt]()
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+def rms_norm_kernel(x: F32P, w: F32P, dst: F32P, K: Int64, eps: Float32):
+    var kk = Int(K)
+    var base = block_idx.x * kk
+    var ss: Float32 = 0
+    for j in range(thread_idx.x, kk, ROW_BLOCK):
+        var v = x[unsafe_offset=base + j]
+        ss += v * v
+    var inv = rsqrt(block_sum[ROW_BLOCK](ss) / Float32(kk) + eps)
+    for j in range(thread_idx.x, kk, ROW_BLOCK):
+        dst[unsafe_offset=base + j] = x[unsafe_offset=base + j] * inv * w[unsafe_offset=j]
+
+
+def add_rms_norm_kernel(x: F32P, res: F32P, w: F32P, dst: F32P, K: Int64, eps: Float32):
+    """res += x (in place), out = rms_norm(res) * w: one pass instead of two kernels."""
+    var kk = Int(K)
+    var base = block_idx.x * kk
+    var ss: Float32 = 0
+    for j in range(thread_idx.x, kk, ROW_BLOCK):
+        var v = res[unsafe_offset=base + j] + x[unsafe_offset=base + j]
+        res[unsafe_offset=base + j] = v
+        ss += v * v
+    var inv = rsqrt(block_sum[ROW_BLOCK](ss) / Float32(kk) + eps)
+    # Each thread re-reads only the elements it wrote itself: no barrier needed.
+    for j in range(thread_idx.x, kk, ROW_BLOCK):
+        dst[unsafe_offset=base + j] = res[unsafe_offset=base + j] * inv * w[unsafe_offset=j]
+
+
+# ---- add: out = a + b, b either the same shape or one row broadcast over rows ------------------
+def add_kernel(a: F32P, b: F32P, dst: F32P, n: Int64, bn: Int64):
+    var i = global_idx.x
+    if i < Int(n):
+        dst[unsafe_offset=i] = a[unsafe_offset=i] + b[unsafe_offset=i % Int(bn)]
+
+
+# ---- RoPE, in place on x[T, H, D]; cos_sin[P, R] = [cos(p f_i) | sin(p f_i)], i < R/2 ---------
+def rope_kernel[NEOX: Bool](
+    x: F32P, pos: I32P, cs: F32P, err: I32P, H: Int64, D: Int64, R: Int64, P: Int64
+):
+    var th = block_idx.x  # token * H + head
+    var t = th // Int(H)
+    var p = Int(pos[unsafe_offset=t])
+    if p < 0 or p >= Int(P):
+        if thread_idx.x == 0:
+            flag(err, ERR_POSITION)
+        return
+    var r = Int(R)
+    var half = r // 2
+    var base = th * Int(D)
+    var row = p * r
+    for i in range(thread_idx.x, half, block_dim.x):
+        var c = cs[unsafe_offset=row + i]
+        var s = cs[unsafe_offset=row + half + i]
+        var i1: Int
+        var i2: Int
+        comptime if NEOX:  # HF rotate_half: feature i pairs with i + R/2
+            i1 = i
+            i2 = i + half
+        else:  # GPT-J / llama.cpp: feature 2i pairs with 2i + 1
+            i1 = 2 * i
+            i2 = 2 * i + 1
+        var x1 = x[unsafe_offset=base + i1]
+        var x2 = x[unsafe_offset=base + i2]
+        x[unsafe_offset=base + i1] = x1 * c - x2 * s
+        x[unsafe_offset=base + i2] = x2 * c + x1 * s
+
+
+# ---- SiLU(gate) * up over gate_up[T, 2F] -> [T, F] ---------------------------------------------
+def silu_mul_kernel(gu: F32P, dst: F32P, T: Int64, F: Int64):
+    var i = global_idx.x
+    var f = Int(F)
+    if i >= Int(T) * f:
+        return
+    var t = i // f
+    var j = i % f
+    var g = gu[unsafe_offset=t * 2 * f + j]
+    var u = gu[unsafe_offset=t * 2 * f + f + j]
+    dst[unsafe_offset=i] = g / (1.0 + exp(-g)) * u
+
+
+# ---- KV-cache store: cache[slot[t]] = k[t] (and v); slot < 0 marks a padding token -------------
+def store_kv_kernel[kdt: DType, cdt: DType](
+    kc: Ptr[cdt], vc: Ptr[cdt], k: Ptr[kdt], v: Ptr[kdt], slots: I64P, err: I32P,
+    E: Int64, num_slots: Int64,
+):
+    var t = block_idx.x
+    var e = Int(E)
+    var slot = Int(slots[unsafe_offset=t])
+    if slot < 0:
+        return
+    if slot >= Int(num_slots):
+        if thread_idx.x == 0:
+            flag(err, ERR_SLOT)
+        return
+    for j in range(thread_idx.x, e, block_dim.x):
+        kc[unsafe_offset=slot * e + j] = k[unsafe_offset=t * e + j].cast[cdt]()
+        vc[unsafe_offset=slot * e + j] = v[unsafe_offset=t * e + j].cast[cdt]()
+
+
+def convert_kernel[sdt: DType, ddt: DType](src: Ptr[sdt], dst: Ptr[ddt], n: Int64):
+    var i = global_idx.x
+    if i < Int(n):
+        dst[unsafe_offset=i] = src[unsafe_offset=i].cast[ddt]()

@@ -1,0 +1,557 @@
+# The cuda backend's kernel module: Python entry points that launch the kernels of
+# gpu_elementwise / gpu_linear / gpu_attention on memory owned by torch.
+#
+# Interop (verified on an H100, torch 2.11):
+#   * memory: torch tensors are passed as data_ptr() integers and wrapped as typed device pointers,
+#     no copies. Mojo's DeviceContext binds the device's primary CUDA context, the one torch uses,
+#     so the addresses are valid as they are.
+#   * one GpuState (one DeviceContext) per process: creating a context costs milliseconds.
+#   * streams: every launch goes to the CUDA stream whose handle the caller passes (torch's current
+#     stream), wrapped once as an external DeviceStream and cached. So Mojo kernels and torch ops
+#     are ordered on one stream, and torch.cuda.graph captures Mojo launches like its own. The
+#     legacy default stream (handle 0) cannot be wrapped; the Python side therefore makes torch's
+#     current stream a real stream before it calls in.
+#
+# Arguments arrive as one Python tuple of ints/floats per call (stream, addresses, sizes, ...);
+# the Python wrapper has validated shapes, dtypes, alignment and bounds before calling.
+
+from std.os import abort
+from std.collections import Dict
+from std.python import PythonObject, Python
+from std.python.bindings import PythonModuleBuilder
+from std.sys.info import _accelerator_arch
+from std.math import ceildiv
+from max.gpu.host import DeviceContext, DeviceStream, FuncAttribute
+from max.gpu.host._nvidia_cuda import CUDA
+
+from gpu_common import Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0
+from gpu_elementwise import (
+    ROW_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
+    add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
+)
+from gpu_linear import (
+    GEMV_WARPS, gemv_dense_kernel, gemv_quant_kernel, gemm_simt_kernel, gemm_mma_kernel,
+    SG_BM, SG_BN, MG_BM, MG_BN, MG_THREADS, MG_SMEM_BYTES,
+)
+from gpu_attention import (
+    attn_prefill_simt_kernel, attn_prefill_mma_kernel, attn_decode_kernel, attn_combine_kernel,
+    decode_smem_bytes, SP_THREADS, FA_THREADS, DEC_THREADS,
+)
+
+# Tensor-core kernels (mma.sync, ldmatrix) exist for NVIDIA targets only; elsewhere the SIMT
+# kernels serve every dtype and these entry points refuse.
+comptime NVIDIA_TARGET = _accelerator_arch().startswith("sm_") or "nvidia" in _accelerator_arch()
+
+comptime F32 = DType.float32
+comptime BF16 = DType.bfloat16
+comptime F16 = DType.float16
+
+
+struct GpuState(Defaultable, Movable, Writable):
+    var ctx: DeviceContext
+    var streams: Dict[Int, DeviceStream]
+
+    def __init__(out self):
+        try:
+            self.ctx = DeviceContext()
+        except e:
+            abort(String("mojollm cuda: cannot create a DeviceContext: ", e))
+        self.streams = Dict[Int, DeviceStream]()
+
+    def write_to(self, mut writer: Some[Writer]):
+        writer.write("GpuState")
+
+    def write_repr_to(self, mut writer: Some[Writer]):
+        writer.write("GpuState()")
+
+    def stream(mut self, handle: Int) raises -> DeviceStream:
+        if handle == 0:
+            raise Error("the legacy default CUDA stream cannot carry Mojo launches; use a real stream")
+        if handle not in self.streams:
+            self.streams[handle] = self.ctx.create_external_stream(
+                OpaquePointer[MutAnyOrigin](unsafe_from_address=handle)
+            )
+        return self.streams[handle]
+
+    @staticmethod
+    def own_stream(self_ptr: Pointer[Self, MutAnyOrigin]) raises -> PythonObject:
+        """Handle of the context's own (non-blocking) stream: the stream torch adopts."""
+        return PythonObject(Int(CUDA(self_ptr[].ctx.stream()).value()))
+
+    @staticmethod
+    def context_handle(self_ptr: Pointer[Self, MutAnyOrigin]) raises -> PythonObject:
+        return PythonObject(Int(CUDA(self_ptr[].ctx).value()))
+
+
+comptime GpuPtr = Pointer[GpuState, MutAnyOrigin]
+
+
+@always_inline
+def _i(a: PythonObject, i: Int) raises -> Int:
+    return Int(py=a[i])
+
+
+@always_inline
+def _n(a: PythonObject, i: Int) raises -> Int64:
+    return Int64(Int(py=a[i]))
+
+
+@always_inline
+def _f(a: PythonObject, i: Int) raises -> Float32:
+    return Float32(Float64(py=a[i]))
+
+
+@always_inline
+def _p[dt: DType](a: PythonObject, i: Int) raises -> Ptr[dt]:
+    return Ptr[dt](unsafe_from_address=Int(py=a[i]))
+
+
+@always_inline
+def _state(gpu: PythonObject) raises -> GpuPtr:
+    return gpu.downcast_value_ptr[GpuState]()
+
+
+# ---- element-wise ops ----------------------------------------------------------------------------
+def _embedding_dense[dt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, code, table, ids, out, err, T, V, Hd)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[embedding_dense_kernel[dt]]()
+    st.enqueue_function(f, _p[dt](a, 2), _p[DType.int32](a, 3), _p[F32](a, 4), _p[DType.int32](a, 5),
+                        _n(a, 7), _n(a, 8), grid_dim=_i(a, 6), block_dim=ROW_BLOCK)
+
+
+def op_embedding_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var code = _i(a, 1)
+    if code == 0:
+        _embedding_dense[F32](g, a)
+    elif code == 1:
+        _embedding_dense[BF16](g, a)
+    else:
+        _embedding_dense[F16](g, a)
+    return PythonObject(None)
+
+
+def _embedding_quant[QT: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, qs, d, m, ids, out, err, T, V, Hd)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[embedding_quant_kernel[QT]]()
+    st.enqueue_function(f, _p[DType.uint8](a, 2), _p[F16](a, 3), _p[F16](a, 4), _p[DType.int32](a, 5),
+                        _p[F32](a, 6), _p[DType.int32](a, 7), _n(a, 9), _n(a, 10),
+                        grid_dim=_i(a, 8), block_dim=ROW_BLOCK)
+
+
+def op_embedding_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var qt = _i(a, 1)
+    if qt == Q4_0:
+        _embedding_quant[Q4_0](g, a)
+    elif qt == Q4_1:
+        _embedding_quant[Q4_1](g, a)
+    else:
+        _embedding_quant[Q8_0](g, a)
+    return PythonObject(None)
+
+
+def _dequant[QT: Int, odt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, odt, qs, d, m, out, N, K)
+    var st = g[].stream(_i(a, 0))
+    var total = _i(a, 7) * _i(a, 8)
+    var f = g[].ctx.compile_function[dequant_kernel[QT, odt]]()
+    st.enqueue_function(f, _p[DType.uint8](a, 3), _p[F16](a, 4), _p[F16](a, 5), _p[odt](a, 6),
+                        _n(a, 7), _n(a, 8), grid_dim=ceildiv(total, 256), block_dim=256)
+
+
+def _dequant_q[QT: Int](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 2) == 0:
+        _dequant[QT, F32](g, a)
+    else:
+        _dequant[QT, BF16](g, a)
+
+
+def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var qt = _i(a, 1)
+    if qt == Q4_0:
+        _dequant_q[Q4_0](g, a)
+    elif qt == Q4_1:
+        _dequant_q[Q4_1](g, a)
+    else:
+        _dequant_q[Q8_0](g, a)
+    return PythonObject(None)
+
+
+def op_rms_norm(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    # (stream, x, w, out, T, K, eps)
+    var g = _state(gpu)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[rms_norm_kernel]()
+    st.enqueue_function(f, _p[F32](a, 1), _p[F32](a, 2), _p[F32](a, 3), _n(a, 5), _f(a, 6),
+                        grid_dim=_i(a, 4), block_dim=ROW_BLOCK)
+    return PythonObject(None)
+
+
+def op_add_rms_norm(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    # (stream, x, res, w, out, T, K, eps)
+    var g = _state(gpu)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[add_rms_norm_kernel]()
+    st.enqueue_function(f, _p[F32](a, 1), _p[F32](a, 2), _p[F32](a, 3), _p[F32](a, 4), _n(a, 6), _f(a, 7),
+                        grid_dim=_i(a, 5), block_dim=ROW_BLOCK)
+    return PythonObject(None)
+
+
+def op_add(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    # (stream, a, b, out, n, bn)
+    var g = _state(gpu)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[add_kernel]()
+    st.enqueue_function(f, _p[F32](a, 1), _p[F32](a, 2), _p[F32](a, 3), _n(a, 4), _n(a, 5),
+                        grid_dim=ceildiv(_i(a, 4), 256), block_dim=256)
+    return PythonObject(None)
+
+
+def _rope[NEOX: Bool](g: GpuPtr, a: PythonObject) raises:
+    # (stream, neox, x, pos, cs, err, T, H, D, R, P)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[rope_kernel[NEOX]]()
+    var half = _i(a, 9) // 2
+    st.enqueue_function(f, _p[F32](a, 2), _p[DType.int32](a, 3), _p[F32](a, 4), _p[DType.int32](a, 5),
+                        _n(a, 7), _n(a, 8), _n(a, 9), _n(a, 10),
+                        grid_dim=_i(a, 6) * _i(a, 7), block_dim=min(128, ceildiv(half, 32) * 32))
+
+
+def op_rope(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    if _i(a, 1) != 0:
+        _rope[True](g, a)
+    else:
+        _rope[False](g, a)
+    return PythonObject(None)
+
+
+def op_silu_mul(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    # (stream, gu, out, T, F)
+    var g = _state(gpu)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[silu_mul_kernel]()
+    st.enqueue_function(f, _p[F32](a, 1), _p[F32](a, 2), _n(a, 3), _n(a, 4),
+                        grid_dim=ceildiv(_i(a, 3) * _i(a, 4), 256), block_dim=256)
+    return PythonObject(None)
+
+
+def _store_kv[kdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, kcode, ccode, kc, vc, k, v, slots, err, T, E, num_slots)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[store_kv_kernel[kdt, cdt]]()
+    st.enqueue_function(f, _p[cdt](a, 3), _p[cdt](a, 4), _p[kdt](a, 5), _p[kdt](a, 6), _p[DType.int64](a, 7),
+                        _p[DType.int32](a, 8), _n(a, 10), _n(a, 11), grid_dim=_i(a, 9), block_dim=128)
+
+
+def op_store_kv(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var kcode = _i(a, 1)
+    var ccode = _i(a, 2)
+    if kcode == 0 and ccode == 0:
+        _store_kv[F32, F32](g, a)
+    elif kcode == 0:
+        _store_kv[F32, BF16](g, a)
+    else:
+        _store_kv[BF16, BF16](g, a)
+    return PythonObject(None)
+
+
+def _convert[sdt: DType, ddt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, scode, dcode, src, dst, n)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[convert_kernel[sdt, ddt]]()
+    st.enqueue_function(f, _p[sdt](a, 3), _p[ddt](a, 4), _n(a, 5), grid_dim=ceildiv(_i(a, 5), 256), block_dim=256)
+
+
+def op_convert(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var scode = _i(a, 1)
+    var dcode = _i(a, 2)
+    if scode == 0 and dcode == 1:
+        _convert[F32, BF16](g, a)
+    elif scode == 0 and dcode == 2:
+        _convert[F32, F16](g, a)
+    else:
+        _convert[BF16, F32](g, a)
+    return PythonObject(None)
+
+
+# ---- linear ----------------------------------------------------------------------------------------
+def _gemv_dense[wdt: DType, NT: Int, VEC: Bool](g: GpuPtr, a: PythonObject) raises:
+    # (stream, wcode, nt, vec, x, w, bias, y, has_bias, T, N, K)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[gemv_dense_kernel[wdt, NT, VEC]]()
+    st.enqueue_function(f, _p[F32](a, 4), _p[wdt](a, 5), _p[F32](a, 6), _p[F32](a, 7), _n(a, 8), _n(a, 9),
+                        _n(a, 10), _n(a, 11), grid_dim=(ceildiv(_i(a, 10), GEMV_WARPS), ceildiv(_i(a, 9), NT)),
+                        block_dim=GEMV_WARPS * 32)
+
+
+def _gemv_dense_nt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
+    var nt = _i(a, 2)
+    var vec = _i(a, 3) != 0
+    if nt == 1:
+        if vec:
+            _gemv_dense[wdt, 1, True](g, a)
+        else:
+            _gemv_dense[wdt, 1, False](g, a)
+    else:
+        if vec:
+            _gemv_dense[wdt, 8, True](g, a)
+        else:
+            _gemv_dense[wdt, 8, False](g, a)
+
+
+def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var code = _i(a, 1)
+    if code == 0:
+        _gemv_dense_nt[F32](g, a)
+    elif code == 1:
+        _gemv_dense_nt[BF16](g, a)
+    else:
+        _gemv_dense_nt[F16](g, a)
+    return PythonObject(None)
+
+
+def _gemv_quant[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT]]()
+    st.enqueue_function(f, _p[F32](a, 3), _p[DType.uint8](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[F32](a, 7),
+                        _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12),
+                        grid_dim=(ceildiv(_i(a, 11), GEMV_WARPS), ceildiv(_i(a, 10), NT)),
+                        block_dim=GEMV_WARPS * 32)
+
+
+def _gemv_quant_nt[QT: Int](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 2) == 1:
+        _gemv_quant[QT, 1](g, a)
+    else:
+        _gemv_quant[QT, 8](g, a)
+
+
+def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var qt = _i(a, 1)
+    if qt == Q4_0:
+        _gemv_quant_nt[Q4_0](g, a)
+    elif qt == Q4_1:
+        _gemv_quant_nt[Q4_1](g, a)
+    else:
+        _gemv_quant_nt[Q8_0](g, a)
+    return PythonObject(None)
+
+
+def _gemm_simt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, wcode, a, w, bias, c, has_bias, M, N, K)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[gemm_simt_kernel[F32, wdt]]()
+    st.enqueue_function(f, _p[F32](a, 2), _p[wdt](a, 3), _p[F32](a, 4), _p[F32](a, 5), _n(a, 6), _n(a, 7),
+                        _n(a, 8), _n(a, 9), grid_dim=(ceildiv(_i(a, 8), SG_BN), ceildiv(_i(a, 7), SG_BM)),
+                        block_dim=256)
+
+
+def op_gemm_simt(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var code = _i(a, 1)
+    if code == 0:
+        _gemm_simt[F32](g, a)
+    elif code == 1:
+        _gemm_simt[BF16](g, a)
+    else:
+        _gemm_simt[F16](g, a)
+    return PythonObject(None)
+
+
+def _gemm_mma[dt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, code, ccode, a, w, bias, c, has_bias, M, N, K)
+    comptime if NVIDIA_TARGET:
+        var st = g[].stream(_i(a, 0))
+        var f = g[].ctx.compile_function[gemm_mma_kernel[dt, cdt]](
+            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(MG_SMEM_BYTES))
+        )
+        var blocks = ceildiv(_i(a, 8), MG_BM) * ceildiv(_i(a, 9), MG_BN)
+        st.enqueue_function(f, _p[dt](a, 3), _p[dt](a, 4), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), _n(a, 8),
+                            _n(a, 9), _n(a, 10), grid_dim=blocks, block_dim=MG_THREADS,
+                            shared_mem_bytes=MG_SMEM_BYTES)
+    else:
+        raise Error("the tensor-core GEMM is built for NVIDIA GPUs only")
+
+
+def op_gemm_mma(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var code = _i(a, 1)
+    var ccode = _i(a, 2)
+    if code == 1 and ccode == 0:
+        _gemm_mma[BF16, F32](g, a)
+    elif code == 1:
+        _gemm_mma[BF16, BF16](g, a)
+    elif ccode == 0:
+        _gemm_mma[F16, F32](g, a)
+    else:
+        _gemm_mma[F16, F16](g, a)
+    return PythonObject(None)
+
+
+# ---- attention ------------------------------------------------------------------------------------
+def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool](g: GpuPtr, a: PythonObject) raises:
+    # (stream, mma, pair, D, q, kc, vc, out, bt, cu, cl, err, S, T, H, KVH, M, B, NB, scale, grid_x)
+    var st = g[].stream(_i(a, 0))
+    var grid = (_i(a, 20), _i(a, 15))
+    comptime if MMA:
+        comptime if NVIDIA_TARGET:
+            var f = g[].ctx.compile_function[attn_prefill_mma_kernel[qdt, cdt, D]]()
+            st.enqueue_function(f, _p[qdt](a, 4), _p[cdt](a, 5), _p[cdt](a, 6), _p[qdt](a, 7),
+                                _p[DType.int32](a, 8), _p[DType.int32](a, 9), _p[DType.int32](a, 10),
+                                _p[DType.int32](a, 11), _n(a, 12), _n(a, 13), _n(a, 14), _n(a, 15),
+                                _n(a, 16), _n(a, 17), _n(a, 18), _f(a, 19), grid_dim=grid, block_dim=FA_THREADS)
+        else:
+            raise Error("the tensor-core attention is built for NVIDIA GPUs only")
+    else:
+        var f = g[].ctx.compile_function[attn_prefill_simt_kernel[qdt, cdt, D]]()
+        st.enqueue_function(f, _p[qdt](a, 4), _p[cdt](a, 5), _p[cdt](a, 6), _p[qdt](a, 7),
+                            _p[DType.int32](a, 8), _p[DType.int32](a, 9), _p[DType.int32](a, 10),
+                            _p[DType.int32](a, 11), _n(a, 12), _n(a, 13), _n(a, 14), _n(a, 15),
+                            _n(a, 16), _n(a, 17), _n(a, 18), _f(a, 19), grid_dim=grid, block_dim=SP_THREADS)
+
+
+def _prefill_simt_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+    var d = _i(a, 3)
+    if d == 64:
+        _prefill[qdt, cdt, 64, False](g, a)
+    elif d == 128:
+        _prefill[qdt, cdt, 128, False](g, a)
+    elif d == 32:
+        _prefill[qdt, cdt, 32, False](g, a)
+    elif d == 80:
+        _prefill[qdt, cdt, 80, False](g, a)
+    else:
+        _prefill[qdt, cdt, 96, False](g, a)
+
+
+def _prefill_mma_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 3) == 64:
+        _prefill[qdt, cdt, 64, True](g, a)
+    else:
+        _prefill[qdt, cdt, 128, True](g, a)
+
+
+def op_attention_prefill(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    # pair: 0 = (f32 q, f32 cache), 1 = (f32 q, bf16 cache), 2 = (bf16 q, bf16 cache)
+    var g = _state(gpu)
+    var use_mma = _i(a, 1) != 0
+    var pair = _i(a, 2)
+    if use_mma:
+        if pair == 1:
+            _prefill_mma_d[F32, BF16](g, a)
+        else:
+            _prefill_mma_d[BF16, BF16](g, a)
+    elif pair == 0:
+        _prefill_simt_d[F32, F32](g, a)
+    elif pair == 1:
+        _prefill_simt_d[F32, BF16](g, a)
+    else:
+        _prefill_simt_d[BF16, BF16](g, a)
+    return PythonObject(None)
+
+
+def _decode[qdt: DType, cdt: DType, D: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, pair, D, q, kc, vc, out, part_o, part_lse, bt, cl, err, S, H, KVH, M, B, NB, splits, chunk, scale)
+    var st = g[].stream(_i(a, 0))
+    var G = _i(a, 13) // _i(a, 14)
+    var smem = decode_smem_bytes[cdt, D](G)
+    var f = g[].ctx.compile_function[attn_decode_kernel[qdt, cdt, D]](
+        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
+    )
+    st.enqueue_function(f, _p[qdt](a, 3), _p[cdt](a, 4), _p[cdt](a, 5), _p[qdt](a, 6), _p[F32](a, 7),
+                        _p[F32](a, 8), _p[DType.int32](a, 9), _p[DType.int32](a, 10), _p[DType.int32](a, 11),
+                        _n(a, 13), _n(a, 14), _n(a, 15), _n(a, 16), _n(a, 17), _n(a, 18), _n(a, 19), _f(a, 20),
+                        grid_dim=(_i(a, 14), _i(a, 12), _i(a, 18)), block_dim=DEC_THREADS,
+                        shared_mem_bytes=smem)
+
+
+def _decode_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+    var d = _i(a, 2)
+    if d == 64:
+        _decode[qdt, cdt, 64](g, a)
+    elif d == 128:
+        _decode[qdt, cdt, 128](g, a)
+    elif d == 32:
+        _decode[qdt, cdt, 32](g, a)
+    elif d == 80:
+        _decode[qdt, cdt, 80](g, a)
+    else:
+        _decode[qdt, cdt, 96](g, a)
+
+
+def op_attention_decode(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var pair = _i(a, 1)
+    if pair == 0:
+        _decode_d[F32, F32](g, a)
+    elif pair == 1:
+        _decode_d[F32, BF16](g, a)
+    else:
+        _decode_d[BF16, BF16](g, a)
+    return PythonObject(None)
+
+
+def _combine[qdt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qcode, part_o, part_lse, out, rows, splits, D)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[attn_combine_kernel[qdt]]()
+    st.enqueue_function(f, _p[F32](a, 2), _p[F32](a, 3), _p[qdt](a, 4), _n(a, 6), _n(a, 7),
+                        grid_dim=_i(a, 5), block_dim=128)
+
+
+def op_attention_combine(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    if _i(a, 1) == 0:
+        _combine[F32](g, a)
+    else:
+        _combine[BF16](g, a)
+    return PythonObject(None)
+
+
+def op_synchronize(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    g[].stream(_i(a, 0)).synchronize()
+    return PythonObject(None)
+
+
+@export
+def PyInit_gpu_ops() abi("C") -> PythonObject:
+    try:
+        var m = PythonModuleBuilder("gpu_ops")
+        _ = (
+            m.add_type[GpuState]("GpuState")
+            .def_init_defaultable[GpuState]()
+            .def_method[GpuState.own_stream]("own_stream")
+            .def_method[GpuState.context_handle]("context_handle")
+        )
+        m.def_function[op_embedding_dense]("embedding_dense")
+        m.def_function[op_embedding_quant]("embedding_quant")
+        m.def_function[op_dequant]("dequant")
+        m.def_function[op_rms_norm]("rms_norm")
+        m.def_function[op_add_rms_norm]("add_rms_norm")
+        m.def_function[op_add]("add")
+        m.def_function[op_rope]("rope")
+        m.def_function[op_silu_mul]("silu_mul")
+        m.def_function[op_store_kv]("store_kv")
+        m.def_function[op_convert]("convert")
+        m.def_function[op_gemv_dense]("gemv_dense")
+        m.def_function[op_gemv_quant]("gemv_quant")
+        m.def_function[op_gemm_simt]("gemm_simt")
+        m.def_function[op_gemm_mma]("gemm_mma")
+        m.def_function[op_attention_prefill]("attention_prefill")
+        m.def_function[op_attention_decode]("attention_decode")
+        m.def_function[op_attention_combine]("attention_combine")
+        m.def_function[op_synchronize]("synchronize")
+        return m.finalize()
+    except e:
+        abort(String("failed to create module gpu_ops: ", e))

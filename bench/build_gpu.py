@@ -1,0 +1,52 @@
+"""Prepare the ignored .gpu/ folder that travels to a GPU machine without a Mojo compiler:
+
+    .gpu/kernels/cuda-sm_90/<module>.so   every module of backends/cuda, cross-compiled here
+    .gpu/lib/                             the four Mojo runtime libraries the modules link against
+    .gpu/ptx/<module>.ptx                 the embedded PTX, for `ptxas -v` resource reports there
+
+Usage (here):  python bench/build_gpu.py [--arch sm_90]   then on the device: . bench/device_env.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from mojollm.kernels.build import Target, _runtime_lib_dir, available_modules, build_module
+
+RUNTIME_LIBS = ("libKGENCompilerRTShared.so", "libAsyncRTMojoBindings.so", "libAsyncRTRuntimeGlobals.so",
+                "libMSupportGlobals.so")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sm_90")
+    args = ap.parse_args()
+    root = Path(__file__).resolve().parent.parent / ".gpu"
+    target = Target("cuda", args.arch)
+    kdir, ldir, pdir = root / "kernels" / target.dirname, root / "lib", root / "ptx"
+    for d in (kdir, ldir, pdir):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in available_modules("cuda"):
+        so = build_module(name, "cuda", target, progress=print)
+        shutil.copy2(so, kdir / f"{name}.so")
+        data = so.read_bytes()
+        texts, i = [], 0
+        while (j := data.find(b".version", i)) >= 0:
+            start = data.rfind(b"\x00", 0, j) + 1
+            end = data.find(b"\x00", j)
+            text = data[start:end].decode("latin-1")
+            if "\n.target " in text:  # skip ELF strings such as ".gnu.version"
+                texts.append(text)
+            i = end
+        for n, t in enumerate(texts):
+            (pdir / f"{name}.{n:03d}.ptx").write_text(t)
+        print(f"{kdir / name}.so: {len(texts)} PTX modules")
+    lib = _runtime_lib_dir()
+    for f in RUNTIME_LIBS:
+        shutil.copy2(lib / f, ldir / f)
+
+
+if __name__ == "__main__":
+    main()
