@@ -48,7 +48,11 @@ comptime BF16 = 30
 comptime QK = 32
 comptime SMALL_T = 8  # up to this many activation rows take the streaming (GEMV) path
 comptime MR = 8  # W rows per GEMM microkernel tile
-comptime PARALLEL_MIN_BYTES = 1 << 16  # below this much weight data one thread does the work
+# A parallel region costs ~8-10 us of thread wake-up (the calling thread only waits), so work
+# that one core finishes in ~15 us stays on the calling thread: about 192 KiB of blocks for one
+# token (a core decodes ~10-18 GB/s), 64 KiB of output for the gathers and conversions.
+comptime PARALLEL_MIN_BYTES = 1 << 16
+comptime GEMV_PARALLEL_MIN_BYTES = 192 << 10
 
 
 @always_inline
@@ -61,10 +65,10 @@ def _block_bytes[qt: Int]() -> Int:
         return 34
 
 
-def _work_items(rows: Int, bytes_per_row: Int, min_rows: Int) -> Int:
+def _work_items(rows: Int, bytes_per_row: Int, min_rows: Int, min_bytes: Int = PARALLEL_MIN_BYTES) -> Int:
     """How many row chunks to split an op into: 1 (no parallel region) when it is small.
     More chunks than cores so a core slowed by a neighbour hands rows to the other."""
-    if rows * bytes_per_row < PARALLEL_MIN_BYTES or rows < 2 * min_rows:
+    if rows * bytes_per_row < min_bytes or rows < 2 * min_rows:
         return 1
     return max(1, min(rows // min_rows, 4 * num_physical_cores()))
 
@@ -251,7 +255,7 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
     comptime if qt != Q8_0 and TT == 1:
         for i in range(TT * nb):
             sx[unsafe_offset=i] = (x.unsafe_load[width=16](i * QK) + x.unsafe_load[width=16](i * QK + 16)).reduce_add()
-    var items = _work_items(n, row_bytes, 16)
+    var items = _work_items(n, row_bytes * TT, 16, GEMV_PARALLEL_MIN_BYTES)
     if max_items > 0:
         items = min(items, max_items)
     if items == 1:
@@ -390,7 +394,8 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     # K chunk: the packed X chunk (t_pad x kc floats) should fit in about 512 KiB of L2.
     var kc_max = max(QK, min(k, ((1 << 17) // (ntb * 16)) // QK * QK))
     var panels = (n + MR - 1) // MR
-    var items = 1 if panels < 2 else min(panels, 4 * num_physical_cores())
+    # One thread does ~130 GFLOP/s here: below ~2 MFLOP (15 us) a parallel region does not pay.
+    var items = 1 if panels < 2 or 2 * t * n * k < (2 << 20) else min(panels, 4 * num_physical_cores())
     if max_items > 0:
         items = min(items, max_items)
     if items == 1:
