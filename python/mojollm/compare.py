@@ -349,6 +349,7 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
+        "command": None,  # the CLI fills in its command line
         "config": {**{k: v for k, v in asdict(config).items() if k != "thresholds"},
                    "model": path, "backends": names, "thresholds": asdict(config.thresholds)},
         "environment": measure.environment_info(),
