@@ -66,11 +66,12 @@ def _block_bytes[qt: Int]() -> Int:
 
 
 def _work_items(rows: Int, bytes_per_row: Int, min_rows: Int, min_bytes: Int = PARALLEL_MIN_BYTES) -> Int:
-    """How many row chunks to split an op into: 1 (no parallel region) when it is small.
-    More chunks than cores so a core slowed by a neighbour hands rows to the other."""
+    """How many row chunks to split an op into: 1 (no parallel region) when it is small, else
+    one per core (`parallelize` hands each worker a fixed, contiguous share of the items, so
+    more items than workers would not balance anything)."""
     if rows * bytes_per_row < min_bytes or rows < 2 * min_rows:
         return 1
-    return max(1, min(rows // min_rows, 4 * num_physical_cores()))
+    return max(1, min(rows // min_rows, num_physical_cores()))
 
 
 # ---------------------------------------------------------------- block decoding
@@ -395,7 +396,7 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     var kc_max = max(QK, min(k, ((1 << 17) // (ntb * 16)) // QK * QK))
     var panels = (n + MR - 1) // MR
     # One thread does ~130 GFLOP/s here: below ~2 MFLOP (15 us) a parallel region does not pay.
-    var items = 1 if panels < 2 or 2 * t * n * k < (2 << 20) else min(panels, 4 * num_physical_cores())
+    var items = 1 if panels < 2 or 2 * t * n * k < (2 << 20) else min(panels, num_physical_cores())
     if max_items > 0:
         items = min(items, max_items)
     if items == 1:
