@@ -31,9 +31,12 @@ def _provenance(doc: dict) -> list[str]:
     lines = []
     if doc.get("command"):
         lines.append(f"Command: `{doc['command']}`")
+    load = env.get("load_average")
     lines.append(f"Date: {env.get('date', '?')}; machine: {env.get('cpu', '?')} "
                  f"({threads.get('affinity', threads.get('cpu_count', '?'))} threads, "
-                 f"{(env.get('memory_bytes') or 0) / 2**30:.0f} GiB); commit {env.get('git_commit') or '?'}")
+                 f"{(env.get('memory_bytes') or 0) / 2**30:.0f} GiB"
+                 + (f", load average {load[0]:.1f} at the start" if load else "")
+                 + f"); commit {env.get('git_commit') or '?'}")
     lines.append(f"Versions: {versions}")
     return lines
 

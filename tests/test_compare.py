@@ -72,7 +72,7 @@ NUM = (int, float)
 OPT_NUM = (int, float, type(None))
 ENVELOPE = {"schema_version": int, "kind": str, "command": (str, type(None)), "config": dict,
             "environment": dict, "ok": bool, "model": dict, "backends": list, "prompt_tokens": list}
-ENVIRONMENT = {"date": str, "host": str, "platform": str, "machine": str, "cpu": str,
+ENVIRONMENT = {"date": str, "load_average": (list, type(None)), "host": str, "platform": str, "machine": str, "cpu": str,
                "memory_bytes": (int, type(None)), "git_commit": (str, type(None)), "versions": dict, "threads": dict}
 CONFIG = {"model": str, "backends": list, "prompt_len": int, "output_len": int, "batch": int, "reference": str,
           "repeats": int, "warmup": int, "block_size": int, "thresholds": dict}

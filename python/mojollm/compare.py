@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import math
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -557,10 +558,17 @@ def write_plot(doc: dict, path: str) -> None:
     if not ran:
         raise PlotUnavailable("nothing to plot: no backend ran")
     failed = [(b.get("check") or {}).get("ok") is False for b in ran]
-    labels = [f"{b['name']}\n{b['device'][:28]}" + ("\nCHECK FAILED" if f else "") for b, f in zip(ran, failed)]
+    def label(b: dict, bad: bool) -> str:
+        device = textwrap.wrap(b["device"], 26) or [""]
+        device = device[:2] if len(device) <= 2 else [device[0], device[1][:25] + "…"]
+        status = {"reference": "(reference)", "ok": f"matches {doc['config']['reference']}",
+                  "failed": "CHECK FAILED"}.get(status_of(b), "unchecked")
+        return "\n".join([b["name"], *device, status])
+
+    labels = [label(b, f) for b, f in zip(ran, failed)]
     colors = ["#d62728" if f else "#1f77b4" for f in failed]
     x = np.arange(len(ran))
-    fig, axes = plt.subplots(1, 3, figsize=(max(12.6, 3 * (1.2 * len(ran) + 1.5)), 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(max(12.6, 3 * (1.2 * len(ran) + 1.5)), 5.0))
 
     def roof_label(b):
         f, bw = b["roofline"]["fraction"], b["bandwidth"]["gbs"]
@@ -590,6 +598,6 @@ def write_plot(doc: dict, path: str) -> None:
     fig.text(0.5, 0.01, f"weights {model.get('weight_bytes', 0) / 2**20:.1f} MiB; roofline = "
              "(weights/batch + KV read) per token x decode tok/s / measured device bandwidth; red = "
              "disagrees with the reference", ha="center", fontsize=8, color="#444")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.035, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)

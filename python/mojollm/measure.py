@@ -503,8 +503,13 @@ def environment_info() -> dict:
         v = _version(dist)
         if v:
             versions[dist] = v
+    try:  # other processes on the machine skew CPU timings: say how busy it was
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average": load,
         "host": platform.node(),
         "platform": platform.platform(),
         "machine": platform.machine(),
