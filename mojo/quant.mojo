@@ -10,14 +10,15 @@
 # checked shapes, dtypes, contiguity and id ranges; nothing here re-validates.
 #
 # Y[T, N] = X[T, K] @ W[N, K]^T straight from the blocks, never a dequantized copy of W:
-#   * small T (decode): each row's blocks are streamed once and decoded in registers; a block
-#     contributes d * dot(q, x) + m * sum(x) (Q4_0: m = -8d), so per block we need one
-#     nibble decode, two FMAs and one scale FMA per activation row. Rows are split over
-#     threads in ONE parallel region.
-#   * larger T (prefill): a GEMM. X is packed transposed (k-major, 16 tokens per vector);
-#     each thread dequantizes MR rows x KC columns of W into an L1 tile and runs an
-#     MR x 32 register microkernel over every token block, so each W block is decoded once
-#     per call and reused T times. The X chunk (T x KC) stays in L2 across row panels.
+#   * T <= 8 (decode, small batches): each row's blocks are streamed once and decoded in
+#     registers. One token: a block adds d * dot(q, x) + m * sum(x) (Q4_0: m = -8d), i.e. one
+#     nibble decode and three FMAs. Several tokens: the block is dequantized once in
+#     registers (q * d + m) and costs two FMAs per token; two rows share every x load.
+#     Rows are split over the cores in ONE parallel region.
+#   * T > 8 (prefill): a GEMM. X is packed transposed (k-major, 16 tokens per vector); each
+#     core dequantizes MR rows x KC columns of W into an L1 tile and runs an MR x 32-token
+#     register microkernel over every token block, so each W block is decoded once per call
+#     and reused T times. The packed X chunk (T x KC) stays in L2 across row panels.
 # Activations stay float32 throughout (no int8 activation quantization): results match a
 # float64 product on the dequantized weights to float32 rounding.
 
@@ -108,19 +109,14 @@ def _dequant_block[qt: Int](u8: U8Ptr, h: F16Ptr, off: Int, mut lo: V16, mut hi:
     elif qt == Q4_1:
         var m = _scale(h, (off >> 1) + 1)
         _codes[qt](u8, off, lo, hi)
-        lo = _no_fma_add(lo * d, m)
-        hi = _no_fma_add(hi * d, m)
+        # numpy rounds the product before adding m; Mojo does not contract this into an FMA
+        # (the bit-exact tests would notice).
+        lo = lo * d + m
+        hi = hi * d + m
     else:
         _codes[qt](u8, off, lo, hi)
         lo = lo * d
         hi = hi * d
-
-
-@always_inline
-def _no_fma_add(prod: V16, m: Float32) -> V16:
-    # A plain `a * d + m` may be contracted into one FMA (a single rounding); numpy rounds the
-    # product first. Keeping the add separate keeps dequantize bit-exact with gguf.
-    return prod + V16(m)
 
 
 # ---------------------------------------------------------------- GEMV (small T)
@@ -250,11 +246,12 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
     var row_bytes = nb * BB
     var x = F32Ptr(unsafe_from_address=x_addr)
     var y = F32Ptr(unsafe_from_address=y_addr)
-    # Per-block activation sums for the m term, computed once per call.
-    var sums = List[Float32](length=TT * nb, fill=0)
+    # One token: per-block activation sums for the m term, computed once per call.
+    comptime NEED_SUMS = qt != Q8_0 and TT == 1
+    var sums = List[Float32](length=nb if NEED_SUMS else 1, fill=0)
     var sx = F32Ptr(unsafe_from_address=Int(sums.unsafe_ptr()))
-    comptime if qt != Q8_0 and TT == 1:
-        for i in range(TT * nb):
+    comptime if NEED_SUMS:
+        for i in range(nb):
             sx[unsafe_offset=i] = (x.unsafe_load[width=16](i * QK) + x.unsafe_load[width=16](i * QK + 16)).reduce_add()
     var items = _work_items(n, row_bytes * TT, 16, GEMV_PARALLEL_MIN_BYTES)
     if max_items > 0:
@@ -510,7 +507,8 @@ def _store_nibbles(u8: U8Ptr, off: Int, q: SIMD[DType.int32, 32]):
 
 
 def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
-    """One block, replicating gguf.quants.quantize's float32 arithmetic step by step."""
+    """One block, replicating gguf.quants.quantize's float32 arithmetic step by step (each
+    product rounded before the following add, as numpy does)."""
     comptime V32 = SIMD[DType.float32, 32]
     var v = x.unsafe_load[width=32](xo)
     comptime if qt == Q8_0:
@@ -540,7 +538,7 @@ def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
         var id: Float32 = 0
         if d != 0:
             id = 1 / d
-        var q = trunc(_no_fma_add32(v * id, 8.5)).cast[DType.int32]()
+        var q = trunc(v * id + 8.5).cast[DType.int32]()
         q = min(max(q, 0), 15)
         h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
         _store_nibbles(u8, off + 2, q)
@@ -551,16 +549,11 @@ def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
         var id: Float32 = 0
         if d != 0:
             id = 1 / d
-        var q = trunc(_no_fma_add32((v - mn) * id, 0.5)).cast[DType.int32]()
+        var q = trunc((v - mn) * id + 0.5).cast[DType.int32]()
         q = min(max(q, 0), 15)
         h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
         h[unsafe_offset=(off >> 1) + 1] = mn.cast[DType.float16]()
         _store_nibbles(u8, off + 4, q)
-
-
-@always_inline
-def _no_fma_add32(prod: SIMD[DType.float32, 32], c: Float32) -> SIMD[DType.float32, 32]:
-    return prod + SIMD[DType.float32, 32](c)
 
 
 def _quant_rows[qt: Int](x: F32Ptr, dst_addr: Int, k: Int, r0: Int, r1: Int):
