@@ -4,10 +4,10 @@ Each checkpoint is written with save_pretrained(safe_serialization=True) and loa
 (load_model: safetensors + tokenizer.json). Prefill, decode, chunked prefill and multi-sequence
 steps through the paged KV cache must reproduce transformers' float32 logits.
 
-Bound: max |logit error| <= LOGIT_ATOL + LOGIT_RTOL * max|logit|. The kernels compute in float32
-like torch, but in a different summation order; over two layers the observed error is ~1e-5 of the
-logit scale, so the bound leaves a 10x margin while catching any real bug (a wrong rope layout,
-head mapping or cache slot moves logits by O(1)).
+Bound: max |logit error| <= LOGIT_ATOL + LOGIT_RTOL * max|logit| (~1.3e-4 here). The kernels compute
+in float32 like torch, in a different summation order; measured worst errors are 5e-6..1e-5 at a
+logit scale of ~5 (2026-11-22, x86_64 cpu backend), so the bound keeps a >10x margin while any real
+bug (a wrong rope layout, head mapping or cache slot) moves logits by O(0.1..1).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from mojollm.engine.step import StepBatch
 from mojollm.errors import ModelLoadError
 from mojollm.models import load_model
 
-LOGIT_ATOL = 1e-4
-LOGIT_RTOL = 2e-4
-BF16_RTOL = 2e-4  # bf16 weights are widened exactly, so the same float32 bound holds
+LOGIT_ATOL = 2e-5
+LOGIT_RTOL = 2e-5  # bf16 weights are widened to float32 exactly, so one bound serves all cases
 BLOCK = 4  # a small KV block size so every sequence spans several, scrambled, blocks
 
 PROMPT = "The quick brown fox jumps over the lazy dog. def forward(x): return 12345"
@@ -117,12 +116,16 @@ def test_prefill_then_decode_matches_transformers(case):
     err = np.abs(got - ref[:n_prompt]).max()
     assert err <= _bound(ref), f"{name}: prefill max |error| {err:.3g} > {_bound(ref):.3g}"
 
+    worst = err
     for p in range(n_prompt, len(ids)):
         step = StepBatch.single_sequence(ids[p:p + 1], p, table, BLOCK)
         assert step.is_decode
         got = model.forward(step)
         err = np.abs(got[0] - ref[p]).max()
         assert err <= _bound(ref), f"{name}: decode at position {p}: max |error| {err:.3g}"
+        worst = max(worst, err)
+    print(f"\n{name}: max |logit error| {worst:.2e} at logit scale {np.abs(ref).max():.2f} "
+          f"(bound {_bound(ref):.2e})")
 
 
 def test_chunked_prefill_matches_transformers(case):
