@@ -286,7 +286,6 @@ def run_backend(name: str, config: CompareConfig, path: str, progress: Callable[
     model = runner = None
     try:
         with measure.PeakMemory(name) as mem:
-            baseline = measure.host_rss_bytes() if mem.kind and mem.kind.startswith("host") else 0
             t0 = measure.sync_clock(backend)
             model = _load_model(path, backend)
             entry["load_s"] = measure.sync_clock(backend) - t0
@@ -315,7 +314,7 @@ def run_backend(name: str, config: CompareConfig, path: str, progress: Callable[
             "decode_tokens_per_s": float(np.median([b * (n - 1) / d for d in decode_s])),
             "itl_p50_s": measure.percentile(steps, 50),
             "itl_p99_s": measure.percentile(steps, 99),
-            "peak_memory": {**mem.result(), "baseline_bytes": baseline},
+            "peak_memory": mem.result(),
         })
         gen_tokens = config.repeats * b * n
         e = energy.result()

@@ -128,6 +128,7 @@ class PeakMemory:
         self.backend_name = backend_name
         self.kind: str | None = None
         self.peak_bytes: int | None = None
+        self.baseline_bytes: int | None = None  # in use when the region began
         self._jax_device = None
 
     def __enter__(self):
@@ -139,6 +140,7 @@ class PeakMemory:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     self.kind = "cuda_max_allocated"
+                    self.baseline_bytes = int(torch.cuda.memory_allocated())
                     return self
             except Exception:
                 pass
@@ -148,13 +150,15 @@ class PeakMemory:
 
                 dev = jax.devices()[0]
                 stats = dev.memory_stats() if dev.platform != "cpu" else None
-                if stats and "peak_bytes_in_use" in stats:
+                if stats and "peak_bytes_in_use" in stats:  # JAX cannot reset it: peak since start
                     self._jax_device = dev
                     self.kind = "jax_peak_bytes"
+                    self.baseline_bytes = int(stats.get("bytes_in_use", 0))
                     return self
             except Exception:
                 pass
         self.kind = "host_rss_hwm" if _reset_host_hwm() else "host_rss_hwm_process"
+        self.baseline_bytes = host_rss_bytes()
         return self
 
     def __exit__(self, *exc):
@@ -173,7 +177,7 @@ class PeakMemory:
         return False
 
     def result(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "kind": self.kind}
+        return {"peak_bytes": self.peak_bytes, "kind": self.kind, "baseline_bytes": self.baseline_bytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,29 +229,32 @@ def torch_copy_bandwidth_gbs(device: str = "cuda", size_mib: int = 512, repeats:
     return 2 * size_mib * 2**20 / float(np.median(times)) / 1e9
 
 
-def jax_read_bandwidth_gbs(size_mib: int = 256, repeats: int = 5) -> float:
-    """Read bandwidth of the first JAX device: a jitted full reduction over a large array."""
+def jax_copy_bandwidth_gbs(size_mib: int = 512, repeats: int = 10) -> float:
+    """Memory bandwidth of the first JAX device, GB/s: a jitted elementwise op over a large array
+    (reads and writes every byte, counted as 2 bytes per byte, like torch_copy_bandwidth_gbs)."""
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((size_mib * 2**20 // 4,), dtype=jnp.float32)
-    reduce = jax.jit(lambda a: jnp.max(a))
-    reduce(x).block_until_ready()
+    bump = jax.jit(lambda a: a + 1.0)
+    bump(x).block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        reduce(x).block_until_ready()
+        bump(x).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return x.nbytes / min(times) / 1e9
+    return 2 * x.nbytes / float(np.median(times)) / 1e9
 
 
-def _jax_on_host() -> bool:
+@functools.lru_cache(maxsize=None)
+def jax_platform() -> str | None:
+    """'cpu' | 'gpu' | 'tpu' for JAX's first device (None without jax). Only called for the tpu backend."""
     try:
         import jax
 
-        return jax.devices()[0].platform == "cpu"
+        return jax.devices()[0].platform
     except Exception:
-        return False
+        return None
 
 
 def device_bandwidth_gbs(backend: Any) -> tuple[float | None, str]:
@@ -259,10 +266,10 @@ def device_bandwidth_gbs(backend: Any) -> tuple[float | None, str]:
         own = backend.memory_bandwidth_gbs()
         if own:
             return float(own), f"{name} backend's own measurement"
-        if name == "cpu" or (name == "tpu" and _jax_on_host()):
+        if name == "cpu" or (name == "tpu" and jax_platform() == "cpu"):
             return cpu_read_bandwidth_gbs(), "numpy streaming read of host memory"
         if name == "tpu":
-            return jax_read_bandwidth_gbs(), "jax jitted reduction read"
+            return jax_copy_bandwidth_gbs(), f"jax jitted elementwise op on {jax_platform()} (read+write bytes)"
     except Exception as e:  # a failed measurement leaves the roofline blank, never the run dead
         return None, f"measurement failed: {type(e).__name__}: {e}"
     return None, "no bandwidth measurement for this backend"
@@ -338,7 +345,7 @@ class EnergyMeter:
 
     # -- source discovery --
     def _setup(self) -> None:
-        if self.backend_name == "cuda":
+        if self.backend_name == "cuda" or (self.backend_name == "tpu" and jax_platform() == "gpu"):
             try:
                 import pynvml
 
