@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from mojollm.backends.tpu import pallas_kernels, xla_ops  # noqa: E402
-from mojollm.backends.tpu.backend import DeviceBuffer, TpuBackend  # noqa: E402
+from mojollm.backends.tpu.backend import TpuBackend, TpuTensor  # noqa: E402
 from mojollm.weights import WeightTensor  # noqa: E402
 
 F32_TOL, ELEM_TOL, BF16_TOL = 2e-5, 1e-5, 2e-2
@@ -122,7 +122,7 @@ def block_tables_for(rng, ctx, bs, num_blocks, extra_cols=1):
 
 
 def put_cache(backend, kc, vc):
-    return DeviceBuffer(backend.asarray(kc)), DeviceBuffer(backend.asarray(vc))
+    return backend.asarray(kc), backend.asarray(vc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,20 +355,38 @@ def test_attention_rejects_bad_tables(xb):
 
 
 def test_decode_compiles_per_context_bucket_not_per_token():
-    """Contexts 17..64 with B=16 need 2..4 blocks -> buckets 2 and 4: at most two compilations."""
+    """Contexts 17..64 with B=16 need 2..4 blocks -> buckets 2 and 4: exactly two compilations."""
     be = make_backend()
-    if not hasattr(be._attn_decode, "_cache_size"):
-        pytest.skip("this jax has no jit cache-size introspection")
     rng = np.random.default_rng(9)
     kc, vc = random_paged_cache(rng, 8, 16, 1, 8)
     k_dev, v_dev = put_cache(be, kc, vc)
     q = be.asarray(rng.standard_normal((1, 2, 8)).astype(np.float32))
     tables = np.arange(8, dtype=np.int32)[None]
-    before = be._attn_decode._cache_size()   # jit caches are per function, shared with other tests
     for n in range(17, 65):
-        be.attention_decode(q, k_dev, v_dev, be.asarray(tables[:, : (n + 15) // 16], "int32"),
-                            be.asarray(np.array([n]), "int32"), 1.0)
-    assert be._attn_decode._cache_size() - before == 2
+        out = be.attention_decode(q, k_dev, v_dev, be.asarray(tables[:, : (n + 15) // 16], "int32"),
+                                  be.asarray(np.array([n]), "int32"), 1.0)
+        be.to_numpy(out)
+    programs = [p for key, p in be._programs.items() if any(w[0] is xla_ops.attention_decode for w in key[0])]
+    assert len(programs) == 1
+    if not hasattr(programs[0], "_cache_size"):
+        pytest.skip("this jax has no jit cache-size introspection")
+    assert programs[0]._cache_size() == 2
+
+
+def test_views_are_fused_into_the_next_op(xb):
+    """The model's glue (slice q/k/v out of one matmul, reshape heads) stays pending on the host and
+    runs inside the consuming op; the values are those of numpy's slicing."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((5, 24)).astype(np.float32)
+    t = xb.asarray(a)
+    k = t[:, 8:16].reshape(5, 2, 4).copy()
+    assert isinstance(k, TpuTensor) and k.views and k.shape == (5, 2, 4)
+    w = np.ones(4, np.float32)
+    got = xb.to_numpy(xb.rms_norm(k.reshape(-1, 4), xb.asarray(w), 1e-6))
+    assert rel_err(got, ref_rms_norm(a[:, 8:16].reshape(10, 4), w, 1e-6)) < ELEM_TOL
+    assert np.array_equal(np.asarray(t[3]), a[3]) and np.array_equal(xb.to_numpy(t[np.array([4, 0])]), a[[4, 0]])
+    with pytest.raises(ValueError, match="reshape"):
+        t.reshape(7, -1)
 
 
 def test_pallas_kernels_lower_for_tpu():

@@ -3,33 +3,36 @@
 It runs on whatever device JAX has: TPU chips (Pallas kernels for decode attention and quantized
 matmuls), else XLA:GPU or XLA:CPU with the jnp versions of the same maths (xla_ops.py). Every
 device string says which ("tpu backend on XLA:CPU"). Nothing here is imported by `import mojollm`;
-jax is imported only when this module is (probe() or the registry creating the backend).
+jax is imported only when the backend is probed or created.
 
-Tensors. Float activations and weights are jax device arrays. Integer step metadata (token ids,
-positions, slot mapping, block tables, sequence lengths) stays a read-only host numpy array from
-`asarray`: the backend validates it on the host (no device sync), pads it to its shape bucket and
-uploads it once per step (the upload is cached by array identity, so 30 layers share one copy).
+Tensors. Ops return `TpuTensor`s: a jax array plus the slices/reshapes the model applied to it
+since (recorded on the host, not run). Each op is one jitted call that applies its inputs' pending
+views and then its maths, so the model's glue (splitting q/k/v, merging heads) costs no dispatch of
+its own; run eagerly, each such glue op costs 0.1-0.3 ms, more than the op it feeds.
+Integer step metadata (token ids, positions, slot mapping, block tables, lengths) stays a read-only
+host numpy array from `asarray`: the backend validates it on the host (no device sync), pads it to
+its shape bucket and uploads it once per step (cached by array identity: 30 layers share one copy).
 
-KV caches. `zeros()` returns a `DeviceBuffer`, a mutable holder of one jax array, so `store_kv` can
-keep the interface's in-place contract: it runs a jitted scatter with the old caches donated
-(XLA reuses their memory, no copy per step) and swaps the new arrays into the holders. Every op
-accepts holders and plain jax arrays alike.
+KV caches. `zeros()` returns a TpuTensor that `store_kv` updates 'in place', as the interface says:
+a jitted scatter with the old cache donated (XLA reuses its memory, no copy per step) whose result
+replaces the tensor's array.
 
 Shape buckets (XLA compiles once per distinct static shape):
     context blocks M   attention takes block-table columns up to next_pow2(ceil(max context / B)),
                        so decode recompiles log2(context / B) times per batch shape, never per token
     prefill q window   next_pow2(longest new-token run of a sequence), processed in chunks of <= 256
-    T, S               exact: they are the shapes of the model's activations, which the backend
-                       does not own. Decode has T = S = sequences in the batch (one compile per
-                       batch size); prefill compiles once per distinct chunk length. XLA's persistent
-                       compilation cache (<mojollm cache>/xla) keeps these across processes.
+    T, S               exact: they are the shapes of the model's activations, which the model sets.
+                       Decode has T = S = sequences in the batch (one compile per batch size);
+                       prefill compiles once per distinct chunk length. XLA's persistent compilation
+                       cache (<mojollm cache>/xla) keeps the executables across processes.
 
 Dtypes. Float weights are stored as bfloat16 on TPU and float32 elsewhere (MOJOLLM_TPU_DTYPE=
 float32|bfloat16 overrides); activations, norms, attention and the KV cache stay float32, matmuls
-accumulate in float32. GGUF Q4_0/Q4_1/Q8_0 weights become int8 + per-group float32 scales (+ mins)
-on TPU (Pallas quantized matmul, 1 byte per weight in HBM); on CPU/GPU they are widened to the
-float dtype at prepare time, because XLA:CPU runs the dequantize-in-the-loop graph 3-20x slower
-than a dense matmul (MOJOLLM_TPU_QUANT=int|dense overrides).
+accumulate in float32, and float32 matmuls run at full float32 precision (not TF32 / one bf16 pass).
+GGUF Q4_0/Q4_1/Q8_0 weights become int8 + per-group float32 scales (+ mins) on TPU (Pallas
+quantized matmul, 1 byte per weight in HBM); on CPU/GPU they are widened to the float dtype at
+prepare time, because XLA:CPU runs the dequantize-in-the-loop graph 3-20x slower than a dense
+matmul (MOJOLLM_TPU_QUANT=int|dense overrides).
 
 Pallas. MOJOLLM_TPU_PALLAS=auto (default: Pallas kernels on TPU only) | interpret (Pallas kernels
 in interpret mode on any device, for tests) | off (jnp everywhere).
@@ -37,10 +40,12 @@ in interpret mode on any device, for tests) | off (jnp everywhere).
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -50,6 +55,8 @@ from mojollm.weights import QK, WeightTensor
 
 _INT_DTYPES = {"int32": np.int32, "int64": np.int64}
 _PREFILL_Q_CHUNK = 256
+_MAX_PENDING_OPS = 4096  # a step of a 100-layer model records ~1,100 ops
+_INT32_MIN, _INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
 
 def _next_pow2(n: int) -> int:
@@ -67,18 +74,131 @@ def _platform_label(devices) -> str:
     return f"{xla}{kind}{count} (no TPU: tpu backend on {xla})"
 
 
-class DeviceBuffer:
-    """A mutable holder of one jax array (what `zeros` returns): lets `store_kv` update a KV cache
-    'in place' by swapping in the new array that a donated, jitted scatter produced."""
+# ---- pending views: ("index", ((kind, ...), ...)) and ("reshape", shape), applied inside jit ----
+def _index_spec(index, shape) -> tuple | None:
+    """A hashable form of a basic index (ints and slices), or None for anything else."""
+    items = index if isinstance(index, tuple) else (index,)
+    if len(items) > len(shape):
+        raise IndexError(f"too many indices ({len(items)}) for a tensor of shape {shape}")
+    spec = []
+    for dim, item in zip(shape, items):
+        if isinstance(item, slice):
+            spec.append(("s", *item.indices(dim)))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            i = int(item)
+            if not -dim <= i < dim:
+                raise IndexError(f"index {i} is out of bounds for a dimension of size {dim}")
+            spec.append(("i", i % dim))
+        else:
+            return None
+    return tuple(spec)
 
-    __slots__ = ("array",)
 
-    def __init__(self, array):
-        self.array = array
+def _indexed_shape(spec, shape) -> tuple[int, ...]:
+    out = [len(range(*e[1:])) for e in spec if e[0] == "s"]
+    return (*out, *shape[len(spec):])
 
-    shape = property(lambda self: tuple(self.array.shape))
-    dtype = property(lambda self: self.array.dtype)
-    ndim = property(lambda self: self.array.ndim)
+
+def _apply_views(a, views: tuple, *extra):
+    for kind, arg in views:
+        if kind == "index":
+            a = a[tuple(slice(*e[1:]) if e[0] == "s" else e[1] for e in arg)]
+        elif kind == "reshape":
+            a = a.reshape(arg)
+        else:  # "take": rows given as the extra argument
+            a = a[extra[0]]
+    return a
+
+
+@lru_cache(maxsize=None)
+def _materializer(views: tuple):
+    import jax
+
+    return jax.jit(lambda a, *extra: _apply_views(a, views, *extra))
+
+
+class _Node:
+    """One recorded op of the pending step graph: fn(*inputs, **statics) -> outputs. `values` is
+    filled when the graph runs; `watchers` are weak references to the tensors that read each output
+    (an output nobody can read any more is not returned from the program, so XLA can fuse it away)."""
+
+    __slots__ = ("owner", "fn", "statics", "inputs", "num_outputs", "values", "watchers")
+
+    def __init__(self, owner, fn, statics, inputs, num_outputs):
+        self.owner, self.fn, self.statics, self.inputs = owner, fn, statics, inputs
+        self.num_outputs = num_outputs
+        self.values = None
+        self.watchers = [[] for _ in range(num_outputs)]
+
+    def is_read(self, i: int) -> bool:
+        return any(w() is not None for w in self.watchers[i])
+
+
+class TpuTensor:
+    """The tpu backend's tensor: a jax array, or an output of a recorded op not run yet, seen
+    through pending views (basic slices, reshapes) that the consuming op applies inside its own
+    compiled program. `array` runs whatever is pending and returns the jax array."""
+
+    __slots__ = ("src", "views", "shape", "dtype", "__weakref__")
+
+    def __init__(self, src, views: tuple = (), shape: tuple[int, ...] | None = None, dtype=None):
+        self.src = src                      # a jax array, or (node, output index)
+        self.views = views
+        self.shape = tuple(src.shape) if shape is None else shape
+        self.dtype = src.dtype if dtype is None else dtype
+        if isinstance(src, tuple):
+            src[0].watchers[src[1]].append(weakref.ref(self))
+
+    def _concrete(self):
+        src = self.src
+        if isinstance(src, tuple):
+            node, i = src
+            if node.values is None:
+                node.owner._flush()
+            self.src = src = node.values[i]
+        return src
+
+    @property
+    def array(self):
+        src = self._concrete()
+        return _materializer(self.views)(src) if self.views else src
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: math.prod(self.shape))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _view(self, views, shape):
+        return TpuTensor(self.src, self.views + views, shape, self.dtype)
+
+    def __getitem__(self, index):
+        spec = _index_spec(index, self.shape)
+        if spec is None:  # advanced indexing: one 1-D integer array of rows, gathered as an op
+            rows = np.asarray(index)
+            if rows.ndim != 1 or rows.dtype.kind not in "iu":
+                raise IndexError("a tpu tensor takes basic indices (ints, slices) or one 1-D integer array of rows")
+            if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
+                raise IndexError(f"row index out of range for {self.shape[0]} rows")
+            owner = self.src[0].owner if isinstance(self.src, tuple) else None
+            dev_rows = np.ascontiguousarray(rows.astype(np.int32) % self.shape[0])
+            if owner is not None:
+                return owner._run(_take_rows, (), self, owner._jnp.asarray(dev_rows))
+            return TpuTensor(_materializer((("take", None),))(self.array, dev_rows))
+        return self._view((("index", spec),), _indexed_shape(spec, self.shape))
+
+    def reshape(self, *shape):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        shape = tuple(int(s) for s in shape)
+        if shape.count(-1) == 1:
+            known = math.prod(s for s in shape if s != -1)
+            shape = tuple(self.size // known if known and s == -1 else s for s in shape)
+        if math.prod(shape) != self.size or any(s < 0 for s in shape):
+            raise ValueError(f"cannot reshape a tensor of shape {self.shape} to {shape}")
+        return self._view((("reshape", shape),), shape)
+
+    def copy(self):
+        return self  # values are immutable: a copy is the same value
 
     def __array__(self, dtype=None, copy=None):
         a = np.asarray(self.array)
@@ -87,14 +207,13 @@ class DeviceBuffer:
     def __jax_array__(self):
         return self.array
 
-    def __getitem__(self, index):
-        return self.array[index]
-
-    def reshape(self, *shape):
-        return self.array.reshape(*shape)
-
     def __repr__(self):
-        return f"DeviceBuffer({self.array.shape}, {self.array.dtype})"
+        state = "pending" if isinstance(self.src, tuple) else "ready"
+        return f"TpuTensor(shape={self.shape}, dtype={self.dtype}, {state}{', view' if self.views else ''})"
+
+
+def _take_rows(a, rows):
+    return a[rows]
 
 
 @dataclass(frozen=True)
@@ -160,27 +279,18 @@ class TpuBackend(Backend):
             raise ValueError(f"MOJOLLM_TPU_QUANT={quant!r}: expected auto, int or dense")
         self.keep_quantized = quant == "int" or (quant == "auto" and (on_tpu or self.pallas_interpret))
 
-        self._enable_compile_cache()
-        self._uploads: OrderedDict = OrderedDict()
-        self._last = None
-
-        ops, jit = xla_ops, jax.jit
-        self._embedding_dense = jit(ops.embedding_dense)
-        self._embedding_quant = jit(ops.embedding_quant)
-        self._linear_dense = jit(ops.linear_dense)
-        self._linear_quant = jit(partial(ops.linear_quant, compute_dtype=self.weight_dtype))
-        self._rms_norm = jit(ops.rms_norm, static_argnames=("eps",))
-        self._add_rms_norm = jit(ops.add_rms_norm, static_argnames=("eps",))
-        self._add = jit(lambda a, b: a + b)
-        self._rope = jit(ops.rope, static_argnames=("neox",))
-        self._silu_mul = jit(ops.silu_mul)
-        self._store_kv = jit(ops.store_kv, donate_argnums=(0, 1))
-        self._attn_decode = jit(ops.attention_decode, static_argnames=("scale",))
-        self._attn_prefill = jit(ops.attention_prefill, static_argnames=("scale", "q_window", "q_chunk"))
         if self.use_pallas:
             from mojollm.backends.tpu import pallas_kernels
 
             self._pallas = pallas_kernels
+        self.fuse = os.environ.get("MOJOLLM_TPU_FUSE", "1") != "0"
+        self._enable_compile_cache()
+        self._pending: list[_Node] = []
+        self._donations: list = []
+        self._programs: dict = {}
+        self._avals: dict = {}
+        self._uploads: OrderedDict = OrderedDict()
+        self._last = None
 
     def _enable_compile_cache(self):
         """XLA's persistent compilation cache under the mojollm cache dir, unless the user set one."""
@@ -192,7 +302,7 @@ class TpuBackend(Backend):
                 from mojollm.paths import cache_dir
 
                 jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        except Exception:  # an old jax without the option: compile every process
+        except Exception:  # an old jax without the option: compile in every process
             pass
 
     @property
@@ -203,7 +313,85 @@ class TpuBackend(Backend):
         """One line for reports: platform, dtypes and which kernels run."""
         kern = ("Pallas (interpret)" if self.pallas_interpret else "Pallas") if self.use_pallas else "jnp/XLA"
         quant = "int8+scales" if self.keep_quantized else f"widened to {self.weight_dtype.name}"
-        return f"tpu backend on {self._device_label}: weights {self.weight_dtype.name}, GGUF quant {quant}, kernels {kern}"
+        return f"{self._device_label}: weights {self.weight_dtype.name}, GGUF quant {quant}, kernels {kern}"
+
+    # ---- recording ops; running the pending graph as one compiled program ----
+    def _run(self, fn, statics: tuple, *args):
+        """Record fn(*args, **dict(statics)) (jnp code) and return tensors for its outputs.
+
+        Inputs are TpuTensors (pending or ready, with views), jax arrays (weights, uploaded
+        metadata) or None. Output shapes come from jax.eval_shape, cached per signature. With
+        MOJOLLM_TPU_FUSE=0 every op runs at once (one compiled program per op)."""
+        refs, sig = [], []
+        for a in args:
+            if a is None:
+                refs.append(None)
+                sig.append(None)
+            elif isinstance(a, TpuTensor):
+                refs.append((a.src, a.views))
+                sig.append((a.shape, a.dtype))
+            else:
+                refs.append((a, ()))
+                sig.append((tuple(a.shape), a.dtype))
+        akey = (fn, statics, tuple(sig))
+        avals = self._avals.get(akey)
+        if avals is None:
+            jax = self._jax
+            structs = [None if g is None else jax.ShapeDtypeStruct(*g) for g in sig]
+            out = jax.eval_shape(lambda *xs: fn(*xs, **dict(statics)), *structs)
+            multi = isinstance(out, tuple)
+            avals = self._avals[akey] = (multi, tuple((tuple(o.shape), o.dtype) for o in (out if multi else (out,))))
+        multi, outs = avals
+        node = _Node(self, fn, statics, tuple(refs), len(outs))
+        self._pending.append(node)
+        tensors = tuple(TpuTensor((node, i), (), shape, dtype) for i, (shape, dtype) in enumerate(outs))
+        if not self.fuse or len(self._pending) >= _MAX_PENDING_OPS:
+            self._flush()
+        return tensors if multi else tensors[0]
+
+    def _flush(self):
+        """Run every pending op as one jitted program. Its structure (ops, statics, views, wiring,
+        which outputs are still readable, which caches are donated) is the cache key; jit then
+        compiles once per input shape. Leaves are jax arrays, deduplicated by identity."""
+        nodes, self._pending = self._pending, []
+        if not nodes:
+            return
+        index = {id(n): k for k, n in enumerate(nodes)}
+        leaves, leaf_at = [], {}
+        wiring = []
+        for n in nodes:
+            ins = []
+            for r in n.inputs:
+                if r is None:
+                    ins.append(None)
+                    continue
+                src, views = r
+                if isinstance(src, tuple) and src[0].values is None:
+                    ins.append(("n", index[id(src[0])], src[1], views))
+                    continue
+                arr = src[0].values[src[1]] if isinstance(src, tuple) else src
+                k = leaf_at.get(id(arr))
+                if k is None:
+                    k = leaf_at[id(arr)] = len(leaves)
+                    leaves.append(arr)
+                ins.append(("l", k, views))
+            wiring.append((n.fn, n.statics, tuple(ins)))
+        outputs = tuple((k, i) for k, n in enumerate(nodes) for i in range(n.num_outputs) if n.is_read(i))
+        donate = tuple(sorted({leaf_at[id(a)] for a in self._donations if id(a) in leaf_at}))
+        self._donations = []
+        key = (tuple(wiring), outputs, donate)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = self._jax.jit(partial(_replay, tuple(wiring), outputs),
+                                                          donate_argnums=donate)
+        results = program(*leaves)
+        for n in nodes:
+            n.values = [None] * n.num_outputs
+        for (k, i), value in zip(outputs, results):
+            nodes[k].values[i] = value
+        self._last = results
+        for n in nodes:
+            n.inputs = None  # drop references to inputs (old caches, activations)
 
     # ---- memory ----
     def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
@@ -213,44 +401,44 @@ class TpuBackend(Backend):
             return host
         if dtype not in (None, "float32"):
             raise ValueError(f"asarray: dtype {dtype!r} is not one of None, 'float32', 'int32', 'int64'")
-        return self._jnp.asarray(np.asarray(a, dtype=np.float32))
+        return TpuTensor(self._jnp.asarray(np.asarray(a, dtype=np.float32)))
 
     def to_numpy(self, t: Any) -> np.ndarray:
-        t = _unwrap(t)
         if isinstance(t, np.ndarray):
             return np.array(t, copy=True)
-        a = np.asarray(t)
+        a = np.asarray(t.array if isinstance(t, TpuTensor) else t)  # runs pending ops
         if a.dtype.kind == "f" and a.dtype != np.float32:
             a = a.astype(np.float32)
         return np.array(a, copy=True)
 
     def zeros(self, shape: tuple[int, ...], dtype: str = "float32") -> Any:
-        jnp = self._jnp
         if dtype in _INT_DTYPES:
             host = np.zeros(shape, dtype=_INT_DTYPES[dtype])
             host.setflags(write=False)
             return host
         if dtype != "float32":
             raise ValueError(f"zeros: dtype {dtype!r} is not one of 'float32', 'int32', 'int64'")
-        return DeviceBuffer(jnp.zeros(shape, jnp.float32))
+        return TpuTensor(self._jnp.zeros(shape, self._jnp.float32))
 
     def synchronize(self) -> None:
+        self._flush()
         if self._last is not None:
             self._jax.block_until_ready(self._last)
 
-    def _out(self, x):
-        self._last = x
-        return x
-
     # ---- host metadata -> device (validated, bucketed, uploaded once) ----
-    def _host_ints(self, a, what: str) -> np.ndarray:
+    @staticmethod
+    def _host_ints(a, what: str) -> np.ndarray:
         if isinstance(a, np.ndarray):
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"{what}: expected an integer array, got {a.dtype}")
             return a
-        a = _unwrap(a)
         try:
-            return np.asarray(a)
+            a = np.asarray(a.array if isinstance(a, TpuTensor) else a)
         except Exception as e:
             raise ValueError(f"{what}: expected an integer array, got {type(a).__name__}") from e
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{what}: expected an integer array, got {a.dtype}")
+        return a
 
     def _upload(self, a: np.ndarray, key: str, make):
         """Device copy of `make(a)`, cached while `a` (read-only) is the same object."""
@@ -266,6 +454,14 @@ class TpuBackend(Backend):
         while len(self._uploads) > 64:
             self._uploads.popitem(last=False)
         return dev
+
+    def _ints32(self, a: np.ndarray):
+        def narrow(x):
+            if x.size and (x.max() > _INT32_MAX or x.min() < _INT32_MIN):
+                raise ValueError("integer metadata exceeds int32")
+            return x.astype(np.int32)
+
+        return self._upload(a, "i32", narrow)
 
     # ---- weights ----
     def prepare_linear(self, w: WeightTensor) -> Any:
@@ -296,68 +492,70 @@ class TpuBackend(Backend):
             raise ValueError(f"embedding: ids must be 1-D, got shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"embedding: token id out of range [0, {vocab}): min {ids.min()}, max {ids.max()}")
-        dev_ids = self._upload(ids, "i32", lambda a: a.astype(np.int32))
+        dev_ids = self._ints32(ids)
         if isinstance(table, QuantWeight):
-            return self._out(self._embedding_quant(table.q, table.scales, table.mins, dev_ids))
-        return self._out(self._embedding_dense(table.w, dev_ids))
+            return self._run(self._ops.embedding_quant, (), table.q, table.scales, table.mins, dev_ids)
+        return self._run(self._ops.embedding_dense, (), table.w, dev_ids)
 
     def linear(self, x, w, bias=None):
-        x, bias = _unwrap(x), _unwrap(bias)
         n, k = w.shape
-        if x.ndim != 2 or x.shape[1] != k:
+        if len(x.shape) != 2 or x.shape[1] != k:
             raise ValueError(f"linear: x has shape {tuple(x.shape)}, weight is [{n}, {k}]")
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({n},)")
         if isinstance(w, QuantWeight):
             if self.use_pallas:
-                y = self._pallas.quantized_matmul(x.astype(self.weight_dtype), w.q, w.scales, w.mins,
-                                                  group=QK, interpret=self.pallas_interpret)
-                return self._out(y if bias is None else self._add(y, bias))
-            return self._out(self._linear_quant(x, w.q, w.scales, w.mins, bias))
-        return self._out(self._linear_dense(x, w.w, bias))
+                return self._run(_pallas_linear, (("interpret", self.pallas_interpret), ("dtype", self.weight_dtype.name)),
+                                 x, w.q, w.scales, w.mins, bias)
+            return self._run(self._ops.linear_quant, (("compute_dtype", self.weight_dtype.name),),
+                             x, w.q, w.scales, w.mins, bias)
+        return self._run(self._ops.linear_dense, (), x, w.w, bias)
 
     def rms_norm(self, x, weight, eps):
-        return self._out(self._rms_norm(_unwrap(x), _unwrap(weight), eps=float(eps)))
+        return self._run(self._ops.rms_norm, (("eps", float(eps)),), x, weight)
 
     def add_rms_norm(self, x, residual, weight, eps):
-        return self._out(self._add_rms_norm(_unwrap(x), _unwrap(residual), _unwrap(weight), eps=float(eps)))
+        if tuple(x.shape) != tuple(residual.shape):
+            raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+        return self._run(self._ops.add_rms_norm, (("eps", float(eps)),), x, residual, weight)
 
     def add(self, a, b):
-        return self._out(self._add(_unwrap(a), _unwrap(b)))
+        return self._run(_add, (), a, b)
 
     def rope(self, x, positions, cos_sin, neox):
-        x, cos_sin = _unwrap(x), _unwrap(cos_sin)
         positions = self._host_ints(positions, "rope positions")
-        if x.ndim != 3 or positions.shape != (x.shape[0],):
+        if len(x.shape) != 3 or positions.shape != (x.shape[0],):
             raise ValueError(f"rope: x {tuple(x.shape)} and positions {positions.shape} do not match ([T, H, D], [T])")
         if cos_sin.shape[1] > x.shape[2] or cos_sin.shape[1] % 2:
             raise ValueError(f"rope: cos_sin has {cos_sin.shape[1]} columns for head dim {x.shape[2]}")
         if positions.size and (positions.min() < 0 or positions.max() >= cos_sin.shape[0]):
             raise ValueError(f"rope: position out of range [0, {cos_sin.shape[0]}): max {positions.max()}")
-        dev_pos = self._upload(positions, "i32", lambda a: a.astype(np.int32))
-        return self._out(self._rope(x, dev_pos, cos_sin, neox=bool(neox)))
+        return self._run(self._ops.rope, (("neox", bool(neox)),), x, self._ints32(positions), cos_sin)
 
     def silu_mul(self, gate_up):
-        gate_up = _unwrap(gate_up)
         if gate_up.shape[-1] % 2:
             raise ValueError(f"silu_mul: last dim {gate_up.shape[-1]} is odd")
-        return self._out(self._silu_mul(gate_up))
+        return self._run(self._ops.silu_mul, (), gate_up)
 
     def store_kv(self, k_cache, v_cache, k, v, slot_mapping):
-        if not (isinstance(k_cache, DeviceBuffer) and isinstance(v_cache, DeviceBuffer)):
-            raise ValueError("store_kv: the caches must come from this backend's zeros() (DeviceBuffer), "
+        if not all(isinstance(c, TpuTensor) and not c.views for c in (k_cache, v_cache)):
+            raise ValueError("store_kv: the caches must be tensors from this backend's zeros(), "
                              "because jax arrays cannot be updated in place")
-        k, v = _unwrap(k), _unwrap(v)
         nb, bs, kvh, d = k_cache.shape
         slots = self._host_ints(slot_mapping, "slot_mapping")
-        if k.shape != v.shape or k.ndim != 3 or tuple(k.shape[1:]) != (kvh, d) or slots.shape != (k.shape[0],):
+        if tuple(k.shape) != tuple(v.shape) or len(k.shape) != 3 or tuple(k.shape[1:]) != (kvh, d) \
+                or slots.shape != (k.shape[0],):
             raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping {slots.shape} "
                              f"do not fit caches [{nb}, {bs}, {kvh}, {d}]")
-        if slots.size and slots.max() >= nb * bs:
-            raise ValueError(f"store_kv: slot {slots.max()} out of range (cache has {nb * bs} slots)")
-        dev_slots = self._upload(slots, "i32", lambda a: a.astype(np.int32))
-        k_cache.array, v_cache.array = self._store_kv(k_cache.array, v_cache.array, k, v, dev_slots)
-        self._last = v_cache.array
+        if slots.size and (slots.min() < 0 or slots.max() >= nb * bs):
+            raise ValueError(f"store_kv: slot out of range [0, {nb * bs}): min {slots.min()}, max {slots.max()}")
+        for c in (k_cache, v_cache):
+            if not isinstance(c.src, tuple) or c.src[0].values is not None:
+                self._donations.append(c._concrete())   # XLA writes the new cache into the old one's memory
+        new_k, new_v = self._run(self._ops.store_kv, (), k_cache, v_cache, k, v, self._ints32(slots))
+        for c, new in ((k_cache, new_k), (v_cache, new_v)):
+            c.src = new.src
+            new.src[0].watchers[new.src[1]].append(weakref.ref(c))
 
     def _check_tables(self, block_tables, context_lens, num_seqs, num_blocks, block_size):
         tables = self._host_ints(block_tables, "block_tables")
@@ -375,49 +573,42 @@ class TpuBackend(Backend):
         if used.any() and (tables[used].min() < 0 or tables[used].max() >= num_blocks):
             raise ValueError(f"attention: block id out of range [0, {num_blocks})")
         width = _next_pow2(max(int(needed.max()) if num_seqs else 1, 1))
-        return tables, lens, width
+        dev_tables = self._upload(tables, f"table{width}", lambda a: _pad_table(a, width))
+        return lens, dev_tables
 
-    @staticmethod
-    def _pad_table(tables: np.ndarray, width: int) -> np.ndarray:
-        out = np.zeros((tables.shape[0], width), np.int32)   # block 0: a valid id, masked out by length
-        w = min(width, tables.shape[1])
-        out[:, :w] = tables[:, :w]
-        return out
+    def _check_attention(self, what, q, k_cache, v_cache):
+        if not (isinstance(k_cache, TpuTensor) and isinstance(v_cache, TpuTensor)) or k_cache.shape != v_cache.shape \
+                or len(k_cache.shape) != 4:
+            raise ValueError(f"{what}: k/v caches must be equal-shaped [num_blocks, B, KVH, D] tensors from zeros()")
+        nb, bs, kvh, d = k_cache.shape
+        if len(q.shape) != 3 or q.shape[2] != d or q.shape[1] % kvh:
+            raise ValueError(f"{what}: q {tuple(q.shape)} does not fit caches [{nb}, {bs}, {kvh}, {d}]")
+        return nb, bs
 
     def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        q, kc, vc = _unwrap(q), _unwrap(k_cache), _unwrap(v_cache)
-        nb, bs, kvh, d = kc.shape
-        if q.ndim != 3 or q.shape[2] != d or q.shape[1] % kvh:
-            raise ValueError(f"attention_decode: q {tuple(q.shape)} does not fit caches [{nb}, {bs}, {kvh}, {d}]")
-        tables, lens, width = self._check_tables(block_tables, context_lens, q.shape[0], nb, bs)
-        dev_tables = self._upload(tables, f"table{width}", lambda a: self._pad_table(a, width))
-        dev_lens = self._upload(lens, "i32", lambda a: a.astype(np.int32))
-        if self.use_pallas:
-            return self._out(self._pallas.paged_decode_attention(q, kc, vc, dev_tables, dev_lens, scale=float(scale),
-                                                                 interpret=self.pallas_interpret))
-        return self._out(self._attn_decode(q, kc, vc, dev_tables, dev_lens, scale=float(scale)))
+        nb, bs = self._check_attention("attention_decode", q, k_cache, v_cache)
+        lens, dev_tables = self._check_tables(block_tables, context_lens, q.shape[0], nb, bs)
+        fn = _pallas_decode if self.use_pallas else self._ops.attention_decode
+        statics = (("scale", float(scale)),) + ((("interpret", self.pallas_interpret),) if self.use_pallas else ())
+        return self._run(fn, statics, q, k_cache, v_cache, dev_tables, self._ints32(lens))
 
     def attention_prefill(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-        q, kc, vc = _unwrap(q), _unwrap(k_cache), _unwrap(v_cache)
-        nb, bs, kvh, d = kc.shape
+        nb, bs = self._check_attention("attention_prefill", q, k_cache, v_cache)
         num_tokens = q.shape[0]
-        if q.ndim != 3 or q.shape[2] != d or q.shape[1] % kvh:
-            raise ValueError(f"attention_prefill: q {tuple(q.shape)} does not fit caches [{nb}, {bs}, {kvh}, {d}]")
         cu = self._host_ints(cu_seqlens_q, "cu_seqlens_q")
+        if cu.ndim != 1 or cu.shape[0] < 2:
+            raise ValueError(f"attention_prefill: cu_seqlens_q must have S + 1 >= 2 entries, got shape {cu.shape}")
         num_seqs = cu.shape[0] - 1
-        tables, lens, width = self._check_tables(block_tables, context_lens, num_seqs, nb, bs)
+        lens, dev_tables = self._check_tables(block_tables, context_lens, num_seqs, nb, bs)
         q_lens = np.diff(cu)
-        if cu.ndim != 1 or num_seqs < 0 or cu[0] != 0 or cu[-1] != num_tokens or (q_lens < 0).any():
+        if cu[0] != 0 or cu[-1] != num_tokens or (q_lens < 0).any():
             raise ValueError(f"attention_prefill: cu_seqlens_q must rise from 0 to {num_tokens}, got {cu.tolist()}")
         if (q_lens > lens).any():
             raise ValueError("attention_prefill: a sequence has more new tokens than context length")
-        window = min(_next_pow2(max(int(q_lens.max()) if num_seqs else 1, 1)), _next_pow2(max(num_tokens, 1)))
-        chunk = min(window, _PREFILL_Q_CHUNK)
-        dev_tables = self._upload(tables, f"table{width}", lambda a: self._pad_table(a, width))
-        dev_cu = self._upload(cu, "i32", lambda a: a.astype(np.int32))
-        dev_lens = self._upload(lens, "i32", lambda a: a.astype(np.int32))
-        return self._out(self._attn_prefill(q, kc, vc, dev_tables, dev_cu, dev_lens, scale=float(scale),
-                                            q_window=window, q_chunk=chunk))
+        window = min(_next_pow2(max(int(q_lens.max()), 1)), _next_pow2(max(num_tokens, 1)))
+        statics = (("scale", float(scale)), ("q_window", window), ("q_chunk", min(window, _PREFILL_Q_CHUNK)))
+        return self._run(self._ops.attention_prefill, statics, q, k_cache, v_cache, dev_tables,
+                         self._ints32(cu), self._ints32(lens))
 
     # ---- info for measurements ----
     def memory_bandwidth_gbs(self) -> float | None:
@@ -431,5 +622,43 @@ class TpuBackend(Backend):
             return None
 
 
-def _unwrap(t):
-    return t.array if isinstance(t, DeviceBuffer) else t
+def _replay(wiring, outputs, *leaves):
+    """The body of a step program: the recorded ops in order (traced once per structure and shapes)."""
+    values = []
+    for fn, statics, ins in wiring:
+        args = []
+        for r in ins:
+            if r is None:
+                args.append(None)
+            elif r[0] == "l":
+                args.append(_apply_views(leaves[r[1]], r[2]) if r[2] else leaves[r[1]])
+            else:
+                a = values[r[1]][r[2]]
+                args.append(_apply_views(a, r[3]) if r[3] else a)
+        out = fn(*args, **dict(statics))
+        values.append(out if isinstance(out, tuple) else (out,))
+    return tuple(values[k][i] for k, i in outputs)
+
+
+def _pad_table(tables: np.ndarray, width: int) -> np.ndarray:
+    out = np.zeros((tables.shape[0], width), np.int32)   # block 0: a valid id, masked out by length
+    w = min(width, tables.shape[1])
+    out[:, :w] = tables[:, :w]
+    return out
+
+
+def _add(a, b):
+    return a + b
+
+
+def _pallas_linear(x, q, scales, mins, bias, *, interpret, dtype):
+    from mojollm.backends.tpu import pallas_kernels
+
+    y = pallas_kernels.quantized_matmul(x.astype(dtype), q, scales, mins, group=QK, interpret=interpret)
+    return y if bias is None else y + bias
+
+
+def _pallas_decode(q, k_cache, v_cache, tables, lens, *, scale, interpret):
+    from mojollm.backends.tpu import pallas_kernels
+
+    return pallas_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale, interpret=interpret)

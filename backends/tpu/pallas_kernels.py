@@ -29,6 +29,11 @@ from jax.experimental.pallas import tpu as pltpu
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 
 
+def _precision(dtype):
+    """float32 operands multiply in float32 (the MXU's default would be one bfloat16 pass)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Paged decode attention: one query token per sequence, ragged context lengths, GQA.
 # Grid (S, M): sequence s, its j-th KV block. The block table drives the K/V index maps (scalar
@@ -56,8 +61,10 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc,
         for h in range(num_kv_heads):                                   # static: KVH is small
             k = k_ref[:, h, :]                                          # [B, D]
             v = v_ref[:, h, :]
+            if block_size == 1:   # 1-wide "matmuls": Mosaic lowers bf16 ones only with float32 operands
+                k, v = k.astype(jnp.float32), v.astype(jnp.float32)
             q = q_ref[h].astype(k.dtype)                                # [G, D] query heads of kv head h
-            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_precision(k.dtype),
                                          preferred_element_type=jnp.float32) * scale   # [G, B]
             scores = jnp.where(valid, scores, -jnp.inf)
             m_prev = m_sc[h]                                            # [G, 1]
@@ -65,9 +72,8 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc,
             p = jnp.exp(scores - m_new)
             alpha = jnp.exp(m_prev - m_new)
             l_sc[h] = alpha * l_sc[h] + p.sum(axis=1, keepdims=True)
-            if block_size == 1:   # a K=1 "matmul": Mosaic's lowering of a bf16 one needs float32 operands
-                v = v.astype(jnp.float32)
-            acc_sc[h] = alpha * acc_sc[h] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            acc_sc[h] = alpha * acc_sc[h] + jnp.dot(p.astype(v.dtype), v, precision=_precision(v.dtype),
+                                                    preferred_element_type=jnp.float32)
             m_sc[h] = m_new
 
     @pl.when(j == max_blocks - 1)
@@ -142,7 +148,8 @@ def _qmm_kernel(x_ref, q_ref, s_ref, *rest, group: int, has_mins: bool, num_k: i
     if has_mins:
         w = w + m_ref[...][:, None, :]
     x = x_ref[...]
-    acc_ref[...] += jnp.dot(x, w.reshape(tk, tn).astype(x.dtype), preferred_element_type=jnp.float32)
+    acc_ref[...] += jnp.dot(x, w.reshape(tk, tn).astype(x.dtype), precision=_precision(x.dtype),
+                            preferred_element_type=jnp.float32)
 
     @pl.when(k == num_k - 1)
     def _finish():

@@ -15,6 +15,9 @@ import numpy as np
 from mojollm.weights import BLOCK_BYTES, QK, WeightTensor
 
 GROUP = QK  # quantization group: one GGUF block of 32 weights along K
+# float32 operands are multiplied in float32: XLA's default on GPU (TF32) and TPU (one bf16 pass)
+# would silently cost ~1e-3 relative error. bfloat16 operands are unaffected.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ---- GGUF blocks -> int8 + group scales (numpy, prepare time) ----
@@ -57,7 +60,8 @@ def embedding_quant(q, scales, mins, ids):
 
 def linear_dense(x, w, bias):
     """x [T, K] @ w[N, K].T (+ bias) with float32 accumulation (w may be bfloat16)."""
-    y = jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())), precision=HIGHEST,
+                            preferred_element_type=jnp.float32)
     return y if bias is None else y + bias
 
 
@@ -67,7 +71,8 @@ def linear_quant(x, q, scales, mins, bias, compute_dtype):
     w = q.astype(jnp.float32).reshape(k // GROUP, GROUP, n) * scales[:, None, :]
     if mins is not None:
         w = w + mins[:, None, :]
-    y = jnp.dot(x.astype(compute_dtype), w.reshape(k, n).astype(compute_dtype), preferred_element_type=jnp.float32)
+    y = jnp.dot(x.astype(compute_dtype), w.reshape(k, n).astype(compute_dtype), precision=HIGHEST,
+                preferred_element_type=jnp.float32)
     return y if bias is None else y + bias
 
 
@@ -106,12 +111,14 @@ def silu_mul(gate_up):
 
 # ---- KV cache ----
 def store_kv(k_cache, v_cache, k, v, slots):
-    """Write k/v [T, KVH, D] to slots [T] of caches [NB, B, KVH, D]; negative slots are skipped."""
-    nb, bs, kvh, d = k_cache.shape
-    slots = jnp.where(slots < 0, nb * bs, slots)                # out of range -> dropped
-    k_new = k_cache.reshape(nb * bs, kvh, d).at[slots].set(k.astype(k_cache.dtype), mode="drop")
-    v_new = v_cache.reshape(nb * bs, kvh, d).at[slots].set(v.astype(v_cache.dtype), mode="drop")
-    return k_new.reshape(k_cache.shape), v_new.reshape(v_cache.shape)
+    """Write k/v [T, KVH, D] to slots [T] (block * B + row, validated on the host) of caches
+    [NB, B, KVH, D]. The in-bounds promise keeps the scatter a plain in-place update (a clamped or
+    dropping scatter reads the old rows first, and XLA then copies the whole cache)."""
+    bs = k_cache.shape[1]
+    blocks, rows = slots // bs, slots % bs
+    k_new = k_cache.at[blocks, rows].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
+    v_new = v_cache.at[blocks, rows].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+    return k_new, v_new
 
 
 def _gather_context(cache, table):
@@ -136,10 +143,10 @@ def attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
     k = jax.vmap(_gather_context, (None, 0))(k_cache, block_tables)      # [S, C, KVH, D]
     v = jax.vmap(_gather_context, (None, 0))(v_cache, block_tables)
     qg = q.astype(jnp.float32).reshape(s_n, kvh, h // kvh, d)
-    scores = jnp.einsum("skgd,sckd->skgc", qg, k) * scale
+    scores = jnp.einsum("skgd,sckd->skgc", qg, k, precision=HIGHEST) * scale
     mask = (jnp.arange(k.shape[1])[None, :] < context_lens[:, None])[:, None, None, :]
     p = _softmax_masked(scores, mask)
-    return jnp.einsum("skgc,sckd->skgd", p, v).reshape(s_n, h, d)
+    return jnp.einsum("skgc,sckd->skgd", p, v, precision=HIGHEST).reshape(s_n, h, d)
 
 
 def attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, q_window, q_chunk):
@@ -168,9 +175,9 @@ def attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_l
         q_pos = ctx - q_len + i                                          # absolute positions
         kv_pos = jnp.arange(k.shape[0])
         mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < ctx)   # [q_chunk, C]
-        scores = jnp.einsum("qkgd,ckd->kgqc", qs, k) * scale
+        scores = jnp.einsum("qkgd,ckd->kgqc", qs, k, precision=HIGHEST) * scale
         p = _softmax_masked(scores, mask[None, None])
-        out = jnp.einsum("kgqc,ckd->qkgd", p, v).reshape(q_chunk, h, d)
+        out = jnp.einsum("kgqc,ckd->qkgd", p, v, precision=HIGHEST).reshape(q_chunk, h, d)
         dest = jnp.where(i < q_len, start + i, t)                        # rows past q_len -> dropped
         return out, dest
 
