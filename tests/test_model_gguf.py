@@ -129,7 +129,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str], arch: str = "llama"):
+def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str], arch: str = "llama", rope_freqs=None):
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -183,6 +183,8 @@ def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str], arch: str
         data = a.astype(np.float32) if kind == "F32" else (
             a.astype(np.float16) if kind == "F16" else gguf.quants.quantize(a, qt))
         w.add_tensor(gg_name, data, raw_dtype=None if kind in ("F32", "F16") else qt)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -227,6 +229,43 @@ def test_tiny_gguf_matches_transformers(make_hf_model, cpu_backend, tmp_path, ar
     print(f"\n{arch} {'mixed' if types is TINY_TYPES else 'uniform'}: max |logit error| {err:.2e} "
           f"at logit scale {np.abs(want).max():.2f} (bound {bound:.2e})")
     assert err <= bound
+
+
+def _llama_cpp_rope_factors(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter writes as rope_freqs.weight for llama3 scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_len / high:
+            out.append(1.0)
+        elif wavelen > old_len / low:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+def test_gguf_rope_freqs_match_hf_llama3_scaling(make_hf_model, cpu_backend, tmp_path):
+    """Llama 3.1-style GGUFs carry rope scaling as rope_freqs.weight; the reference here is the HF
+    model with rope_scaling=llama3 itself (F32 weights, so only the rope path differs)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    hf_dir, torch_model = make_hf_model("llama", rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=256)
+    path = tmp_path / "llama3.gguf"
+    head_dim = torch_model.config.hidden_size // torch_model.config.num_attention_heads
+    _write_tiny_gguf(path, hf_dir, torch_model, {k: "F32" for k in TINY_TYPES}, "llama",
+                     rope_freqs=_llama_cpp_rope_factors(head_dim, 500000.0, scaling))
+    model = load_model(path, cpu_backend)
+    assert model.config.rope_scaling == {"rope_type": "freq_factors"}
+    ids = np.random.default_rng(8).integers(0, model.config.vocab_size, 60).tolist()
+    with torch.no_grad():
+        want = torch_model(torch.tensor([ids])).logits[0].numpy()
+    model.allocate_kv_cache(4, 16)
+    got = model.forward(StepBatch.single_sequence(ids, 0, [0, 1, 2, 3], 16, all_logits=True))
+    assert np.abs(got - want).max() <= 2e-5 + 2e-5 * float(np.abs(want).max())
 
 
 # ---- errors ----
