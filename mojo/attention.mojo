@@ -67,13 +67,13 @@ def _at(base: Int, floats: Int) -> F32Ptr:
 
 
 def unit_floats(d: Int) -> Int:
-    """Floats of one row tile's state: Q (transposed or row-major), O, and m, l, alpha, pos."""
-    return 2 * d * ROWS + 4 * ROWS
+    """Floats of one row tile's state: Q (transposed or row-major), O, m, l, alpha, pos, S/P."""
+    return 2 * d * ROWS + 4 * ROWS + BK * ROWS
 
 
 def scratch_floats(d: Int, units: Int) -> Int:
-    """Floats of scratch one worker needs: `units` row-tile states plus the shared S^T block."""
-    return units * unit_floats(d) + BK * ROWS
+    """Floats of scratch one worker needs: `units` row-tile states."""
+    return units * unit_floats(d)
 
 
 @fieldwise_init
@@ -94,7 +94,7 @@ struct Attn(ImplicitlyCopyable, Movable):
 
 
 # ------------------------------------------------------------------ tile kernel
-# A row tile's state lives at address u: QT/Q [D*ROWS] | O [ROWS*D] | m | l | alpha | pos.
+# A row tile's state lives at address u: QT/Q [D*ROWS] | O [ROWS*D] | m | l | alpha | pos | S/P [BK*ROWS].
 
 
 @always_inline
@@ -114,6 +114,12 @@ def _stat(u: Int, d: Int, which: Int) -> F32Ptr:
 
 
 @always_inline
+def _s_of(u: Int, d: Int) -> F32Ptr:
+    """Scores, then probabilities, of the current key block: S^T[j * ROWS + r] or S[r * BK + j]."""
+    return _at(u, 2 * d * ROWS + 4 * ROWS)
+
+
+@always_inline
 def _key_offsets(a: Attn, s: Int, k0: Int, nk: Int, mut offs: Array[Int, BK]):
     """Offsets of the [KVH, D] cache rows of positions k0..k0+nk-1 (no division per key)."""
     var blk = s * a.m + k0 // a.b
@@ -128,10 +134,11 @@ def _key_offsets(a: Attn, s: Int, k0: Int, nk: Int, mut offs: Array[Int, BK]):
 
 
 @always_inline
-def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, nk: Int):
+def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int,
+                                j_lo: Int, j_hi: Int):
     """S^T[j, r] = sum_d K[j, d] QT[d, r] for NR row vectors; 4 keys x NR vectors in registers."""
-    var j = 0
-    while j + 4 <= nk:
+    var j = j_lo
+    while j + 4 <= j_hi:
         var acc = Array[Vec, 4 * NR](fill=Vec(0))
         var o0 = offs[j] + kv_off
         var o1 = offs[j + 1] + kv_off
@@ -152,7 +159,7 @@ def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int
             comptime for v in range(NR):
                 st.unsafe_store((j + jj) * ROWS + v * W, acc[jj * NR + v])
         j += 4
-    while j < nk:
+    while j < j_hi:
         var acc = Array[Vec, NR](fill=Vec(0))
         var o = offs[j] + kv_off
         for d in range(a.d):
@@ -228,19 +235,20 @@ def _dot_rows_one(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off:
 
 
 @always_inline
-def _scores_rowmajor(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, nk: Int, nrows: Int):
+def _scores_rowmajor(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int,
+                     nrows: Int):
     """S[r, j] = q_r . K[j] for a few rows (decode): q rows row-major in qr[r * D], scores
     row-major in st[r * BK + j] so that the softmax runs across keys."""
-    var j = 0
+    var j = j_lo
     if a.d == 4 * W:
-        while j + W <= nk:
+        while j + W <= j_hi:
             _dot_rows_w[4](a, qr, st, offs, kv_off, j, nrows)
             j += W
     elif a.d == 8 * W:
-        while j + W <= nk:
+        while j + W <= j_hi:
             _dot_rows_w[8](a, qr, st, offs, kv_off, j, nrows)
             j += W
-    while j < nk:
+    while j < j_hi:
         _dot_rows_one(a, qr, st, offs, kv_off, j, nrows)
         j += 1
 
@@ -327,9 +335,10 @@ def _online_softmax[NR: Int](st: F32Ptr, mv: F32Ptr, lv: F32Ptr, av: F32Ptr, pv:
 
 @always_inline
 def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK],
-                                kv_off: Int, nk: Int, r0: Int):
-    """O[r0:r0+RG, :] = O * alpha + P[r0:r0+RG, :] . V (RG rows x 4 vectors in registers).
-    P is read from st transposed (PT: st[j * ROWS + r]) or row-major (st[r * BK + j])."""
+                                kv_off: Int, j_lo: Int, j_hi: Int, rescale: Bool, r0: Int):
+    """O[r0:r0+RG, :] = O (* alpha if rescale) + P[r0:r0+RG, j_lo:j_hi] . V[j_lo:j_hi] (RG rows x
+    4 vectors in registers). P is read from st transposed (PT: st[j * ROWS + r]) or row-major
+    (st[r * BK + j])."""
     comptime js = ROWS if PT else 1
     comptime rs = 1 if PT else BK
     var d = a.d
@@ -337,10 +346,10 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
     while c0 + 4 * W <= d:
         var acc = Array[Vec, 4 * RG](fill=Vec(0))
         comptime for ri in range(RG):
-            var al = av[unsafe_offset=r0 + ri]
+            var al = av[unsafe_offset=r0 + ri] if rescale else Float32(1)
             comptime for cv in range(4):
                 acc[ri * 4 + cv] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0 + cv * W) * al
-        for j in range(nk):
+        for j in range(j_lo, j_hi):
             var vo = offs[j] + kv_off + c0
             var v0 = a.vc.unsafe_load[width=W](vo)
             var v1 = a.vc.unsafe_load[width=W](vo + W)
@@ -359,8 +368,8 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
     while c0 + W <= d:
         var acc = Array[Vec, RG](fill=Vec(0))
         comptime for ri in range(RG):
-            acc[ri] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0) * av[unsafe_offset=r0 + ri]
-        for j in range(nk):
+            acc[ri] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0) * (av[unsafe_offset=r0 + ri] if rescale else Float32(1))
+        for j in range(j_lo, j_hi):
             var vv = a.vc.unsafe_load[width=W](offs[j] + kv_off + c0)
             comptime for ri in range(RG):
                 acc[ri] += Vec(st[unsafe_offset=j * js + (r0 + ri) * rs]) * vv
@@ -369,25 +378,25 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
         c0 += W
     while c0 < d:  # head dims that are not a multiple of the vector width
         comptime for ri in range(RG):
-            var o = o_buf[unsafe_offset=(r0 + ri) * d + c0] * av[unsafe_offset=r0 + ri]
-            for j in range(nk):
+            var o = o_buf[unsafe_offset=(r0 + ri) * d + c0] * (av[unsafe_offset=r0 + ri] if rescale else Float32(1))
+            for j in range(j_lo, j_hi):
                 o += st[unsafe_offset=j * js + (r0 + ri) * rs] * a.vc[unsafe_offset=offs[j] + kv_off + c0]
             o_buf[unsafe_offset=(r0 + ri) * d + c0] = o
         c0 += 1
 
 
 @always_inline
-def _pv[PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], kv_off: Int, nk: Int,
-                 nrows: Int):
+def _pv[PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int,
+                 j_hi: Int, rescale: Bool, nrows: Int):
     var r0 = 0
     while r0 + 4 <= nrows:
-        _pv_rows[4, PT](a, o_buf, st, av, offs, kv_off, nk, r0)
+        _pv_rows[4, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
         r0 += 4
     if r0 + 2 <= nrows:
-        _pv_rows[2, PT](a, o_buf, st, av, offs, kv_off, nk, r0)
+        _pv_rows[2, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
         r0 += 2
     if r0 < nrows:
-        _pv_rows[1, PT](a, o_buf, st, av, offs, kv_off, nk, r0)
+        _pv_rows[1, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
 
 
 def _init_unit(a: Attn, u: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int, f_lo: Int, nrows: Int):
@@ -419,36 +428,54 @@ def _init_unit(a: Attn, u: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int, f_lo:
             o_buf[unsafe_offset=r * d + i] = 0
 
 
-@always_inline
-def _step[NR: Int](a: Attn, u: Int, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, k0: Int, nk: Int,
-                  nrows: Int, masked: Bool):
-    """One BK block of keys for one row tile with >= DOT_ROWS rows: scores, online softmax, P.V."""
+def _scores(a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, nrows: Int):
+    """Scores of keys j_lo..j_hi-1 of the block for one row tile: row-major dot products for few
+    rows (decode), else the transposed kernel with its row-vector count picked at run time."""
     var d = a.d
-    _scores_transposed[NR](a, _q_of(u), st, offs, kv_off, nk)
-    _online_softmax[NR](st, _stat(u, d, 0), _stat(u, d, 1), _stat(u, d, 2), _stat(u, d, 3), k0, nk, masked)
-    _pv[True](a, _o_of(u, d), st, _stat(u, d, 2), offs, kv_off, nk, nrows)
-
-
-def _step_rows(a: Attn, u: Int, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, k0: Int, nk: Int,
-               nrows: Int, masked: Bool):
-    """One BK block of keys for one row tile: few rows (decode) use row-major scores, more use
-    the transposed kernel with the row-vector count NR picked at run time."""
     if nrows < DOT_ROWS:
-        var d = a.d
-        _scores_rowmajor(a, _q_of(u), st, offs, kv_off, nk, nrows)
-        _online_softmax_rowmajor(st, _stat(u, d, 0), _stat(u, d, 1), _stat(u, d, 2), _stat(u, d, 3), k0, nk,
-                                 nrows, masked)
-        _pv[False](a, _o_of(u, d), st, _stat(u, d, 2), offs, kv_off, nk, nrows)
+        _scores_rowmajor(a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi, nrows)
         return
     var nr = (nrows + W - 1) // W
     if nr == 1:
-        _step[1](a, u, st, offs, kv_off, k0, nk, nrows, masked)
+        _scores_transposed[1](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
     elif nr == 2:
-        _step[2](a, u, st, offs, kv_off, k0, nk, nrows, masked)
+        _scores_transposed[2](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
     elif nr == 3:
-        _step[3](a, u, st, offs, kv_off, k0, nk, nrows, masked)
+        _scores_transposed[3](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
     else:
-        _step[4](a, u, st, offs, kv_off, k0, nk, nrows, masked)
+        _scores_transposed[4](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
+
+
+def _softmax(a: Attn, u: Int, k0: Int, nk: Int, nrows: Int, masked: Bool):
+    """Online-softmax update of one row tile over the block's nk scores."""
+    var d = a.d
+    var st = _s_of(u, d)
+    var mv = _stat(u, d, 0)
+    var lv = _stat(u, d, 1)
+    var av = _stat(u, d, 2)
+    var pv = _stat(u, d, 3)
+    if nrows < DOT_ROWS:
+        _online_softmax_rowmajor(st, mv, lv, av, pv, k0, nk, nrows, masked)
+        return
+    var nr = (nrows + W - 1) // W
+    if nr == 1:
+        _online_softmax[1](st, mv, lv, av, pv, k0, nk, masked)
+    elif nr == 2:
+        _online_softmax[2](st, mv, lv, av, pv, k0, nk, masked)
+    elif nr == 3:
+        _online_softmax[3](st, mv, lv, av, pv, k0, nk, masked)
+    else:
+        _online_softmax[4](st, mv, lv, av, pv, k0, nk, masked)
+
+
+def _accumulate(a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, rescale: Bool,
+                nrows: Int):
+    """O += P[:, j_lo:j_hi] . V[j_lo:j_hi] for one row tile (rescaling O by alpha first if asked)."""
+    var d = a.d
+    if nrows < DOT_ROWS:
+        _pv[False](a, _o_of(u, d), _s_of(u, d), _stat(u, d, 2), offs, kv_off, j_lo, j_hi, rescale, nrows)
+    else:
+        _pv[True](a, _o_of(u, d), _s_of(u, d), _stat(u, d, 2), offs, kv_off, j_lo, j_hi, rescale, nrows)
 
 
 def _write_rows(a: Attn, dst_buf: F32Ptr, u: Int, kvh: Int, tok0: Int, f_lo: Int, nrows: Int):
@@ -519,7 +546,6 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
 
     def worker(w: Int) {imm a, imm cu, imm ctx_lens, imm out, imm scratch, imm per_worker, imm first_job, imm n_jobs, imm next_job}:
         var u = scratch + 4 * w * per_worker
-        var st = _at(u, unit_floats(a.d))
         var offs = Array[Int, BK](fill=0)
         while True:
             var job = Int(next_job[].fetch_add(1))
@@ -544,7 +570,9 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
             while k0 <= pos_max:  # causal: no row of the tile sees past its last position
                 var nk = min(BK, pos_max + 1 - k0)
                 _key_offsets(a, s, k0, nk, offs)
-                _step_rows(a, u, st, offs, kvh * a.d, k0, nk, nrows, k0 + nk - 1 > pos_min)
+                _scores(a, u, offs, kvh * a.d, 0, nk, nrows)
+                _softmax(a, u, k0, nk, nrows, k0 + nk - 1 > pos_min)
+                _accumulate(a, u, offs, kvh * a.d, 0, nk, True, nrows)
                 k0 += nk
             _write_rows(a, out, u, kvh, tok0, f_lo, nrows)
 
@@ -593,7 +621,6 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
     def worker(w: Int) {imm a, imm ctx_lens, imm out, imm scratch, imm part, imm per_worker, imm n_jobs, imm n_splits, imm row_tiles, imm units, imm slot, imm next_job}:
         var base = scratch + 4 * w * per_worker
         var uf = unit_floats(a.d)
-        var st = _at(base, units * uf)
         var offs = Array[Int, BK](fill=0)
         while True:
             var job = Int(next_job[].fetch_add(1))
@@ -613,10 +640,26 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
             while k0 < k_hi:
                 var nk = min(BK, k_hi - k0)
                 _key_offsets(a, s, k0, nk, offs)
+                # Every phase walks keys in short runs and, inside a run, the kv heads in order:
+                # the [KVH, D] rows are then read in address order and the prefetchers keep up.
+                var j = 0
+                while j < nk:
+                    var j_hi = min(nk, j + W)
+                    for un in range(units):
+                        var f_lo = (un % row_tiles) * ROWS
+                        _scores(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, min(ROWS, a.g - f_lo))
+                    j = j_hi
                 for un in range(units):
                     var f_lo = (un % row_tiles) * ROWS
-                    _step_rows(a, base + 4 * un * uf, st, offs, (un // row_tiles) * a.d, k0, nk,
-                               min(ROWS, a.g - f_lo), False)
+                    _softmax(a, base + 4 * un * uf, k0, nk, min(ROWS, a.g - f_lo), False)
+                j = 0
+                while j < nk:
+                    var j_hi = min(nk, j + W)
+                    for un in range(units):
+                        var f_lo = (un % row_tiles) * ROWS
+                        _accumulate(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, j == 0,
+                                    min(ROWS, a.g - f_lo))
+                    j = j_hi
                 k0 += nk
             for un in range(units):
                 var f_lo = (un % row_tiles) * ROWS

@@ -14,6 +14,7 @@ or writing outside a buffer.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from mojollm.kernels.build import load_module
 from mojollm.kernels.nn import check_array, check_float
 
 _info: dict[str, int] = {}
+_buffers = threading.local()  # per-thread scratch, reused across calls (fresh pages cost faults)
 
 
 def _kernels():
@@ -35,12 +37,22 @@ def _workers() -> int:
     return _info["workers"]
 
 
+def _buffer(name: str, floats: int) -> np.ndarray:
+    """A float32 buffer of at least `floats` owned by this thread and reused by later calls:
+    a fresh multi-MB np.empty per call is mmapped anew and pays a page fault per 4 KiB."""
+    buf = getattr(_buffers, name, None)
+    if buf is None or buf.size < floats:
+        buf = np.empty(max(floats, 1), dtype=np.float32)
+        setattr(_buffers, name, buf)
+    return buf
+
+
 def _scratch(d: int, units: int = 1) -> np.ndarray:
     """Per-worker scratch for `units` row tiles (uninitialised: the kernel writes before reading)."""
     key = f"scratch{d},{units}"
     if key not in _info:
         _info[key] = int(_kernels().scratch_per_worker(d, units))
-    return np.empty(_workers() * _info[key], dtype=np.float32)
+    return _buffer("scratch", _workers() * _info[key])
 
 
 def _meta(*values) -> np.ndarray:
@@ -82,6 +94,9 @@ def _check_tables(block_tables, context_lens, n_seqs: int, nb: int, b: int) -> N
     lo, hi = int(context_lens.min()), int(context_lens.max())
     if lo < 0 or hi > m * b:
         raise ValueError(f"context_lens must lie in [0, {m * b}] ({m} blocks of {b} per table row), got [{lo}, {hi}]")
+    if block_tables.size and 0 <= int(block_tables.min()) and int(block_tables.max()) < nb:
+        return  # every entry is a real block (the common case: one reduction pair)
+    # Entries past a sequence's context are padding and may hold anything: check only the reached ones.
     needed = (context_lens.astype(np.int64) + b - 1) // b
     used = block_tables[np.arange(m)[None, :] < needed[:, None]]
     if used.size and (int(used.min()) < 0 or int(used.max()) >= nb):
@@ -175,7 +190,7 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
         if splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     units = kvh * math.ceil((h // kvh) / rows)  # row tiles of one sequence: kv heads x group-head tiles
-    partial = np.empty(n_seqs * splits * units * rows * (d + 2) if splits > 1 else 1, dtype=np.float32)
+    partial = _buffer("partial", n_seqs * splits * units * rows * (d + 2) if splits > 1 else 1)
     scratch = _scratch(d, units)
     meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
                  context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data, partial.ctypes.data,
