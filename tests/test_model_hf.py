@@ -233,3 +233,20 @@ def test_bad_checkpoints_raise_model_load_error(make_hf_model, tmp_path, cpu_bac
     next(garbage.glob("*.safetensors")).write_bytes(b"\xff" * 64)
     with pytest.raises(ModelLoadError, match="not a valid safetensors"):
         load_model(garbage, cpu_backend)
+
+
+def test_sharded_checkpoint_follows_its_index(make_hf_model, tmp_path, cpu_backend):
+    hf_dir, torch_model = make_hf_model("llama", seed=9)
+    d = tmp_path / "sharded"
+    shutil.copytree(hf_dir, d)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    torch_model.save_pretrained(d, safe_serialization=True, max_shard_size="100KB")
+    assert len(list(d.glob("model-*.safetensors"))) > 1 and (d / "model.safetensors.index.json").is_file()
+    (d / "consolidated.safetensors").write_bytes(b"\xff" * 64)  # not in the index: must be ignored
+    model = load_model(d, cpu_backend)
+    ids = model.tokenizer.encode(PROMPT)
+    model.allocate_kv_cache(8, 8)
+    got = model.forward(StepBatch.single_sequence(ids, 0, list(range(8)), 8, all_logits=True))
+    want = _reference_logits(torch_model, ids)
+    assert np.abs(got - want).max() <= _bound(want)

@@ -95,7 +95,7 @@ class HFCheckpoint:
         except ValueError as e:
             raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from e
         self.config = ModelConfig.from_hf(self.raw_config)
-        files = sorted(self.path.glob("*.safetensors"))
+        files = _weight_files(self.path)
         if not files:
             pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             if pickles:
@@ -111,6 +111,22 @@ class HFCheckpoint:
                         continue
                     raise ModelLoadError(f"{f.name}: unexpected tensor {name} for a {self.config.arch} model")
                 self.weights[ours] = w
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The shards the index names when there is one (Mistral repos also ship a differently named
+    consolidated.safetensors beside the shards), else every *.safetensors file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from e
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"{path} lacks the shard {missing[0]} named in {index.name}")
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors"))
 
 
 def load_hf(path: str | Path) -> HFCheckpoint:

@@ -55,14 +55,13 @@ def fuse_rows(name: str, parts: list[WeightTensor]) -> WeightTensor | None:
 
 def rope_table(config: ModelConfig, freq_factors: np.ndarray | None) -> np.ndarray:
     """cos/sin table [max_pos, head_dim] (cos half, then sin half)."""
-    if freq_factors is None:
-        from mojollm.models.rope import rope_cos_sin
+    from mojollm.models.rope import rope_cos_sin, rope_inv_freq
 
+    if freq_factors is None:
         return rope_cos_sin(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
     # llama.cpp stores llama3-style scaling as per-frequency divisors (rope_freqs.weight).
-    half = config.head_dim // 2
-    inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) * 2 / config.head_dim)
-    inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64).reshape(half)
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, None)
+    inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64).reshape(inv_freq.shape)
     angles = np.arange(config.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
 
