@@ -62,6 +62,12 @@ def smollm(default_gguf, cpu_backend):
     return ours, ref
 
 
+def _rope_theta(cfg) -> float:
+    """transformers >= 5 keeps theta in rope_parameters, older versions as rope_theta."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
@@ -77,7 +83,7 @@ def test_default_model_config(smollm):
         (ref.config.num_hidden_layers, ref.config.hidden_size, ref.config.num_attention_heads,
          ref.config.num_key_value_heads, ref.config.hidden_size // ref.config.num_attention_heads)
     assert c.tie_word_embeddings and c.vocab_size == ref.config.vocab_size
-    assert c.rope_theta == pytest.approx(ref.config.rope_parameters["rope_theta"])
+    assert c.rope_theta == pytest.approx(_rope_theta(ref.config))
     # Bytes per decode step: the quantized file's tensors (tied embedding read once as lm_head).
     assert 0.9 * ours.path.stat().st_size < ours.weight_bytes < ours.path.stat().st_size
 
@@ -147,7 +153,7 @@ def _write_tiny_gguf(path, hf_dir, torch_model, types: dict[str, str], arch: str
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_tokenizer_model("gpt2")
