@@ -409,23 +409,31 @@ def _init_unit(a: Attn, u: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int, f_lo:
     var mv = _stat(u, d, 0)
     var lv = _stat(u, d, 1)
     var pv = _stat(u, d, 3)
-    var use_dot = nrows < DOT_ROWS
     var padded = (nrows + W - 1) // W * W
+    var i = 0
+    while i < padded * d:  # padded * d is a multiple of W
+        o_buf.unsafe_store(i, Vec(0))
+        i += W
     for r in range(padded):
         var f = f_lo + min(r, nrows - 1)  # padding rows repeat the last row's position
-        var qi = f // a.g
-        pv[unsafe_offset=r] = Float32(ctx - q_len + qi)
+        pv[unsafe_offset=r] = Float32(ctx - q_len + f // a.g)
         mv[unsafe_offset=r] = NEG
         lv[unsafe_offset=r] = 0
-        var src = ((tok0 + qi) * a.h + kvh * a.g + f % a.g) * d
-        var real = r < nrows
-        for i in range(d):
-            var x = a.q[unsafe_offset=src + i] * a.scale if real else Float32(0)
-            if use_dot:
-                qt[unsafe_offset=r * d + i] = x
-            else:
-                qt[unsafe_offset=i * ROWS + r] = x
-            o_buf[unsafe_offset=r * d + i] = 0
+        var src = ((tok0 + f // a.g) * a.h + kvh * a.g + f % a.g) * d
+        if nrows < DOT_ROWS:  # row-major
+            i = 0
+            while i + W <= d:
+                qt.unsafe_store(r * d + i, a.q.unsafe_load[width=W](src + i) * a.scale)
+                i += W
+            while i < d:
+                qt[unsafe_offset=r * d + i] = a.q[unsafe_offset=src + i] * a.scale
+                i += 1
+        elif r < nrows:  # transposed; padding rows are zero
+            for c in range(d):
+                qt[unsafe_offset=c * ROWS + r] = a.q[unsafe_offset=src + c] * a.scale
+        else:
+            for c in range(d):
+                qt[unsafe_offset=c * ROWS + r] = 0
 
 
 def _scores(a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, nrows: Int):
