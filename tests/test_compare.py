@@ -275,21 +275,21 @@ def _logits(rows):
 
 
 def test_cross_check_hand_cases():
-    th = Thresholds(logits_rel_tol=0.02)  # scale max|ref| = 10 below -> near-tie margin 0.4
+    th = Thresholds(logits_rel_tol=0.02)  # scale max|ref| = 10 below: near-tie margin 2 * min(error, 0.2)
     ref = _logits([[10.0, 1.0, 0.0], [2.0, 2.3, 0.0], [0.0, 0.0, 5.0]])
     # prompt length 2: greedy token j is the argmax of row 1 + j, so the reference's are [1, 2]
     tokens = np.array([[1, 2]])
     same = cross_check(ref, [r.copy() for r in ref], tokens, tokens, 2, th)
     assert same["ok"] and same["logits_max_abs_diff"] == 0 and same["top1_agreement"] == 1
-    assert same["greedy_match_len"] == [2] and same["near_tie_margin"] == pytest.approx(0.4)
+    assert same["greedy_match_len"] == [2] and same["near_tie_margin"] == 0  # identical: nothing explains a flip
 
-    # row 1: the reference prefers token 1 by only 0.3 <= 0.4, so logits off by <= 0.18 that flip
-    # it (and the greedy token that follows from it) are tolerated
+    # row 1: the reference prefers token 1 by only 0.3 <= 2 * 0.18, so logits off by <= 0.18 that
+    # flip it (and the greedy token that follows from it) are tolerated
     near = _logits([[10.0, 1.0, 0.0], [2.15, 2.12, 0.0], [0.0, 0.0, 5.0]])
     r = cross_check(ref, near, tokens, np.array([[0, 2]]), 2, th)
     assert r["ok"], r["problems"]
     assert r["top1_agreement"] == pytest.approx(2 / 3) and r["top1_decisive_mismatches"] == 0
-    assert r["greedy_match_len"] == [0]
+    assert r["greedy_match_len"] == [0] and r["near_tie_margin"] == pytest.approx(0.36)
 
     # row 0 flipped although the reference prefers token 0 by 9: decisive, and beyond the tolerance
     bad = _logits([[0.5, 1.0, 0.0], [2.0, 2.3, 0.0], [0.0, 0.0, 5.0]])
@@ -298,7 +298,8 @@ def test_cross_check_hand_cases():
     assert r["logits_max_abs_diff"] == pytest.approx(9.5) and r["logits_rel_diff"] == pytest.approx(0.95)
     assert any("greedy sequence 0 diverges at token 0" in p for p in r["problems"])
 
-    # logits within tolerance, but a greedy token the reference rejects by a margin of 5
+    # teacher-forced (prefill) logits identical, but the decode path picked a token the reference
+    # rejects by a margin of 5: a broken decode kernel is caught by the greedy check
     r = cross_check(ref, [x.copy() for x in ref], tokens, np.array([[1, 0]]), 2, th)
     assert not r["ok"] and any("diverges at token 1" in p for p in r["problems"])
 

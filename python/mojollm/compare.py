@@ -58,13 +58,16 @@ PROMPT_TEXT = (
 class Thresholds:
     """When a backend disagrees with the reference."""
 
-    logits_rel_tol: float = 2e-2  # max |logits - ref| / max |ref| over all checked positions
-    min_top1_agreement: float = 0.0  # raw fraction; decisive flips are checked separately (always 0 allowed)
+    # max |logits - ref| / max |ref| over all checked positions. 5% admits bf16 tensor-core
+    # activations (3.5% measured on a 12-layer model, cuda vs cpu); a broken kernel is far beyond.
+    logits_rel_tol: float = 5e-2
+    min_top1_agreement: float = 0.0  # raw fraction; decisive flips are checked separately (none allowed)
 
-    def near_tie(self, scale: float) -> float:
-        """A top-1 flip is explained by tolerated logit error when the reference's own margin is
-        below this: two logits each off by up to tol can swap only if they are 2 * tol apart."""
-        return 2.0 * self.logits_rel_tol * scale
+    def near_tie(self, max_abs_diff: float, scale: float) -> float:
+        """A top-1 flip is explained by logit error when the reference's own margin between the two
+        tokens is at most this: logits each off by at most e can swap only if they are <= 2e apart.
+        e is the error observed, capped by the tolerance (NaN stays NaN: nothing is explained)."""
+        return 2.0 * min(max_abs_diff, self.logits_rel_tol * scale)
 
 
 @dataclass
@@ -172,7 +175,7 @@ def cross_check(ref_logits: list[np.ndarray], logits: list[np.ndarray], ref_toke
     if not rel <= thresholds.logits_rel_tol:  # catches NaN too
         problems.append(f"logits differ by {max_abs:.3g} ({rel:.2%} of the logit range, tolerance "
                         f"{thresholds.logits_rel_tol:.2%})")
-    tie = thresholds.near_tie(scale)
+    tie = thresholds.near_tie(max_abs, scale)
 
     # top-1 agreement over every teacher-forced position
     agree = total = decisive = 0
@@ -558,8 +561,8 @@ def write_plot(doc: dict, path: str) -> None:
         raise PlotUnavailable("nothing to plot: no backend ran")
     failed = [(b.get("check") or {}).get("ok") is False for b in ran]
     def label(b: dict, bad: bool) -> str:
-        device = textwrap.wrap(b["device"], 26) or [""]
-        device = device[:2] if len(device) <= 2 else [device[0], device[1][:25] + "…"]
+        device = textwrap.wrap(b["device"], 20) or [""]
+        device = device[:2] if len(device) <= 2 else [device[0], device[1][:19] + "…"]
         status = {"reference": "(reference)", "ok": f"matches {doc['config']['reference']}",
                   "failed": "CHECK FAILED"}.get(status_of(b), "unchecked")
         return "\n".join([b["name"], *device, status])
@@ -567,7 +570,7 @@ def write_plot(doc: dict, path: str) -> None:
     labels = [label(b, f) for b, f in zip(ran, failed)]
     colors = ["#d62728" if f else "#1f77b4" for f in failed]
     x = np.arange(len(ran))
-    fig, axes = plt.subplots(1, 3, figsize=(max(12.6, 3 * (1.2 * len(ran) + 1.5)), 5.0))
+    fig, axes = plt.subplots(1, 3, figsize=(max(12.6, 3 * (1.5 * len(ran) + 1.2)), 5.0))
 
     def roof_label(b):
         f, bw = b["roofline"]["fraction"], b["bandwidth"]["gbs"]
@@ -581,7 +584,7 @@ def write_plot(doc: dict, path: str) -> None:
     ]
     for ax, (title, values, texts) in zip(axes, panels):
         bars = ax.bar(x, values, color=colors, width=0.6)
-        ax.set_xticks(x, labels, fontsize=9)
+        ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(title, fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
