@@ -14,9 +14,12 @@
 #   unnormalised accumulator O rescaled by exp(m_old - m_new)); the [rows, keys] score matrix
 #   never exists beyond one BK block.
 #   Scores: with >= DOT_ROWS rows, Q is stored transposed (QT[d, r]) and S^T[j, :] =
-#   sum_d K[j, d] * QT[d, :] is a broadcast-FMA over row vectors (no horizontal sums); with few
-#   rows (decode), dot products over d. Softmax statistics are vectors over rows.
-#   P.V: O[r, :] += sum_j P[j, r] * V[j, :], register-blocked 4 rows x 4 vectors.
+#   sum_d K[j, d] * QT[d, :] is a broadcast-FMA over row vectors (no horizontal sums) and the
+#   softmax statistics are vectors over rows. With fewer rows (decode with small G), scores are
+#   row-major S[r, j]: dot products of W keys at a time finished by one transpose-reduction,
+#   and the softmax runs across keys.
+#   P.V: O[r, :] += sum_j P[r, j] * V[j, :], register-blocked 4 rows x 4 vectors.
+#   Any head dim works (vector loops with scalar tails); 64 and 128 have unrolled decode dots.
 # Decode walks one (sequence, key chunk) per job with all its kv heads: a position's K/V row
 # [KVH, D] is contiguous, so the cache streams sequentially from memory (a job per kv head
 # would stride by KVH * D floats and defeat the hardware prefetchers).
@@ -753,6 +756,34 @@ def store_kv(meta_addr: PythonObject) raises -> PythonObject:
     return PythonObject(None)
 
 
+def stream_read(addr: PythonObject, n: PythonObject, out_addr: PythonObject) raises -> PythonObject:
+    """Sum n floats at addr with every worker (4 accumulators each), partial sums to out_addr:
+    the read bandwidth the decode kernel's thread pool can reach, for its roofline."""
+    var x = _f32(Int64(Int(py=addr)))
+    var total = Int(py=n)
+    var sums = _f32(Int64(Int(py=out_addr)))
+    var n_workers = num_physical_cores()
+    var per = (total // n_workers) // (4 * W) * (4 * W)
+
+    def work(w: Int) {imm x, imm sums, imm per}:
+        var a0 = Vec(0)
+        var a1 = Vec(0)
+        var a2 = Vec(0)
+        var a3 = Vec(0)
+        var i = w * per
+        var end = i + per
+        while i < end:
+            a0 += x.unsafe_load[width=W](i)
+            a1 += x.unsafe_load[width=W](i + W)
+            a2 += x.unsafe_load[width=W](i + 2 * W)
+            a3 += x.unsafe_load[width=W](i + 3 * W)
+            i += 4 * W
+        sums[unsafe_offset=w] = (a0 + a1 + a2 + a3).reduce_add()
+
+    parallelize(work, n_workers)
+    return PythonObject(per * n_workers)
+
+
 def workers() raises -> PythonObject:
     return PythonObject(num_physical_cores())
 
@@ -773,6 +804,7 @@ def PyInit_attention() abi("C") -> PythonObject:
         m.def_function[attention_prefill]("attention_prefill")
         m.def_function[attention_decode]("attention_decode")
         m.def_function[workers]("workers")
+        m.def_function[stream_read]("stream_read")
         m.def_function[scratch_per_worker]("scratch_per_worker")
         m.def_function[tile_rows]("tile_rows")
         return m.finalize()

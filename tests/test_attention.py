@@ -88,6 +88,9 @@ PREFILL_CASES = [
     ([200, 64], [300, 64], 24, 8, 128, 32),                # ratio 3, head dim 128
     ([0, 12, 0], [5, 12, 9], 9, 3, 64, 16),                # sequences with no new tokens
     ([1], [1], 72, 1, 16, 16),                             # one query, ratio 72 (> 64 rows)
+    ([2, 1, 5], [2, 30, 70], 3, 1, 64, 16),                # < 8 rows per tile: row-major path, masked
+    ([7, 3], [7, 20], 4, 4, 128, 32),                      # row-major path, head dim 128, masked
+    ([4], [4], 2, 1, 33, 1),                               # row-major path, head dim 33
 ]
 
 

@@ -197,3 +197,22 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
                  n_seqs, h, kvh, d, b, block_tables.shape[1], splits, workers)
     _kernels().attention_decode(meta.ctypes.data, sc)
     return out
+
+
+def stream_read_gbs(size_mib: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth (GB/s) of the attention kernels' own thread pool streaming a buffer far
+    larger than the caches: the roofline of a memory-bound decode."""
+    x = np.ones(size_mib * 2**20 // 4, dtype=np.float32)
+    sums = np.zeros(max(_workers(), 1) * 2, dtype=np.float32)
+    import time
+
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        n = int(_kernels().stream_read(x.ctypes.data, x.size, sums.ctypes.data))
+        dt = time.perf_counter() - t0
+        if i:  # the first pass pages the buffer in
+            best = min(best, dt)
+    if abs(float(sums.sum()) - n) > 1e-3 * n:
+        raise RuntimeError("stream_read summed the wrong number of floats")
+    return 4 * n / best / 1e9
