@@ -115,6 +115,22 @@ def gemm(a: np.ndarray, b: np.ndarray, max_threads: int = 0) -> np.ndarray:
     return c
 
 
+def fma_peak_gflops(threads: int = 0, iters: int = 2_000_000, repeats: int = 3) -> float:
+    """Attainable f32 FLOP/s of this machine (GFLOP/s, best of `repeats`): a register-only FMA
+    loop in Mojo on `threads` threads (0 = one per core). The roofline ceiling for GEMM."""
+    import time
+
+    tasks = _threads(threads) or config().tasks
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters <= 0:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    best = 0.0
+    for _ in range(repeats + 1):  # the first run wakes the worker threads
+        t0 = time.perf_counter()
+        flops = _kernels().fma_peak(iters, tasks)
+        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def _weight_rows(w: WeightTensor) -> np.ndarray:
     """The weight as a 2-D [N, K] array of its storage dtype (float32 / float16 / uint16)."""
     if not isinstance(w, WeightTensor):

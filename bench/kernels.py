@@ -1,0 +1,251 @@
+"""Kernel benchmarks: each Mojo CPU kernel against a peer measured in the same run.
+
+    python bench/kernels.py                        # every section
+    python bench/kernels.py gemm                   # one section (gemm | all | any name in SECTIONS)
+    python bench/kernels.py gemm --json out.json   # + the result document (bench/SCHEMA.md)
+    python bench/kernels.py gemm --quick           # fewer sizes and repeats (smoke run)
+
+Sections live in SECTIONS (name -> function(opts) -> rows); each row is a flat dict (bench/SCHEMA.md,
+kind mojollm.bench.kernels) and the table printed is the union of the rows' keys. Helpers for
+sections: `time_blocks` (medians over alternating blocks of repeats, warm-up excluded),
+`measure_read_bandwidth` (host read GB/s, the GEMV / decode roofline), `numpy_threads`.
+
+Timing protocol: every implementation runs in blocks (warm-up call, then `repeats` timed calls),
+blocks of the implementations alternate for `rounds` rounds, with a pause before each block so
+that the other library's worker threads (OpenBLAS spins after a call) have gone idle. Reported:
+the median and the best of all timed calls. The machine is shared, so medians are what to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import glob
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers (other sections import these)
+
+
+@dataclass
+class Options:
+    quick: bool = False
+    repeats: int | None = None  # None: the section's default
+    rounds: int = 3
+
+    def reps(self, default: int) -> int:
+        if self.repeats is not None:
+            return self.repeats
+        return max(2, default // 3) if self.quick else default
+
+
+def time_blocks(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 3,
+                pause_s: float = 0.2) -> dict[str, dict[str, float]]:
+    """{name: {"median_s", "best_s"}} over rounds x repeats timed calls of each function, the
+    functions taking turns block by block (see the module docstring)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(pause_s)
+            fn()  # warm-up: caches, page faults, thread wake-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": float(np.median(ts)), "best_s": float(min(ts))} for name, ts in times.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def measure_read_bandwidth(size_mib: int = 512, threads: int | None = None, repeats: int = 5) -> float:
+    """Host read bandwidth in GB/s (1e9 B/s): best of `repeats` numpy sums over a `size_mib` MiB
+    float32 array split across `threads` Python threads (default: all cores; numpy releases the
+    GIL inside the reduction). A lower bound of what the cores can stream: numpy's pairwise sum
+    is partly compute-bound, so a GEMV that beats it is not impossible."""
+    threads = threads or os.cpu_count() or 1
+    data = np.ones(size_mib * 2**20 // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, parts))  # warm-up: pages in, threads up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return data.nbytes / best / 1e9
+
+
+def _openblas_lib():
+    """numpy's bundled OpenBLAS (scipy-openblas wheels), or None when numpy uses another BLAS."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    for path in libs:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def numpy_threads() -> int | None:
+    """Threads numpy's BLAS uses (None if it cannot be asked)."""
+    lib = _openblas_lib()
+    for sym in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
+        fn = getattr(lib, sym, None) if lib is not None else None
+        if fn is not None:
+            return int(fn())
+    env = os.environ.get("OPENBLAS_NUM_THREADS")
+    return int(env) if env and env.isdigit() else None
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng(list(key))
+
+
+# ---------------------------------------------------------------------------------------------
+# gemm: f32 GEMM vs numpy (OpenBLAS), GEMV f32 / bf16 / f16 weights vs numpy f32 GEMV
+
+
+def bench_gemm(opts: Options) -> list[dict]:
+    from mojollm.kernels import linalg
+    from mojollm.weights import WeightTensor, float32_to_bf16
+
+    cfg = linalg.config()
+    peak = linalg.fma_peak_gflops()
+    np_threads = numpy_threads()
+    rows: list[dict] = []
+    common = {"section": "gemm", "threads": cfg.tasks, "peer": "numpy (OpenBLAS)", "peer_threads": np_threads}
+
+    sizes = (512, 1024) if opts.quick else (512, 1024, 2048)
+    for n in sizes:
+        rng = _rng(1, n)
+        a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+        c = linalg.gemm(a, b)
+        ref = a.astype(np.float64) @ b.astype(np.float64)
+        err = float(np.max(np.abs(c - ref) / (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))))
+        t = time_blocks({"mojo": lambda: linalg.gemm(a, b), "numpy": lambda: a @ b},
+                        opts.reps(5 if n >= 2048 else 10), opts.rounds)
+        flops = 2.0 * n**3
+        gflops = flops / t["mojo"]["median_s"] / 1e9
+        rows.append({**common, "op": "gemm", "shape": f"{n}x{n}x{n}", "dtype": "f32",
+                     "median_s": t["mojo"]["median_s"], "best_s": t["mojo"]["best_s"],
+                     "gflops": gflops, "peer_median_s": t["numpy"]["median_s"],
+                     "peer_gflops": flops / t["numpy"]["median_s"] / 1e9,
+                     "vs_peer": t["numpy"]["median_s"] / t["mojo"]["median_s"],
+                     "peak_gflops": peak, "fraction_of_peak": gflops / peak, "gbs": None,
+                     "max_rel_err": err, "ok": err < 1e-5})
+
+    # Decode-shaped GEMV: one token through an [N, K] weight. The peer is numpy's f32 GEMV on the
+    # row-major weight; bf16 / f16 weights stream half the bytes, so GB/s counts bytes stored.
+    bw = measure_read_bandwidth()
+    gemv_shapes = [(1, 4096, 4096), (1, 1536, 576)] if opts.quick else [(1, 4096, 4096), (4, 4096, 4096),
+                                                                      (1, 1536, 576), (1, 49152, 576)]
+    for t_tok, n, k in gemv_shapes:
+        rng = _rng(2, t_tok, n, k)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        x = rng.standard_normal((t_tok, k), dtype=np.float32)
+        layers = {"f32": linalg.DenseLinear(WeightTensor.from_float("w", w)),
+                  "bf16": linalg.DenseLinear(WeightTensor("w", (n, k), "BF16", float32_to_bf16(w))),
+                  "f16": linalg.DenseLinear(WeightTensor("w", (n, k), "F16", w.astype(np.float16)))}
+        fns = {name: (lambda lin=lin: lin.forward(x)) for name, lin in layers.items()}
+        fns["numpy"] = lambda: x @ w.T
+        t = time_blocks(fns, opts.reps(30), opts.rounds, pause_s=0.1)
+        peer_gbs = w.nbytes / t["numpy"]["median_s"] / 1e9
+        for name, lin in layers.items():
+            wref = lin.to_float32().astype(np.float64)
+            y = lin.forward(x)
+            scale = np.abs(x.astype(np.float64)) @ np.abs(wref).T
+            err = float(np.max(np.abs(y - x.astype(np.float64) @ wref.T) / scale))
+            weight_bytes = n * k * (4 if name == "f32" else 2)
+            gbs = weight_bytes / t[name]["median_s"] / 1e9
+            rows.append({**common, "op": "gemv" if t_tok == 1 else "linear", "shape": f"{t_tok}x{n}x{k}",
+                         "dtype": name, "median_s": t[name]["median_s"], "best_s": t[name]["best_s"],
+                         "gflops": 2.0 * t_tok * n * k / t[name]["median_s"] / 1e9,
+                         "peer_median_s": t["numpy"]["median_s"], "peer_gflops": None,
+                         "vs_peer": t["numpy"]["median_s"] / t[name]["median_s"],
+                         "gbs": gbs, "peer_gbs": peer_gbs, "read_bw_gbs": bw, "fraction_of_peak": gbs / bw,
+                         "max_rel_err": err, "ok": err < 1e-5})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
+    "gemm": bench_gemm,
+}
+
+
+def print_table(rows: list[dict]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "ok" if v else "FAILED"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print("\t".join(cols))
+        for r in rows:
+            print("\t".join(cell(r.get(c)) for c in cols))
+        return
+    table = Table(*cols)
+    for r in rows:
+        table.add_row(*(cell(r.get(c)) for c in cols))
+    Console(width=max(120, 14 * len(cols))).print(table)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sections", nargs="*", default=["all"], metavar="SECTION",
+                    help=f"{' | '.join(SECTIONS)} | all (default: all)")
+    ap.add_argument("--json", dest="json_path", default=None, help="write the result document here")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per block (default: per section)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per implementation")
+    args = ap.parse_args(argv)
+    names = list(SECTIONS) if "all" in args.sections else args.sections
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)} or all")
+    if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
+        ap.error("--repeats and --rounds must be >= 1")
+
+    opts = Options(quick=args.quick, repeats=args.repeats, rounds=args.rounds)
+    rows: list[dict] = []
+    for name in names:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        rows += SECTIONS[name](opts)
+    print_table(rows)
+    if args.json_path:
+        from mojollm.measure import bench_document
+
+        config = {"sections": names, "quick": args.quick, "repeats": args.repeats, "rounds": args.rounds,
+                  "load_average_1m": os.getloadavg()[0]}
+        command = shlex.join(["python", "bench/kernels.py", *(argv if argv is not None else sys.argv[1:])])
+        doc = bench_document("kernels", config, rows, command)
+        with open(args.json_path, "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0 if all(r.get("ok", True) is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
