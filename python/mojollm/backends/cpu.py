@@ -89,3 +89,9 @@ class CpuBackend(Backend):
 
     def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         return self._attention.attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+    # ---- info for measurements ----
+    def memory_bandwidth_gbs(self) -> float | None:
+        from mojollm.measure import host_bandwidth_gbs  # measured once per process
+
+        return host_bandwidth_gbs()[0]
