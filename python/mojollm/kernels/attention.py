@@ -25,8 +25,14 @@ _info: dict[str, int] = {}
 _buffers = threading.local()  # per-thread scratch, reused across calls (fresh pages cost faults)
 
 
+_module = None
+
+
 def _kernels():
-    return load_module("attention")
+    global _module
+    if _module is None:  # load_module caches too, but this sits on every op's path
+        _module = load_module("attention")
+    return _module
 
 
 def _workers() -> int:

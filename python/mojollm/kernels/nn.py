@@ -21,8 +21,14 @@ import numpy as np
 from mojollm.kernels.build import load_module
 
 
+_module = None
+
+
 def _kernels():
-    return load_module("nn")
+    global _module
+    if _module is None:  # load_module caches too, but this sits on every op's path
+        _module = load_module("nn")
+    return _module
 
 
 # ---- validation helpers (shared with kernels/attention.py) ----
