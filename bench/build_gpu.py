@@ -22,6 +22,7 @@ RUNTIME_LIBS = ("libKGENCompilerRTShared.so", "libAsyncRTMojoBindings.so", "libA
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--host", action="store_true", help="also prebuild the cpu backend's modules (.gpu/kernels/host)")
     args = ap.parse_args()
     root = Path(__file__).resolve().parent.parent / ".gpu"
     target = Target("cuda", args.arch)
@@ -43,6 +44,14 @@ def main() -> None:
         for n, t in enumerate(texts):
             (pdir / f"{name}.{n:03d}.ptx").write_text(t)
         print(f"{kdir / name}.so: {len(texts)} PTX modules")
+    if args.host:  # the cpu backend as a reference on the GPU machine, which has no Mojo compiler
+        hdir = root / "kernels" / "host"
+        hdir.mkdir(parents=True, exist_ok=True)
+        for name in available_modules("cpu"):
+            try:
+                shutil.copy2(build_module(name, "cpu", Target("host"), progress=print), hdir / f"{name}.so")
+            except Exception as e:  # report and go on: the GPU modules are what this script is for
+                print(f"host module {name} failed to build: {e}")
     lib = _runtime_lib_dir()
     for f in RUNTIME_LIBS:
         shutil.copy2(lib / f, ldir / f)

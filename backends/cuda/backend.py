@@ -27,7 +27,7 @@ from __future__ import annotations
 import glob
 import math
 import os
-import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -154,6 +154,11 @@ class CudaBackend(Backend):
         torch.cuda.set_device(self.device)
         self.target = _cuda_target(torch, device_index)
         self.nvidia = True  # tensor-core kernels (mma.sync) are available on this target
+        # Prefill GEMM on bf16 weights: "wgmma" (Hopper warpgroup MMA, sm_90 only) or "mma" (mma.sync).
+        self.hopper = self.target.arch == "sm_90"
+        self.gemm_impl = os.environ.get("MOJOLLM_CUDA_GEMM", "mma")
+        self.wgmma_swap = int(os.environ.get("MOJOLLM_CUDA_WGMMA_SWAP", "0"))
+        self.wgmma_bn = 256
         self._k = load_module(_MODULE, backend="cuda", target=self.target)
         self._gpu = self._k.GpuState()
         torch.cuda.synchronize(self.device)  # work queued on the legacy stream before us is done
@@ -250,6 +255,11 @@ class CudaBackend(Backend):
         if len(w.shape) != 2:
             raise ValueError(f"weight {w.name} must be 2-D [out, in], got shape {w.shape}")
         self._s()
+        with warnings.catch_warnings():  # memory-mapped checkpoints are read-only; .to(device) copies them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return self._prepare_linear(w)
+
+    def _prepare_linear(self, w: WeightTensor) -> Any:
         torch = self.torch
         if w.is_quantized:
             qs, d, m = repack_gguf_blocks(w)
@@ -336,13 +346,16 @@ class CudaBackend(Backend):
         y = self._empty((T, N))
         if T == 0:
             return y
+        if x.data_ptr() % 16:  # a row slice of a larger tensor: the kernels use 16-byte loads
+            x = x.clone()
         has_bias = int(bias is not None)
         bptr = bias.data_ptr() if bias is not None else y.data_ptr()  # never read without has_bias
         if isinstance(w, QuantWeight):
             m = (w.m if w.m is not None else w.d).data_ptr()
             if T <= _QGEMV_MAX_TOKENS:
                 self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), w.qs.data_ptr(),
-                                               w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K))
+                                               w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K,
+                                               self._gemv_grid(N, 4)))
             else:
                 dense = self._empty((N, K))
                 self._k.dequant(self._gpu, (s, w.code, 0, w.qs.data_ptr(), w.d.data_ptr(), m, dense.data_ptr(), N, K))
@@ -353,21 +366,61 @@ class CudaBackend(Backend):
         code = self._codes[wt.dtype]
         if T <= _GEMV_MAX_TOKENS:
             vw = 16 // wt.element_size()
-            vec = int(K % vw == 0 and x.data_ptr() % 16 == 0 and wt.data_ptr() % 16 == 0)
-            self._k.gemv_dense(self._gpu, (s, code, 1 if T == 1 else 8, vec, x.data_ptr(), wt.data_ptr(), bptr,
-                                           y.data_ptr(), has_bias, T, N, K))
+            if K % vw == 0 and wt.data_ptr() % 16 == 0:
+                rows = self._gemv_rows(N)
+                grid = -(-(-(-N // rows)) // 8)
+            else:
+                rows, grid = 0, -(-N // 8)  # element loads, one warp per row
+            self._k.gemv_dense(self._gpu, (s, code, 1 if T == 1 else 8, rows, x.data_ptr(), wt.data_ptr(), bptr,
+                                           y.data_ptr(), has_bias, T, N, K, grid))
         elif code != 0 and self.nvidia and K % 8 == 0 and wt.data_ptr() % 16 == 0:
             a16 = self._empty((T, K), wt.dtype)
             self._k.convert(self._gpu, (s, 0, code, x.data_ptr(), a16.data_ptr(), T * K))
-            self._k.gemm_mma(self._gpu, (s, code, 0, a16.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(),
-                                         has_bias, T, N, K))
+            self._gemm16(s, a16, wt, bptr, y, has_bias, self.gemm_impl)
         else:
             self._k.gemm_simt(self._gpu, (s, code, x.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(), has_bias, T, N, K))
         return y
 
-    def matmul_16bit(self, a, w: DenseWeight, out_dtype=None):
+    def _gemv_rows(self, n: int) -> int:
+        """Rows per warp of the dense GEMV: each warp runs once over its rows (no grid-stride), so
+        pick R for enough warps in flight (>= 20 per SM) and a full last wave (~40 warps fit per SM):
+        the bandwidth of a memory-bound kernel follows the warps it keeps busy."""
+        enough, resident = 20 * self.num_sms, 40 * self.num_sms
+        best = (1, -1.0)
+        for r in (4, 2, 1):
+            warps = -(-n // r)
+            if warps < enough and r > 1:
+                continue
+            waves = warps / resident
+            eff = 1.0 if waves <= 1 else waves / math.ceil(waves)
+            if eff > best[1] + 0.02:
+                best = (r, eff)
+        return best[0]
+
+    def _gemv_grid(self, n: int, rows: int) -> int:
+        """Blocks of 8 warps for a GEMV whose warps own `rows` rows each and stride over the rest:
+        at most 4 blocks per SM, so one wave covers the matrix."""
+        return max(1, min(-(-n // (8 * rows)), 4 * self.num_sms))
+
+    def _gemm16(self, s, a16, wt, bptr, c, has_bias, impl, bn=None, swap=None):
+        M, K = a16.shape
+        N = wt.shape[0]
+        ccode = 0 if c.dtype == self.torch.float32 else 1
+        if impl == "wgmma" and self.hopper and a16.dtype == self.torch.bfloat16:
+            self._k.gemm_wgmma(self._gpu, (s, ccode, bn or self.wgmma_bn, a16.data_ptr(), wt.data_ptr(), bptr,
+                                           c.data_ptr(), has_bias, M, N, K, self.wgmma_swap if swap is None else swap))
+        else:
+            # Split K when the output tiles cannot fill the GPU twice (a short prompt).
+            tiles = -(-M // 128) * -(-N // 128)
+            splits = max(1, min(16, -(-2 * self.num_sms // tiles), K // 256)) if tiles < 2 * self.num_sms else 1
+            part = self._empty((splits * M * N,)) if splits > 1 else c
+            self._k.gemm_mma(self._gpu, (s, self._codes[a16.dtype], ccode, a16.data_ptr(), wt.data_ptr(), bptr,
+                                         c.data_ptr(), has_bias, M, N, K, splits, part.data_ptr()))
+
+    def matmul_16bit(self, a, w: DenseWeight, out_dtype=None, impl=None, bn=None, swap=None):
         """C = A @ W.T on tensor cores with A, W both bfloat16 (or both float16): the GEMM of
-        `linear` without its float32 activations, for benchmarks. Output float32 or A's dtype."""
+        `linear` without its float32 activations, for benchmarks. Output float32 or A's dtype.
+        impl: "mma" or "wgmma" (default: the backend's choice)."""
         s = self._s()
         torch = self.torch
         self._tensor("a", a, 2, (torch.bfloat16, torch.float16))
@@ -378,8 +431,7 @@ class CudaBackend(Backend):
             raise ValueError("matmul_16bit needs K == weight's K, K % 8 == 0 and an NVIDIA GPU")
         out_dtype = out_dtype or torch.float32
         c = self._empty((M, w.n), out_dtype)
-        self._k.gemm_mma(self._gpu, (s, self._codes[a.dtype], 0 if out_dtype == torch.float32 else 1, a.data_ptr(),
-                                     w.w.data_ptr(), c.data_ptr(), c.data_ptr(), 0, M, w.n, K))
+        self._gemm16(s, a, w.w, c.data_ptr(), c, 0, impl or self.gemm_impl, bn, swap)
         return c
 
     def rms_norm(self, x, weight, eps):
@@ -522,10 +574,10 @@ class CudaBackend(Backend):
         return out
 
     def decode_splits(self, num_seqs: int, kv_heads: int, max_context: int) -> tuple[int, int]:
-        """(splits, keys per split) of the split-K decode: enough blocks to fill the GPU twice,
-        at least 256 keys per split, split boundaries on 32-key tiles."""
+        """(splits, keys per split) of the split-K decode: about 8 blocks per SM (several resident
+        at once, and a short last wave), at least 256 keys per split, splits on 32-key tiles."""
         base = max(1, num_seqs * kv_heads)
-        want = 1 if base >= 2 * self.num_sms else math.ceil(2 * self.num_sms / base)
+        want = 1 if base >= 8 * self.num_sms else math.ceil(8 * self.num_sms / base)
         splits = max(1, min(want, math.ceil(max_context / 256)))
         chunk = max(32, math.ceil(math.ceil(max_context / splits) / 32) * 32)
         return max(1, math.ceil(max_context / chunk)), chunk

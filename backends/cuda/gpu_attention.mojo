@@ -209,8 +209,9 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
     comptime assert is_nvidia_gpu(), "attn_prefill_mma_kernel needs NVIDIA tensor cores"
     comptime LD = D + 8  # 16-byte row padding: conflict-free ldmatrix
     comptime NT_D = D // 8  # n8 tiles over the head dim
-    var Ks = stack_allocation[FA_TK * LD, Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
-    var Vs = stack_allocation[FA_TK * LD, Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
+    comptime TILE = FA_TK * LD
+    # Two stages of (K tile, V tile): tile t + 1 streams in while tile t is used.
+    var smem = external_memory[Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
     var tid = thread_idx.x
     var lane = lane_id()
     var warp_id = tid // WARP_SIZE
@@ -240,7 +241,8 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
     var off = ctx - qlen
     var last_key = off + p0 + npos - 1
 
-    # Q (unscaled, rounded to the cache type) -> smem (borrowing the K buffer) -> A fragments.
+    # Q (unscaled, rounded to the cache type) -> smem (borrowing stage 1) -> A fragments.
+    var Qst = smem.unsafe_offset(2 * TILE)
     for e in range(tid, FA_ROWS * D, FA_THREADS):
         var r = e // D
         var dd = e % D
@@ -248,11 +250,11 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
         if r < rows:
             var qrow = (qstart + p0 + r // G) * hh + h * G + r % G
             v = q[unsafe_offset=qrow * D + dd].cast[DType.float32]()
-        Ks[unsafe_offset=r * LD + dd] = v.cast[cdt]()
+        Qst[unsafe_offset=r * LD + dd] = v.cast[cdt]()
     barrier()
     var qf = Array[SIMD[cdt, 8], D // 16](fill=SIMD[cdt, 8](0))
     comptime for kk in range(D // 16):
-        qf[kk] = ld_matrix[8](Ks.unsafe_offset((warp_id * 16 + lane % 16) * LD + kk * 16 + (lane // 16) * 8))
+        qf[kk] = ld_matrix[8](Qst.unsafe_offset((warp_id * 16 + lane % 16) * LD + kk * 16 + (lane // 16) * 8))
     barrier()
 
     # This thread's two rows of the warp's 16: ra = lane/4 and ra + 8.
@@ -270,14 +272,23 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
     var s2 = scale * LOG2E
     var n_tiles = ceildiv(last_key + 1, FA_TK)
 
-    _fa_load_kv[cdt, D](kc, Ks, bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
+    _fa_load_kv[cdt, D](kc, smem, bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
+    _fa_load_kv[cdt, D](vc, smem.unsafe_offset(TILE), bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
     async_copy_commit_group()
-    _fa_load_kv[cdt, D](vc, Vs, bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
-    async_copy_commit_group()
+    var first_pos = off + p0  # smallest query position of the block: tiles below it need no mask
 
     for t in range(n_tiles):
-        async_copy_wait_group(1)  # K(t) landed (V(t) may still be in flight)
+        if t + 1 < n_tiles:
+            var nx = smem.unsafe_offset(((t + 1) % 2) * 2 * TILE)
+            _fa_load_kv[cdt, D](kc, nx, bt, err, s, m_, b_, nb, kvh, h, (t + 1) * FA_TK, last_key)
+            _fa_load_kv[cdt, D](vc, nx.unsafe_offset(TILE), bt, err, s, m_, b_, nb, kvh, h, (t + 1) * FA_TK, last_key)
+            async_copy_commit_group()
+            async_copy_wait_group(1)  # tile t landed; t + 1 in flight
+        else:
+            async_copy_wait_group(0)
         barrier()
+        var Ks = smem.unsafe_offset((t % 2) * 2 * TILE)
+        var Vs = Ks.unsafe_offset(TILE)
         var sacc = SIMD[DType.float32, 32](0)  # 8 n8 tiles over the 64 keys
         comptime for kk in range(D // 16):
             comptime for nj in range(4):
@@ -288,31 +299,26 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
                     var cf = sacc.slice[4, offset=o_]()
                     mma(cf, qf[kk], bfr.slice[4, offset=hf * 4](), cf)
                     sacc = sacc.insert[offset=o_](cf)
-        barrier()  # everyone is done with K(t)
-        if t + 1 < n_tiles:
-            _fa_load_kv[cdt, D](kc, Ks, bt, err, s, m_, b_, nb, kvh, h, (t + 1) * FA_TK, last_key)
-            async_copy_commit_group()
-            async_copy_wait_group(1)  # V(t) landed
-        else:
-            async_copy_wait_group(0)
 
         # Online softmax in base 2 on the fragment: c0, c1 belong to row ra, c2, c3 to row rb.
-        var kb = t * FA_TK + (lane % 4) * 2
+        # Rows past `rows` hold q = 0: finite scores, never stored.
+        sacc *= s2
+        if t * FA_TK + FA_TK - 1 > first_pos:  # the tile crosses the causal diagonal
+            var kb = t * FA_TK + (lane % 4) * 2
+            comptime for ni in range(8):
+                comptime for e in range(4):
+                    var key = kb + ni * 8 + (e % 2)
+                    comptime if e < 2:
+                        if key > pos_a:
+                            sacc[ni * 4 + e] = neg_inf[DType.float32]()
+                    else:
+                        if key > pos_b:
+                            sacc[ni * 4 + e] = neg_inf[DType.float32]()
         var mt_a = neg_inf[DType.float32]()
         var mt_b = neg_inf[DType.float32]()
         comptime for ni in range(8):
-            comptime for e in range(4):
-                var key = kb + ni * 8 + (e % 2)
-                var v = sacc[ni * 4 + e] * s2
-                comptime if e < 2:
-                    if not ok_a or key > pos_a:
-                        v = neg_inf[DType.float32]()
-                    mt_a = max(mt_a, v)
-                else:
-                    if not ok_b or key > pos_b:
-                        v = neg_inf[DType.float32]()
-                    mt_b = max(mt_b, v)
-                sacc[ni * 4 + e] = v
+            mt_a = max(mt_a, max(sacc[ni * 4 + 0], sacc[ni * 4 + 1]))
+            mt_b = max(mt_b, max(sacc[ni * 4 + 2], sacc[ni * 4 + 3]))
         mt_a = max(mt_a, warp.shuffle_xor(mt_a, UInt32(1)))
         mt_a = max(mt_a, warp.shuffle_xor(mt_a, UInt32(2)))
         mt_b = max(mt_b, warp.shuffle_xor(mt_b, UInt32(1)))
@@ -346,7 +352,6 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
             o[ni * 4 + 2] *= al_b
             o[ni * 4 + 3] *= al_b
 
-        barrier()  # V(t) visible to all
         comptime for kk in range(FA_TK // 16):
             # The S accumulator layout of n-tiles 2kk, 2kk+1 is exactly the A-fragment layout of P.
             var pa = SIMD[DType.float32, 8](
@@ -362,10 +367,7 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
                     var cf = o.slice[4, offset=o_]()
                     mma(cf, pa, bfr.slice[4, offset=hf * 4](), cf)
                     o = o.insert[offset=o_](cf)
-        barrier()  # everyone is done with V(t)
-        if t + 1 < n_tiles:
-            _fa_load_kv[cdt, D](vc, Vs, bt, err, s, m_, b_, nb, kvh, h, (t + 1) * FA_TK, last_key)
-            async_copy_commit_group()
+        barrier()  # everyone is done with this stage before it is refilled
 
     l_a += warp.shuffle_xor(l_a, UInt32(1))
     l_a += warp.shuffle_xor(l_a, UInt32(2))
@@ -386,14 +388,52 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
 
 
 # ---- decode: one query per sequence, split-K over the context ---------------------------------
-comptime DEC_TK = 32  # keys per tile (one per lane in the softmax step)
+# Block (kv head, sequence, split) = 4 warps. K/V tiles of DEC_TK keys stream through shared
+# memory with cp.async, two stages deep (the next tile loads while this one is used), as 16-byte
+# chunks (each chunk's cache address is looked up once). Scores: one thread per (head, key), with
+# 16-byte shared reads along the key row (rows padded by 16 bytes). Output: each thread owns
+# (head, 4 features) accumulators in registers.
+comptime DEC_TK = 32  # keys per tile: one per lane in the softmax
 comptime DEC_THREADS = 128
 comptime DEC_MAX_G = 16
+comptime DEC_MAX_OWN = 4  # (head, 4-feature) chunks per thread: G * D / 4 <= 4 * 128
+
+
+def prefill_mma_smem_bytes[D: Int]() -> Int:
+    return 4 * FA_TK * (D + 8) * 2
 
 
 def decode_smem_bytes[cdt: DType, D: Int](G: Int) -> Int:
-    comptime KLD = D + (1 if size_of[cdt]() == 4 else 2)
-    return (2 * G * D + G * DEC_TK + 3 * G) * 4 + DEC_TK * KLD * size_of[cdt]() + DEC_TK * D * size_of[cdt]() + 16
+    comptime VW = 16 // size_of[cdt]()
+    comptime LD = D + VW
+    return 2 * 2 * DEC_TK * LD * size_of[cdt]() + (G * D + G * DEC_TK + 3 * G) * 4 + 16
+
+
+@always_inline
+def _dec_load_tile[cdt: DType, D: Int](
+    kc: Ptr[cdt], vc: Ptr[cdt], ks: SharedPtr[cdt], vs: SharedPtr[cdt], bt: I32P, err: I32P,
+    s: Int, m_: Int, b_: Int, nb: Int, kvh: Int, h: Int, k0: Int, k_hi: Int,
+):
+    comptime VW = 16 // size_of[cdt]()
+    comptime LD = D + VW
+    comptime CPK = D // VW
+    for c in range(thread_idx.x, DEC_TK * CPK, DEC_THREADS):
+        var j = c // CPK
+        var part = c % CPK
+        var key = k0 + j
+        var ok = key < k_hi
+        var src = 0
+        if ok:
+            var blk = Int(bt[unsafe_offset=s * m_ + key // b_])
+            if blk < 0 or blk >= nb:
+                flag(err, ERR_BLOCK)
+                ok = False
+            else:
+                src = ((blk * b_ + key % b_) * kvh + h) * D + part * VW
+        async_copy[16](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                       ks.unsafe_offset(j * LD + part * VW), src_size=Int32(16 if ok else 0))
+        async_copy[16](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                       vs.unsafe_offset(j * LD + part * VW), src_size=Int32(16 if ok else 0))
 
 
 def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
@@ -404,11 +444,17 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
     """Block (kv head h, sequence s, split sp) attends the G query heads of h over keys
     [sp * chunk, min(ctx, (sp + 1) * chunk)). With one split it writes the output directly,
     else a normalised partial output and its log-sum-exp for attn_combine_kernel."""
-    comptime KLD = D + (1 if size_of[cdt]() == 4 else 2)  # odd word stride: conflict-free columns
+    comptime VW = 16 // size_of[cdt]()
+    comptime LD = D + VW
+    comptime TILE = DEC_TK * LD
+    comptime D4 = D // 4
     var h = block_idx.x
     var s = block_idx.y
     var sp = block_idx.z
     var tid = thread_idx.x
+    var lane = lane_id()
+    var warp_id = tid // WARP_SIZE
+    comptime NWARPS = DEC_THREADS // WARP_SIZE
     var hh = Int(H)
     var kvh = Int(KVH)
     var G = hh // kvh
@@ -417,16 +463,15 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
     var nb = Int(NB)
     var nsp = Int(splits)
 
-    var base = external_memory[Float32, address_space=AddressSpace.SHARED, alignment=16]()
-    var Qs = base  # [G, D] scaled query
-    var Os = base.unsafe_offset(G * D)  # [G, D] running output
-    var Ss = base.unsafe_offset(2 * G * D)  # [G, TK] scores, then probabilities
-    var Ms = base.unsafe_offset(2 * G * D + G * DEC_TK)  # [G] running max
+    var kv_smem = external_memory[Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
+    var Kb = kv_smem  # [2][TK][LD]
+    var Vb = kv_smem.unsafe_offset(2 * TILE)  # [2][TK][LD]
+    var fbase = kv_smem.unsafe_offset(4 * TILE).unsafe_bitcast[Float32]()
+    var Qs = fbase  # [G][D] scaled query
+    var Ss = fbase.unsafe_offset(G * D)  # [G][TK] scores, then probabilities
+    var Ms = Ss.unsafe_offset(G * DEC_TK)  # [G] running max
     var Ls = Ms.unsafe_offset(G)  # [G] running sum
-    var As = Ls.unsafe_offset(G)  # [G] rescale factor of this tile
-    var kv_base = (2 * G * D + G * DEC_TK + 3 * G) * 4
-    var Ks = base.unsafe_bitcast[Scalar[cdt]]().unsafe_offset(kv_base // size_of[cdt]())
-    var Vs = Ks.unsafe_offset(DEC_TK * KLD)
+    var As = Ls.unsafe_offset(G)  # [G] this tile's rescale factor
 
     var ctx = Int(cl[unsafe_offset=s])
     if ctx < 0 or ctx > m_ * b_:
@@ -435,50 +480,51 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
         ctx = 0
     var k_lo = sp * Int(chunk)
     var k_hi = min(ctx, k_lo + Int(chunk))
+    var n_tiles = ceildiv(k_hi - k_lo, DEC_TK) if k_hi > k_lo else 0
 
+    if n_tiles > 0:
+        _dec_load_tile[cdt, D](kc, vc, Kb, Vb, bt, err, s, m_, b_, nb, kvh, h, k_lo, k_hi)
+    async_copy_commit_group()
     for e in range(tid, G * D, DEC_THREADS):
         Qs[unsafe_offset=e] = q[unsafe_offset=(s * hh + h * G) * D + e].cast[DType.float32]() * scale
-        Os[unsafe_offset=e] = 0
     for g in range(tid, G, DEC_THREADS):
         Ms[unsafe_offset=g] = neg_inf[DType.float32]()
         Ls[unsafe_offset=g] = 0
 
-    var warp_id = tid // WARP_SIZE
-    comptime NWARPS = DEC_THREADS // WARP_SIZE
-    var lane = lane_id()
-    for k0 in range(k_lo, k_hi, DEC_TK):
+    var acc = Array[SIMD[DType.float32, 4], DEC_MAX_OWN](fill=SIMD[DType.float32, 4](0))
+    var n_own = G * D4
+
+    for t in range(n_tiles):
+        var st = t % 2
+        if t + 1 < n_tiles:
+            var nx = (t + 1) % 2
+            _dec_load_tile[cdt, D](kc, vc, Kb.unsafe_offset(nx * TILE), Vb.unsafe_offset(nx * TILE), bt, err,
+                                   s, m_, b_, nb, kvh, h, k_lo + (t + 1) * DEC_TK, k_hi)
+            async_copy_commit_group()
+            async_copy_wait_group(1)
+        else:
+            async_copy_wait_group(0)
         barrier()
-        for e in range(tid, DEC_TK * D, DEC_THREADS):
-            var j = e // D
-            var dd = e % D
-            var key = k0 + j
-            var kv: Scalar[cdt] = 0
-            var vv: Scalar[cdt] = 0
-            if key < k_hi:
-                var blk = Int(bt[unsafe_offset=s * m_ + key // b_])
-                if blk < 0 or blk >= nb:
-                    flag(err, ERR_BLOCK)
-                else:
-                    var idx = ((blk * b_ + key % b_) * kvh + h) * D + dd
-                    kv = kc[unsafe_offset=idx]
-                    vv = vc[unsafe_offset=idx]
-            Ks[unsafe_offset=j * KLD + dd] = kv
-            Vs[unsafe_offset=j * D + dd] = vv
-        barrier()
+        var kt = Kb.unsafe_offset(st * TILE)
+        var vt = Vb.unsafe_offset(st * TILE)
+        var k0 = k_lo + t * DEC_TK
+        # scores: thread -> (head g, key j)
         for pr in range(tid, G * DEC_TK, DEC_THREADS):
             var g = pr // DEC_TK
             var j = pr % DEC_TK
-            var acc: Float32 = 0
-            for dd in range(D):
-                acc += Qs[unsafe_offset=g * D + dd] * Ks[unsafe_offset=j * KLD + dd].cast[DType.float32]()
-            Ss[unsafe_offset=pr] = acc if k0 + j < k_hi else neg_inf[DType.float32]()
+            var sc = SIMD[DType.float32, VW](0)
+            comptime for c in range(D // VW):
+                var kv = kt.unsafe_load[width=VW, alignment=16](j * LD + c * VW).cast[DType.float32]()
+                var qv = Qs.unsafe_load[width=VW, alignment=16](g * D + c * VW)
+                sc += kv * qv
+            Ss[unsafe_offset=pr] = sc.reduce_add() if k0 + j < k_hi else neg_inf[DType.float32]()
         barrier()
         for g in range(warp_id, G, NWARPS):
             var v = neg_inf[DType.float32]()
             if lane < DEC_TK:
                 v = Ss[unsafe_offset=g * DEC_TK + lane]
             var m_old = Ms[unsafe_offset=g]
-            var m_new = max(m_old, warp.max(v))  # the tile's first key is always visible: finite
+            var m_new = max(m_old, warp.max(v))  # a tile's first key is always visible: finite
             var p: Float32 = 0
             if lane < DEC_TK:
                 p = exp(v - m_new)
@@ -490,28 +536,37 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
                 Ls[unsafe_offset=g] = Ls[unsafe_offset=g] * alpha + ls
                 Ms[unsafe_offset=g] = m_new
         barrier()
-        for pr in range(tid, G * D, DEC_THREADS):
-            var g = pr // D
-            var dd = pr % D
-            var acc = Os[unsafe_offset=pr] * As[unsafe_offset=g]
-            for j in range(DEC_TK):
-                acc += Ss[unsafe_offset=g * DEC_TK + j] * Vs[unsafe_offset=j * D + dd].cast[DType.float32]()
-            Os[unsafe_offset=pr] = acc
-    barrier()
-    for pr in range(tid, G * D, DEC_THREADS):
-        var g = pr // D
-        var dd = pr % D
-        var l = Ls[unsafe_offset=g]
-        var v: Float32 = Os[unsafe_offset=pr] / l if l > 0 else 0
-        var head = s * hh + h * G + g
-        if nsp == 1:
-            dst[unsafe_offset=head * D + dd] = v.cast[qdt]()
-        else:
-            part_o[unsafe_offset=(head * nsp + sp) * D + dd] = v
-            if dd == 0:
-                part_lse[unsafe_offset=head * nsp + sp] = (
-                    Ms[unsafe_offset=g] + log(l) if l > 0 else neg_inf[DType.float32]()
-                )
+        comptime for i in range(DEC_MAX_OWN):
+            var oc = tid + DEC_THREADS * i
+            if oc < n_own:
+                var g = oc // D4
+                var d0 = (oc % D4) * 4
+                var a = acc[i] * As[unsafe_offset=g]
+                for j in range(DEC_TK):
+                    var vv = vt.unsafe_load[width=4, alignment=4 * size_of[cdt]()](j * LD + d0)
+                    a += Ss[unsafe_offset=g * DEC_TK + j] * vv.cast[DType.float32]()
+                acc[i] = a
+        barrier()  # the stage just read is refilled next iteration; Ss and As are rewritten
+
+    barrier()  # (no tiles: Ms / Ls initialised by other threads)
+    comptime for i in range(DEC_MAX_OWN):
+        var oc = tid + DEC_THREADS * i
+        if oc < n_own:
+            var g = oc // D4
+            var d0 = (oc % D4) * 4
+            var l = Ls[unsafe_offset=g]
+            var o = acc[i] / l if l > 0 else SIMD[DType.float32, 4](0)
+            var head = s * hh + h * G + g
+            if nsp == 1:
+                comptime for e in range(4):
+                    dst[unsafe_offset=head * D + d0 + e] = o[e].cast[qdt]()
+            else:
+                comptime for e in range(4):
+                    part_o[unsafe_offset=(head * nsp + sp) * D + d0 + e] = o[e]
+                if d0 == 0:
+                    part_lse[unsafe_offset=head * nsp + sp] = (
+                        Ms[unsafe_offset=g] + log(l) if l > 0 else neg_inf[DType.float32]()
+                    )
 
 
 def attn_combine_kernel[qdt: DType](part_o: F32P, part_lse: F32P, dst: Ptr[qdt], splits: Int64, D: Int64):

@@ -11,13 +11,17 @@
 from std.math import ceildiv
 from std.memory import stack_allocation, bitcast
 from std.sys import size_of, is_nvidia_gpu
-from max.gpu import thread_idx, block_idx, block_dim, lane_id, WARP_SIZE
+from max.gpu import thread_idx, block_idx, block_dim, grid_dim, global_idx, lane_id, WARP_SIZE
 from max.gpu.sync import barrier
 from max.gpu.primitives import warp
 from max.gpu.memory import (
     AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory,
 )
-from max.gpu.compute.mma import mma, ld_matrix
+from std.sys._assembly import inlined_assembly
+from max.gpu.compute.mma import (
+    mma, ld_matrix, wgmma_async, wgmma_fence_aligned, wgmma_commit_group_sync, wgmma_wait_group_sync,
+    WGMMADescriptor,
+)
 
 from gpu_common import SharedPtr, Ptr, F32P, U8P, I8P, F16P, vload, Q4_0, Q4_1, Q8_0
 
@@ -25,21 +29,71 @@ comptime GEMV_WARPS = 8
 
 
 # ---- GEMV, dense weights ----------------------------------------------------------------------
+# A warp owns R consecutive rows at a time (the x vector it loads serves all R) and strides over
+# row groups with the whole grid, so a launch of a few blocks per SM covers any N in one wave.
+# R * U = 8 sixteen-byte weight loads are in flight per lane before the first multiply.
 @always_inline
-def _dot_x[NT: Int, VW: Int](
-    mut acc: SIMD[DType.float32, NT], wf: SIMD[DType.float32, VW], x: F32P, t0: Int, T: Int, kk: Int, off: Int
+def _gemv_rows[wdt: DType, NT: Int, R: Int, U: Int](
+    x: F32P, w: Ptr[wdt], bias: F32P, y: F32P, has_bias: Int64, T: Int, N: Int, K: Int, n0: Int, t0: Int
 ):
-    comptime for t in range(NT):
-        if t0 + t < T:
-            var xv = vload[VW](x, (t0 + t) * kk + off)
-            acc[t] += (wf * xv).reduce_add()
+    var lane = lane_id()
+    comptime VW = 16 // size_of[wdt]()
+    comptime STEP = WARP_SIZE * VW
+    var acc = SIMD[DType.float32, R * NT](0)  # [row r][token t]
+    var k0 = 0
+    while k0 + U * STEP <= K:
+        var wv = Array[SIMD[wdt, VW], R * U](fill=SIMD[wdt, VW](0))  # raw: 4 registers per load
+        comptime for u in range(U):
+            comptime for r in range(R):
+                var row = min(n0 + r, N - 1)  # rows past N repeat the last one; never stored
+                wv[u * R + r] = vload[VW](w, row * K + k0 + u * STEP + lane * VW)
+        comptime for u in range(U):
+            var off = k0 + u * STEP + lane * VW
+            comptime for t in range(NT):
+                if t0 + t < T:
+                    var xv = vload[VW](x, (t0 + t) * K + off)
+                    comptime for r in range(R):
+                        acc[r * NT + t] += (wv[u * R + r].cast[DType.float32]() * xv).reduce_add()
+        k0 += U * STEP
+    while k0 < K:
+        var off = k0 + lane * VW
+        if off < K:
+            comptime for t in range(NT):
+                if t0 + t < T:
+                    var xv = vload[VW](x, (t0 + t) * K + off)
+                    comptime for r in range(R):
+                        var row = min(n0 + r, N - 1)
+                        acc[r * NT + t] += (vload[VW](w, row * K + off).cast[DType.float32]() * xv).reduce_add()
+        k0 += STEP
+    comptime for r in range(R):
+        var b: Float32 = 0
+        if has_bias != 0 and n0 + r < N:
+            b = bias[unsafe_offset=n0 + r]
+        comptime for t in range(NT):
+            var s = warp.sum(acc[r * NT + t])
+            if lane == 0 and n0 + r < N and t0 + t < T:
+                y[unsafe_offset=(t0 + t) * N + n0 + r] = s + b
 
 
-def gemv_dense_kernel[wdt: DType, NT: Int, VEC: Bool](
+def gemv_dense_kernel[wdt: DType, NT: Int, R: Int](
     x: F32P, w: Ptr[wdt], bias: F32P, y: F32P, has_bias: Int64, T: Int64, N: Int64, K: Int64
 ):
-    """One warp per output row n, tokens t0..t0+NT-1 of block_idx.y. VEC: K is a multiple of the
-    16-byte vector width and the rows are 16-byte aligned (checked on the host)."""
+    """Tokens t0..t0+NT-1 of block_idx.y. K is a multiple of the 16-byte vector width and the rows
+    are 16-byte aligned (checked on the host)."""
+    var nn = Int(N)
+    var groups = ceildiv(nn, R)
+    var warps = grid_dim.x * GEMV_WARPS
+    var t0 = block_idx.y * NT
+    var g = block_idx.x * GEMV_WARPS + thread_idx.x // WARP_SIZE
+    while g < groups:
+        _gemv_rows[wdt, NT, R, 8 // R](x, w, bias, y, has_bias, Int(T), nn, Int(K), g * R, t0)
+        g += warps
+
+
+def gemv_scalar_kernel[wdt: DType, NT: Int](
+    x: F32P, w: Ptr[wdt], bias: F32P, y: F32P, has_bias: Int64, T: Int64, N: Int64, K: Int64
+):
+    """Any K, any alignment: one warp per row, element loads."""
     var n = block_idx.x * GEMV_WARPS + thread_idx.x // WARP_SIZE
     var nn = Int(N)
     if n >= nn:
@@ -48,35 +102,12 @@ def gemv_dense_kernel[wdt: DType, NT: Int, VEC: Bool](
     var tt = Int(T)
     var kk = Int(K)
     var t0 = block_idx.y * NT
-    var wrow = n * kk
     var acc = SIMD[DType.float32, NT](0)
-    comptime VW = 16 // size_of[wdt]()
-    comptime STEP = WARP_SIZE * VW
-    comptime if VEC:
-        var k0 = 0
-        # Four independent 16-byte loads in flight per lane before any arithmetic.
-        while k0 + 4 * STEP <= kk:
-            var o0 = k0 + lane * VW
-            var w0 = vload[VW](w, wrow + o0)
-            var w1 = vload[VW](w, wrow + o0 + STEP)
-            var w2 = vload[VW](w, wrow + o0 + 2 * STEP)
-            var w3 = vload[VW](w, wrow + o0 + 3 * STEP)
-            _dot_x[NT, VW](acc, w0.cast[DType.float32](), x, t0, tt, kk, o0)
-            _dot_x[NT, VW](acc, w1.cast[DType.float32](), x, t0, tt, kk, o0 + STEP)
-            _dot_x[NT, VW](acc, w2.cast[DType.float32](), x, t0, tt, kk, o0 + 2 * STEP)
-            _dot_x[NT, VW](acc, w3.cast[DType.float32](), x, t0, tt, kk, o0 + 3 * STEP)
-            k0 += 4 * STEP
-        while k0 < kk:
-            var off = k0 + lane * VW
-            if off < kk:
-                _dot_x[NT, VW](acc, vload[VW](w, wrow + off).cast[DType.float32](), x, t0, tt, kk, off)
-            k0 += STEP
-    else:
-        for k in range(lane, kk, WARP_SIZE):
-            var wf = w[unsafe_offset=wrow + k].cast[DType.float32]()
-            comptime for t in range(NT):
-                if t0 + t < tt:
-                    acc[t] += wf * x[unsafe_offset=(t0 + t) * kk + k]
+    for k in range(lane, kk, WARP_SIZE):
+        var wf = w[unsafe_offset=n * kk + k].cast[DType.float32]()
+        comptime for t in range(NT):
+            if t0 + t < tt:
+                acc[t] += wf * x[unsafe_offset=(t0 + t) * kk + k]
     var b: Float32 = 0
     if has_bias != 0:
         b = bias[unsafe_offset=n]
@@ -87,58 +118,75 @@ def gemv_dense_kernel[wdt: DType, NT: Int, VEC: Bool](
 
 
 # ---- GEMV, GGUF-quantized weights (repacked: qs [N, nb, 16|32] bytes, d/m [N, nb] f16) ----------
+# A warp owns QR rows; lane l takes quant blocks l, l + 32, ...: the 32 x values of a block are
+# loaded once for the QR rows (x is 4 bytes per weight against the weights' 0.56-1.06).
+comptime QR = 4
+
+
+@always_inline
+def _qdot[QT: Int](
+    qs: U8P, d: F16P, m: F16P, blk: Int, xa: SIMD[DType.float32, 16], xb: SIMD[DType.float32, 16], sx: Float32
+) -> Float32:
+    """Dot product of quant block `blk` with x[0:16] = xa, x[16:32] = xb (sx = their sum)."""
+    var sc = d[unsafe_offset=blk].cast[DType.float32]()
+    comptime if QT == Q8_0:
+        var q = vload[32](qs, blk * 32)
+        var lo = bitcast[DType.int8, 16](q.slice[16, offset=0]()).cast[DType.float32]()
+        var hi = bitcast[DType.int8, 16](q.slice[16, offset=16]()).cast[DType.float32]()
+        return sc * ((lo * xa).reduce_add() + (hi * xb).reduce_add())  # w = q d
+    else:
+        # Byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+        var q = vload[16](qs, blk * 16)
+        var s = ((q & 15).cast[DType.float32]() * xa).reduce_add() + ((q >> 4).cast[DType.float32]() * xb).reduce_add()
+        comptime if QT == Q4_0:
+            return sc * (s - 8.0 * sx)  # w = (q - 8) d
+        else:
+            return sc * s + m[unsafe_offset=blk].cast[DType.float32]() * sx  # w = q d + m
+
+
 def gemv_quant_kernel[QT: Int, NT: Int](
     x: F32P, qs: U8P, d: F16P, m: F16P, bias: F32P, y: F32P, has_bias: Int64, T: Int64, N: Int64, K: Int64
 ):
-    var n = block_idx.x * GEMV_WARPS + thread_idx.x // WARP_SIZE
     var nn = Int(N)
-    if n >= nn:
-        return
     var lane = lane_id()
     var tt = Int(T)
     var kk = Int(K)
     var nb = kk // 32
     var t0 = block_idx.y * NT
-    var acc = SIMD[DType.float32, NT](0)
-    for b in range(lane, nb, WARP_SIZE):
-        var blk = n * nb + b
-        var scale = d[unsafe_offset=blk].cast[DType.float32]()
-        comptime if QT == Q8_0:
-            var q = vload[32](qs, blk * 32)
-            var lo = bitcast[DType.int8, 16](q.slice[16, offset=0]()).cast[DType.float32]()
-            var hi = bitcast[DType.int8, 16](q.slice[16, offset=16]()).cast[DType.float32]()
+    var groups = ceildiv(nn, QR)
+    var warps = grid_dim.x * GEMV_WARPS
+    var grp = block_idx.x * GEMV_WARPS + thread_idx.x // WARP_SIZE
+    while grp < groups:
+        var n0 = grp * QR
+        var acc = SIMD[DType.float32, QR * NT](0)
+        for b in range(lane, nb, WARP_SIZE):
+            # One token: its 32 x values stay in registers for the QR rows. Several tokens: each row's
+            # dequantized block stays in registers for the NT tokens (x re-read from L1).
+            comptime if NT == 1:
+                var xo = t0 * kk + b * 32
+                var xa = vload[16](x, xo)
+                var xb = vload[16](x, xo + 16)
+                var sx = xa.reduce_add() + xb.reduce_add()
+                comptime for r in range(QR):
+                    acc[r] += _qdot[QT](qs, d, m, min(n0 + r, nn - 1) * nb + b, xa, xb, sx)
+            else:
+                comptime for r in range(QR):
+                    var blk = min(n0 + r, nn - 1) * nb + b
+                    comptime for t in range(NT):
+                        if t0 + t < tt:
+                            var xo = (t0 + t) * kk + b * 32
+                            var xa = vload[16](x, xo)
+                            var xb = vload[16](x, xo + 16)
+                            acc[r * NT + t] += _qdot[QT](qs, d, m, blk, xa, xb, xa.reduce_add() + xb.reduce_add())
+        comptime for r in range(QR):
+            var bb: Float32 = 0
+            if has_bias != 0 and n0 + r < nn:
+                bb = bias[unsafe_offset=n0 + r]
             comptime for t in range(NT):
-                if t0 + t < tt:
-                    var xo = (t0 + t) * kk + b * 32
-                    var xa = vload[16](x, xo)
-                    var xb = vload[16](x, xo + 16)
-                    acc[t] += scale * ((lo * xa).reduce_add() + (hi * xb).reduce_add())
-        else:
-            var q = vload[16](qs, blk * 16)
-            # Byte j holds weight j (low nibble) and weight j + 16 (high nibble).
-            var lo = (q & 15).cast[DType.float32]()
-            var hi = (q >> 4).cast[DType.float32]()
-            var mn: Float32 = 0
-            comptime if QT == Q4_1:
-                mn = m[unsafe_offset=blk].cast[DType.float32]()
-            comptime for t in range(NT):
-                if t0 + t < tt:
-                    var xo = (t0 + t) * kk + b * 32
-                    var xa = vload[16](x, xo)
-                    var xb = vload[16](x, xo + 16)
-                    var s = (lo * xa).reduce_add() + (hi * xb).reduce_add()
-                    var sx = xa.reduce_add() + xb.reduce_add()
-                    comptime if QT == Q4_0:
-                        acc[t] += scale * (s - 8.0 * sx)  # w = (q - 8) d
-                    else:
-                        acc[t] += scale * s + mn * sx  # w = q d + m
-    var bb: Float32 = 0
-    if has_bias != 0:
-        bb = bias[unsafe_offset=n]
-    comptime for t in range(NT):
-        var s = warp.sum(acc[t])
-        if lane == 0 and t0 + t < tt:
-            y[unsafe_offset=(t0 + t) * nn + n] = s + bb
+                var s = warp.sum(acc[r * NT + t])
+                if lane == 0 and n0 + r < nn and t0 + t < tt:
+                    y[unsafe_offset=(t0 + t) * nn + n0 + r] = s + bb
+        grp += warps
 
 
 # ---- SIMT GEMM (float32 weights, any K; the portable fallback) ---------------------------------
@@ -233,9 +281,12 @@ def _mg_load_tile[dt: DType](
 
 
 def gemm_mma_kernel[dt: DType, cdt: DType](
-    a: Ptr[dt], w: Ptr[dt], bias: F32P, c: Ptr[cdt], has_bias: Int64, M: Int64, N: Int64, K: Int64
+    a: Ptr[dt], w: Ptr[dt], bias: F32P, c: Ptr[cdt], has_bias: Int64, M: Int64, N: Int64, K: Int64,
+    splits: Int64, part: F32P,
 ):
-    """C[M, N] = A[M, K] W[N, K]^T. K % 8 == 0 and 16-byte aligned rows (checked on the host)."""
+    """C[M, N] = A[M, K] W[N, K]^T. K % 8 == 0 and 16-byte aligned rows (checked on the host).
+    Split-K (few rows, e.g. a short prompt: too few output tiles to fill the GPU): block_idx.y takes
+    a slice of K and writes float32 partials to part[split, M, N]; splitk_reduce_kernel adds them."""
     comptime assert is_nvidia_gpu(), "gemm_mma_kernel needs NVIDIA tensor cores"
     var smem = external_memory[Scalar[dt], address_space=AddressSpace.SHARED, alignment=16]()
     var mm = Int(M)
@@ -259,12 +310,17 @@ def gemm_mma_kernel[dt: DType, cdt: DType](
     var n0 = pid_n * MG_BN
 
     var acc = SIMD[DType.float32, 64](0)  # [mi 4][ni 4][4]
-    var nk = ceildiv(kk, MG_BK)
+    var nk_all = ceildiv(kk, MG_BK)
+    var nsp = Int(splits)
+    var per = ceildiv(nk_all, nsp)
+    var kt0 = block_idx.y * per
+    var nk = max(0, min(nk_all, kt0 + per) - kt0)
+    var kbase = kt0 * MG_BK
 
     comptime for s in range(MG_STAGES - 1):
         if s < nk:
-            _mg_load_tile[dt](a, smem.unsafe_offset(s * 2 * MG_TILE), m0, mm, kk, s * MG_BK)
-            _mg_load_tile[dt](w, smem.unsafe_offset(s * 2 * MG_TILE + MG_TILE), n0, nn, kk, s * MG_BK)
+            _mg_load_tile[dt](a, smem.unsafe_offset(s * 2 * MG_TILE), m0, mm, kk, kbase + s * MG_BK)
+            _mg_load_tile[dt](w, smem.unsafe_offset(s * 2 * MG_TILE + MG_TILE), n0, nn, kk, kbase + s * MG_BK)
         async_copy_commit_group()
 
     for kt in range(nk):
@@ -274,8 +330,8 @@ def gemm_mma_kernel[dt: DType, cdt: DType](
         var nxt = kt + MG_STAGES - 1
         if nxt < nk:
             var st = nxt % MG_STAGES
-            _mg_load_tile[dt](a, smem.unsafe_offset(st * 2 * MG_TILE), m0, mm, kk, nxt * MG_BK)
-            _mg_load_tile[dt](w, smem.unsafe_offset(st * 2 * MG_TILE + MG_TILE), n0, nn, kk, nxt * MG_BK)
+            _mg_load_tile[dt](a, smem.unsafe_offset(st * 2 * MG_TILE), m0, mm, kk, kbase + nxt * MG_BK)
+            _mg_load_tile[dt](w, smem.unsafe_offset(st * 2 * MG_TILE + MG_TILE), n0, nn, kk, kbase + nxt * MG_BK)
         async_copy_commit_group()
 
         var sa = smem.unsafe_offset((kt % MG_STAGES) * 2 * MG_TILE)
@@ -309,6 +365,137 @@ def gemm_mma_kernel[dt: DType, cdt: DType](
                     comptime for e in range(2):
                         if col + e < nn:
                             var v = acc[o + 2 * h + e]
-                            if has_bias != 0:
-                                v += bias[unsafe_offset=col + e]
-                            c[unsafe_offset=row * nn + col + e] = v.cast[cdt]()
+                            if nsp > 1:
+                                part[unsafe_offset=(block_idx.y * mm + row) * nn + col + e] = v
+                            else:
+                                if has_bias != 0:
+                                    v += bias[unsafe_offset=col + e]
+                                c[unsafe_offset=row * nn + col + e] = v.cast[cdt]()
+
+
+def splitk_reduce_kernel[cdt: DType](part: F32P, bias: F32P, c: Ptr[cdt], has_bias: Int64, MN: Int64, N: Int64,
+                                     splits: Int64):
+    var i = global_idx.x
+    if i >= Int(MN):
+        return
+    var v: Float32 = 0
+    for sp in range(Int(splits)):
+        v += part[unsafe_offset=sp * Int(MN) + i]
+    if has_bias != 0:
+        v += bias[unsafe_offset=i % Int(N)]
+    c[unsafe_offset=i] = v.cast[cdt]()
+
+
+# ---- Hopper GEMM: wgmma (sm_90a), bfloat16 --------------------------------------------------------
+# Two warpgroups, each 64 rows x BN columns of a 128 x BN block tile; BK = 64; 4 cp.async stages.
+# Shared tiles use wgmma's no-swizzle K-major layout: 8-row x 16-byte "core matrices", the 8 along
+# K 128 bytes apart (leading byte offset), successive 8-row groups 1024 bytes apart (stride byte
+# offset). The descriptor's two offsets are runtime values (`swap` exchanges them) so a run can
+# confirm which reading of the layout the hardware uses without a rebuild.
+comptime WG_BM = 128
+comptime WG_BK = 64
+comptime WG_STAGES = 4
+comptime WG_THREADS = 256
+
+
+def wg_smem_bytes[BN: Int]() -> Int:
+    return WG_STAGES * (WG_BM + BN) * WG_BK * 2
+
+
+@always_inline
+def _wg_load[dt: DType, ROWS: Int](src: Ptr[dt], smem: SharedPtr[dt], row0: Int, rows: Int, kk: Int, k0: Int):
+    # Thread -> chunk order: pairs of 16-byte chunks of a row (one 32-byte sector) fastest, then the
+    # 8 rows of a core matrix: full sectors from global, bank-conflict-optimal shared writes.
+    comptime for i in range(ROWS * 8 // WG_THREADS):
+        var ch = thread_idx.x + WG_THREADS * i
+        var c = ((ch >> 4) & 3) * 2 + (ch & 1)
+        var r = (ch >> 6) * 8 + ((ch >> 1) & 7)
+        var gr = row0 + r
+        var gk = k0 + c * 8
+        var ok = gr < rows and gk < kk
+        var off = gr * kk + gk if ok else 0
+        async_copy[16](
+            src.unsafe_offset(off).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+            smem.unsafe_offset(((r >> 3) * 1024 + c * 128 + (r & 7) * 16) // 2),
+            src_size=Int32(16 if ok else 0),
+        )
+
+
+@always_inline
+def _wg_desc[dt: DType](p: SharedPtr[dt], lbo: Int, sbo: Int) -> WGMMADescriptor[dt]:
+    var addr = Int(p)
+    return WGMMADescriptor[dt](Int64(((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)))
+
+
+def gemm_wgmma_kernel[dt: DType, cdt: DType, BN: Int](
+    a: Ptr[dt], w: Ptr[dt], bias: F32P, c: Ptr[cdt], has_bias: Int64, M: Int64, N: Int64, K: Int64, swap: Int64
+):
+    comptime assert is_nvidia_gpu(), "gemm_wgmma_kernel needs an sm_90a GPU"
+    comptime A_TILE = WG_BM * WG_BK
+    comptime STAGE = (WG_BM + BN) * WG_BK
+    var smem = external_memory[Scalar[dt], address_space=AddressSpace.SHARED, alignment=128]()
+    var mm = Int(M)
+    var nn = Int(N)
+    var kk = Int(K)
+    var lane = lane_id()
+    var warp_id = thread_idx.x // WARP_SIZE
+    var wg = warp_id // 4
+    var lbo = 128 if swap == 0 else 1024
+    var sbo = 1024 if swap == 0 else 128
+
+    var pid = block_idx.x
+    var npm = ceildiv(mm, WG_BM)
+    var npn = ceildiv(nn, BN)
+    var in_group = MG_GROUP_M * npn
+    var first_m = (pid // in_group) * MG_GROUP_M
+    var gsz = min(npm - first_m, MG_GROUP_M)
+    var m0 = (first_m + (pid % in_group) % gsz) * WG_BM
+    var n0 = ((pid % in_group) // gsz) * BN
+    var nk = ceildiv(kk, WG_BK)
+
+    # Loads run WG_STAGES - 2 tiles ahead: the stage refilled at step kt was read by the wgmma
+    # batch of step kt - 2, which is complete (one batch, kt - 1, may still be in flight).
+    comptime for s in range(WG_STAGES - 2):
+        if s < nk:
+            _wg_load[dt, WG_BM](a, smem.unsafe_offset(s * STAGE), m0, mm, kk, s * WG_BK)
+            _wg_load[dt, BN](w, smem.unsafe_offset(s * STAGE + A_TILE), n0, nn, kk, s * WG_BK)
+        async_copy_commit_group()
+
+    var acc = SIMD[DType.float32, BN // 2](0)
+    for kt in range(nk):
+        async_copy_wait_group(Int32(WG_STAGES - 3))
+        # cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+        inlined_assembly["fence.proxy.async.shared::cta;", NoneType, constraints=""]()
+        barrier()
+        var nxt = kt + WG_STAGES - 2
+        if nxt < nk:
+            var st = nxt % WG_STAGES
+            _wg_load[dt, WG_BM](a, smem.unsafe_offset(st * STAGE), m0, mm, kk, nxt * WG_BK)
+            _wg_load[dt, BN](w, smem.unsafe_offset(st * STAGE + A_TILE), n0, nn, kk, nxt * WG_BK)
+        async_copy_commit_group()
+        var sa = smem.unsafe_offset((kt % WG_STAGES) * STAGE + wg * (64 * WG_BK))
+        var sb = smem.unsafe_offset((kt % WG_STAGES) * STAGE + A_TILE)
+        wgmma_fence_aligned()
+        comptime for ks in range(WG_BK // 16):
+            acc = wgmma_async[64, BN, 16, DType.float32, BN // 2, a_type=dt, b_type=dt](
+                _wg_desc[dt](sa.unsafe_offset(ks * 128), lbo, sbo),
+                _wg_desc[dt](sb.unsafe_offset(ks * 128), lbo, sbo),
+                acc,
+            )
+        wgmma_commit_group_sync()
+        wgmma_wait_group_sync[1]()
+    wgmma_wait_group_sync[0]()
+
+    # Accumulator layout per warp: 16 rows, then per 8 columns the mma.sync C layout.
+    var r0 = m0 + wg * 64 + (warp_id % 4) * 16 + lane // 4
+    comptime for j in range(BN // 8):
+        var col = n0 + j * 8 + (lane % 4) * 2
+        comptime for hf in range(2):
+            var row = r0 + 8 * hf
+            if row < mm:
+                comptime for e in range(2):
+                    if col + e < nn:
+                        var v = acc[4 * j + 2 * hf + e]
+                        if has_bias != 0:
+                            v += bias[unsafe_offset=col + e]
+                        c[unsafe_offset=row * nn + col + e] = v.cast[cdt]()

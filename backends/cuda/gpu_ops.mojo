@@ -30,12 +30,14 @@ from gpu_elementwise import (
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
 )
 from gpu_linear import (
-    GEMV_WARPS, gemv_dense_kernel, gemv_quant_kernel, gemm_simt_kernel, gemm_mma_kernel,
-    SG_BM, SG_BN, MG_BM, MG_BN, MG_THREADS, MG_SMEM_BYTES,
+    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, gemm_simt_kernel, gemm_mma_kernel,
+    splitk_reduce_kernel,
+    SG_BM, SG_BN, MG_BM, MG_BN, MG_THREADS, MG_SMEM_BYTES, gemm_wgmma_kernel, wg_smem_bytes, WG_BM,
+    WG_THREADS,
 )
 from gpu_attention import (
     attn_prefill_simt_kernel, attn_prefill_mma_kernel, attn_decode_kernel, attn_combine_kernel,
-    decode_smem_bytes, SP_THREADS, FA_THREADS, DEC_THREADS,
+    decode_smem_bytes, prefill_mma_smem_bytes, SP_THREADS, FA_THREADS, DEC_THREADS,
 )
 
 # Tensor-core kernels (mma.sync, ldmatrix) exist for NVIDIA targets only; elsewhere the SIMT
@@ -282,28 +284,37 @@ def op_convert(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
 
 
 # ---- linear ----------------------------------------------------------------------------------------
-def _gemv_dense[wdt: DType, NT: Int, VEC: Bool](g: GpuPtr, a: PythonObject) raises:
-    # (stream, wcode, nt, vec, x, w, bias, y, has_bias, T, N, K)
+def _gemv_dense[wdt: DType, NT: Int, R: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, wcode, nt, rows per warp (0: scalar kernel), x, w, bias, y, has_bias, T, N, K, grid_x)
     var st = g[].stream(_i(a, 0))
-    var f = g[].ctx.compile_function[gemv_dense_kernel[wdt, NT, VEC]]()
-    st.enqueue_function(f, _p[F32](a, 4), _p[wdt](a, 5), _p[F32](a, 6), _p[F32](a, 7), _n(a, 8), _n(a, 9),
-                        _n(a, 10), _n(a, 11), grid_dim=(ceildiv(_i(a, 10), GEMV_WARPS), ceildiv(_i(a, 9), NT)),
-                        block_dim=GEMV_WARPS * 32)
+    var grid = (_i(a, 12), ceildiv(_i(a, 9), NT))
+    comptime if R == 0:
+        var f = g[].ctx.compile_function[gemv_scalar_kernel[wdt, NT]]()
+        st.enqueue_function(f, _p[F32](a, 4), _p[wdt](a, 5), _p[F32](a, 6), _p[F32](a, 7), _n(a, 8), _n(a, 9),
+                            _n(a, 10), _n(a, 11), grid_dim=grid, block_dim=GEMV_WARPS * 32)
+    else:
+        var f = g[].ctx.compile_function[gemv_dense_kernel[wdt, NT, R]]()
+        st.enqueue_function(f, _p[F32](a, 4), _p[wdt](a, 5), _p[F32](a, 6), _p[F32](a, 7), _n(a, 8), _n(a, 9),
+                            _n(a, 10), _n(a, 11), grid_dim=grid, block_dim=GEMV_WARPS * 32)
+
+
+def _gemv_dense_r[wdt: DType, NT: Int](g: GpuPtr, a: PythonObject) raises:
+    var r = _i(a, 3)
+    if r == 4:
+        _gemv_dense[wdt, NT, 4](g, a)
+    elif r == 2:
+        _gemv_dense[wdt, NT, 2](g, a)
+    elif r == 1:
+        _gemv_dense[wdt, NT, 1](g, a)
+    else:
+        _gemv_dense[wdt, NT, 0](g, a)
 
 
 def _gemv_dense_nt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
-    var nt = _i(a, 2)
-    var vec = _i(a, 3) != 0
-    if nt == 1:
-        if vec:
-            _gemv_dense[wdt, 1, True](g, a)
-        else:
-            _gemv_dense[wdt, 1, False](g, a)
+    if _i(a, 2) == 1:
+        _gemv_dense_r[wdt, 1](g, a)
     else:
-        if vec:
-            _gemv_dense[wdt, 8, True](g, a)
-        else:
-            _gemv_dense[wdt, 8, False](g, a)
+        _gemv_dense_r[wdt, 8](g, a)
 
 
 def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
@@ -319,13 +330,12 @@ def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
 
 
 def _gemv_quant[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
-    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K)
+    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, grid_x)
     var st = g[].stream(_i(a, 0))
     var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT]]()
     st.enqueue_function(f, _p[F32](a, 3), _p[DType.uint8](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[F32](a, 7),
                         _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12),
-                        grid_dim=(ceildiv(_i(a, 11), GEMV_WARPS), ceildiv(_i(a, 10), NT)),
-                        block_dim=GEMV_WARPS * 32)
+                        grid_dim=(_i(a, 13), ceildiv(_i(a, 10), NT)), block_dim=GEMV_WARPS * 32)
 
 
 def _gemv_quant_nt[QT: Int](g: GpuPtr, a: PythonObject) raises:
@@ -369,16 +379,22 @@ def op_gemm_simt(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
 
 
 def _gemm_mma[dt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
-    # (stream, code, ccode, a, w, bias, c, has_bias, M, N, K)
+    # (stream, code, ccode, a, w, bias, c, has_bias, M, N, K, splits, part)
     comptime if NVIDIA_TARGET:
         var st = g[].stream(_i(a, 0))
         var f = g[].ctx.compile_function[gemm_mma_kernel[dt, cdt]](
             func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(MG_SMEM_BYTES))
         )
         var blocks = ceildiv(_i(a, 8), MG_BM) * ceildiv(_i(a, 9), MG_BN)
+        var splits = _i(a, 11)
         st.enqueue_function(f, _p[dt](a, 3), _p[dt](a, 4), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), _n(a, 8),
-                            _n(a, 9), _n(a, 10), grid_dim=blocks, block_dim=MG_THREADS,
-                            shared_mem_bytes=MG_SMEM_BYTES)
+                            _n(a, 9), _n(a, 10), _n(a, 11), _p[F32](a, 12), grid_dim=(blocks, splits),
+                            block_dim=MG_THREADS, shared_mem_bytes=MG_SMEM_BYTES)
+        if splits > 1:
+            var mn = _i(a, 8) * _i(a, 9)
+            var r = g[].ctx.compile_function[splitk_reduce_kernel[cdt]]()
+            st.enqueue_function(r, _p[F32](a, 12), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), Int64(mn), _n(a, 9),
+                                _n(a, 11), grid_dim=ceildiv(mn, 256), block_dim=256)
     else:
         raise Error("the tensor-core GEMM is built for NVIDIA GPUs only")
 
@@ -398,6 +414,37 @@ def op_gemm_mma(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     return PythonObject(None)
 
 
+def _gemm_wgmma[cdt: DType, BN: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, ccode, BN, a, w, bias, c, has_bias, M, N, K, swap)
+    comptime if NVIDIA_TARGET:
+        var st = g[].stream(_i(a, 0))
+        comptime smem = wg_smem_bytes[BN]()
+        var f = g[].ctx.compile_function[gemm_wgmma_kernel[BF16, cdt, BN]](
+            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
+        )
+        var blocks = ceildiv(_i(a, 8), WG_BM) * ceildiv(_i(a, 9), BN)
+        st.enqueue_function(f, _p[BF16](a, 3), _p[BF16](a, 4), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), _n(a, 8),
+                            _n(a, 9), _n(a, 10), _n(a, 11), grid_dim=blocks, block_dim=WG_THREADS,
+                            shared_mem_bytes=smem)
+    else:
+        raise Error("the wgmma GEMM is built for NVIDIA sm_90 GPUs only")
+
+
+def op_gemm_wgmma(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var ccode = _i(a, 1)
+    var bn = _i(a, 2)
+    if ccode == 0 and bn == 128:
+        _gemm_wgmma[F32, 128](g, a)
+    elif ccode == 0:
+        _gemm_wgmma[F32, 256](g, a)
+    elif bn == 128:
+        _gemm_wgmma[BF16, 128](g, a)
+    else:
+        _gemm_wgmma[BF16, 256](g, a)
+    return PythonObject(None)
+
+
 # ---- attention ------------------------------------------------------------------------------------
 def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool](g: GpuPtr, a: PythonObject) raises:
     # (stream, mma, pair, D, q, kc, vc, out, bt, cu, cl, err, S, T, H, KVH, M, B, NB, scale, grid_x)
@@ -405,11 +452,15 @@ def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool](g: GpuPtr, a: PythonObje
     var grid = (_i(a, 20), _i(a, 15))
     comptime if MMA:
         comptime if NVIDIA_TARGET:
-            var f = g[].ctx.compile_function[attn_prefill_mma_kernel[qdt, cdt, D]]()
+            comptime smem = prefill_mma_smem_bytes[D]()
+            var f = g[].ctx.compile_function[attn_prefill_mma_kernel[qdt, cdt, D]](
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
+            )
             st.enqueue_function(f, _p[qdt](a, 4), _p[cdt](a, 5), _p[cdt](a, 6), _p[qdt](a, 7),
                                 _p[DType.int32](a, 8), _p[DType.int32](a, 9), _p[DType.int32](a, 10),
                                 _p[DType.int32](a, 11), _n(a, 12), _n(a, 13), _n(a, 14), _n(a, 15),
-                                _n(a, 16), _n(a, 17), _n(a, 18), _f(a, 19), grid_dim=grid, block_dim=FA_THREADS)
+                                _n(a, 16), _n(a, 17), _n(a, 18), _f(a, 19), grid_dim=grid, block_dim=FA_THREADS,
+                                shared_mem_bytes=smem)
         else:
             raise Error("the tensor-core attention is built for NVIDIA GPUs only")
     else:
@@ -548,6 +599,7 @@ def PyInit_gpu_ops() abi("C") -> PythonObject:
         m.def_function[op_gemv_quant]("gemv_quant")
         m.def_function[op_gemm_simt]("gemm_simt")
         m.def_function[op_gemm_mma]("gemm_mma")
+        m.def_function[op_gemm_wgmma]("gemm_wgmma")
         m.def_function[op_attention_prefill]("attention_prefill")
         m.def_function[op_attention_decode]("attention_decode")
         m.def_function[op_attention_combine]("attention_combine")
