@@ -178,9 +178,121 @@ def bench_gemm(opts: Options) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# attention: paged flash-style prefill and (split-K) decode vs numpy and torch SDPA
+
+
+def bench_attention(opts: Options) -> list[dict]:
+    """The Mojo paged-attention kernels against numpy (batched matmul + softmax) and torch SDPA
+    (CPU flash attention), both on contiguous [KVH, ctx, D] copies of the same K/V (the paged
+    gather is not timed for them) and on the same number of threads.
+
+    gflops counts QK^T and PV (4 * H * D per query-key pair; causal pairs only in prefill)
+    against the machine's FMA peak; decode rows add GB/s of K/V read (2 * ctx * KVH * D * 4 B
+    per sequence) against the read bandwidth of the kernels' own thread pool on 512 MiB
+    (stream_read_gbs) and against the numpy streaming read; a K/V working set (kv_mib) that fits
+    in the caches can beat that DRAM figure. ok: the Mojo output matches torch SDPA (or numpy
+    without torch) to 1e-4 absolute."""
+    import math
+
+    from mojollm.kernels import attention as attn
+    from mojollm.kernels import linalg
+
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:  # the numpy peer still runs
+        torch = None
+    threads = attn._workers()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    peak = linalg.fma_peak_gflops()
+    pool_bw = attn.stream_read_gbs(512)
+    numpy_bw = measure_read_bandwidth()
+    common = {"section": "attention", "threads": threads, "peer": "torch SDPA" if torch else "numpy",
+              "peer_threads": threads, "block_size": 16}
+
+    def case(ctx_lens, q_lens, h, kvh, d, block=16):
+        rng = _rng(3, len(ctx_lens), ctx_lens[0], q_lens[0], h, kvh, d)
+        m = max(math.ceil(c / block) for c in ctx_lens)
+        tables = rng.permutation(len(ctx_lens) * m).astype(np.int32).reshape(len(ctx_lens), m)  # shuffled blocks
+        kc = rng.standard_normal((len(ctx_lens) * m, block, kvh, d), dtype=np.float32)
+        vc = rng.standard_normal((len(ctx_lens) * m, block, kvh, d), dtype=np.float32)
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        q = rng.standard_normal((int(cu[-1]), h, d), dtype=np.float32)
+        k_seq = np.stack([kc[tables[s]].reshape(-1, kvh, d)[:c].transpose(1, 0, 2) for s, c in enumerate(ctx_lens)])
+        v_seq = np.stack([vc[tables[s]].reshape(-1, kvh, d)[:c].transpose(1, 0, 2) for s, c in enumerate(ctx_lens)])
+        return q, kc, vc, tables, cu, np.array(ctx_lens, np.int32), k_seq, v_seq
+
+    def numpy_attention(q, k, v, scale, causal):
+        """q [B, q, H, D], k/v [B, KVH, ctx, D] -> [B, q, H, D]; GQA as [B, KVH, G*q, D] matmuls."""
+        b, nq, h, d = q.shape
+        kvh, ctx = k.shape[1], k.shape[2]
+        g = h // kvh
+        qg = q.reshape(b, nq, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * nq, d)
+        s = np.matmul(qg, k.transpose(0, 1, 3, 2)) * np.float32(scale)
+        if causal:
+            pos = np.tile(np.arange(ctx - nq, ctx), g)
+            s = np.where(np.arange(ctx)[None, None, None, :] <= pos[None, None, :, None], s, np.float32(-np.inf))
+        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        s /= s.sum(axis=-1, keepdims=True)
+        o = np.matmul(s, v)
+        return o.reshape(b, kvh, g, nq, d).transpose(0, 3, 1, 2, 4).reshape(b, nq, h, d)
+
+    prefill = [(512, 9, 3, 64), (1024, 32, 8, 128)]  # the default model's shape; a Llama-3-8B layer
+    decode = [(b, c, h, kvh, d) for (h, kvh, d) in ((9, 3, 64), (32, 8, 128)) for b in (1, 16) for c in (1024, 4096)]
+    if opts.quick:
+        prefill, decode = prefill[:1], [decode[0], decode[3]]
+    rows: list[dict] = []
+    for is_decode, shapes in ((False, prefill), (True, decode)):
+        for shape in shapes:
+            if is_decode:
+                b, c, h, kvh, d = shape
+                q, kc, vc, bt, cu, ctx, k_seq, v_seq = case([c] * b, [1] * b, h, kvh, d)
+                flops, kv_bytes = 4.0 * h * d * c * b, 2 * b * c * kvh * d * 4
+                label, op = f"{b}x1 ctx{c} H{h}/KV{kvh} D{d}", "attention_decode"
+                run = lambda: attn.attention_decode(q, kc, vc, bt, ctx, scale)
+                qb = q[:, None]  # [B, 1, H, D]
+            else:
+                t, h, kvh, d = shape
+                q, kc, vc, bt, cu, ctx, k_seq, v_seq = case([t], [t], h, kvh, d)
+                flops, kv_bytes = 4.0 * h * d * t * (t + 1) / 2, None
+                label, op = f"1x{t} H{h}/KV{kvh} D{d}", "attention_prefill"
+                run = lambda: attn.attention_prefill(q, kc, vc, bt, cu, ctx, scale)
+                qb = q[None]
+            scale = 1.0 / math.sqrt(d)
+            fns = {"mojo": run, "numpy": lambda: numpy_attention(qb, k_seq, v_seq, scale, not is_decode)}
+            ref = numpy_attention(qb, k_seq, v_seq, scale, not is_decode)
+            if torch is not None:
+                tq = torch.from_numpy(np.ascontiguousarray(qb.transpose(0, 2, 1, 3)))  # [B, H, q, D]
+                tk, tv = torch.from_numpy(k_seq), torch.from_numpy(v_seq)
+                fns["torch"] = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=not is_decode,
+                                                                      scale=scale, enable_gqa=True)
+                ref = fns["torch"]().numpy().transpose(0, 2, 1, 3)
+            tm = time_blocks(fns, opts.reps(5 if flops > 1e9 else 20), opts.rounds, pause_s=0.1)
+            out = run().reshape(ref.shape)
+            err = float(np.max(np.abs(out - ref)))
+            med = tm["mojo"]["median_s"]
+            row = {**common, "op": op, "shape": label, "median_s": med, "best_s": tm["mojo"]["best_s"],
+                   "gflops": flops / med / 1e9, "peak_gflops": peak, "fraction_of_peak": flops / med / 1e9 / peak,
+                   "numpy_median_s": tm["numpy"]["median_s"], "vs_numpy": tm["numpy"]["median_s"] / med,
+                   "peer_median_s": tm["torch"]["median_s"] if torch else None,
+                   "vs_peer": tm["torch"]["median_s"] / med if torch else None,
+                   "kv_mib": (kv_bytes if kv_bytes else 2 * k_seq.nbytes) / 2**20,
+                   "gbs": kv_bytes / med / 1e9 if kv_bytes else None,
+                   "peer_gbs": kv_bytes / tm["torch"]["median_s"] / 1e9 if kv_bytes and torch else None,
+                   "pool_read_bw_gbs": pool_bw if kv_bytes else None,
+                   "fraction_of_read_bw": kv_bytes / med / 1e9 / pool_bw if kv_bytes else None,
+                   "read_bw_gbs": numpy_bw if kv_bytes else None,
+                   "max_abs_err": err, "ok": err < 1e-4}
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "gemm": bench_gemm,
+    "attention": bench_attention,
 }
 
 
