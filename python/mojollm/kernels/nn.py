@@ -89,7 +89,7 @@ def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: f
     check_array("weight", weight, np.float32, ndim=1)
     if x.shape != residual.shape:
         raise ValueError(f"x {x.shape} and residual {residual.shape} must have the same shape")
-    if np.shares_memory(x, residual):
+    if np.may_share_memory(x, residual):  # both are C-contiguous: overlapping bounds = shared
         raise ValueError("x and residual must not share memory")
     rows, n = _rows(x, "x")
     if weight.shape[0] != n:
