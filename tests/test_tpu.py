@@ -446,7 +446,9 @@ def test_model_logits_match_transformers(xb, make_hf_model):
 
 @pytest.mark.slow
 def test_greedy_parity_with_cpu_backend_on_default_model(xb, default_gguf, cpu_backend):
-    """The default model (Q4_1 + Q8_0 GGUF): 12 greedy tokens identical to the cpu backend's."""
+    """The default model (Q4_1 + Q8_0 GGUF): 12 greedy tokens identical to the cpu backend's, and the
+    prompt's logits within 1e-4 (both compute with the exactly dequantized weights in float32;
+    measured 3.6e-6)."""
     from mojollm.engine.step import StepBatch
     from mojollm.models import load_model
 
@@ -455,14 +457,14 @@ def test_greedy_parity_with_cpu_backend_on_default_model(xb, default_gguf, cpu_b
         model.allocate_kv_cache(8, 16)
         table = np.arange(8, dtype=np.int32)
         prompt = model.tokenizer.encode("The three primary colors are")
-        logits = model.forward(StepBatch.single_sequence(prompt, 0, table, 16))
-        out, first = [int(logits[-1].argmax())], logits[-1]
+        prompt_logits = model.forward(StepBatch.single_sequence(prompt, 0, table, 16, all_logits=True))
+        out = [int(prompt_logits[-1].argmax())]
         for i in range(n - 1):
             logits = model.forward(StepBatch.single_sequence(out[-1:], len(prompt) + i, table, 16))
             out.append(int(logits[-1].argmax()))
-        return out, first
+        return out, prompt_logits
 
-    tpu_tokens, tpu_first = greedy(xb, 12)
-    cpu_tokens, cpu_first = greedy(cpu_backend, 12)
-    assert rel_err(tpu_first, cpu_first) < 2e-2
+    tpu_tokens, tpu_logits = greedy(xb, 12)
+    cpu_tokens, cpu_logits = greedy(cpu_backend, 12)
+    assert rel_err(tpu_logits, cpu_logits) < 1e-4
     assert tpu_tokens == cpu_tokens

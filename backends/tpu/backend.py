@@ -118,15 +118,15 @@ def _materializer(views: tuple):
 
 
 class _Node:
-    """One recorded op of the pending step graph: fn(*inputs, **statics) -> outputs. `values` is
-    filled when the graph runs; `watchers` are weak references to the tensors that read each output
-    (an output nobody can read any more is not returned from the program, so XLA can fuse it away)."""
+    """One recorded op of the pending step graph (its wiring lives in the backend's list at
+    `slot`). `values` is filled when the graph runs; `watchers` are weak references to the tensors
+    that read each output (an output nobody can read any more is not returned from the program,
+    so XLA can fuse it away)."""
 
-    __slots__ = ("owner", "fn", "statics", "inputs", "num_outputs", "values", "watchers")
+    __slots__ = ("owner", "slot", "num_outputs", "values", "watchers")
 
-    def __init__(self, owner, fn, statics, inputs, num_outputs):
-        self.owner, self.fn, self.statics, self.inputs = owner, fn, statics, inputs
-        self.num_outputs = num_outputs
+    def __init__(self, owner, slot, num_outputs):
+        self.owner, self.slot, self.num_outputs = owner, slot, num_outputs
         self.values = None
         self.watchers = [[] for _ in range(num_outputs)]
 
@@ -286,6 +286,9 @@ class TpuBackend(Backend):
         self.fuse = os.environ.get("MOJOLLM_TPU_FUSE", "1") != "0"
         self._enable_compile_cache()
         self._pending: list[_Node] = []
+        self._wiring: list = []
+        self._leaves: list = []
+        self._leaf_at: dict[int, int] = {}
         self._donations: list = []
         self._programs: dict = {}
         self._avals: dict = {}
@@ -320,19 +323,32 @@ class TpuBackend(Backend):
         """Record fn(*args, **dict(statics)) (jnp code) and return tensors for its outputs.
 
         Inputs are TpuTensors (pending or ready, with views), jax arrays (weights, uploaded
-        metadata) or None. Output shapes come from jax.eval_shape, cached per signature. With
-        MOJOLLM_TPU_FUSE=0 every op runs at once (one compiled program per op)."""
-        refs, sig = [], []
+        metadata) or None. The wiring is built here, so running the graph costs one pass. Output
+        shapes come from jax.eval_shape, cached per signature. With MOJOLLM_TPU_FUSE=0 every op
+        runs at once (one compiled program per op)."""
+        ins, sig = [], []
         for a in args:
             if a is None:
-                refs.append(None)
+                ins.append(None)
                 sig.append(None)
-            elif isinstance(a, TpuTensor):
-                refs.append((a.src, a.views))
+                continue
+            if isinstance(a, TpuTensor):
+                src, views = a.src, a.views
                 sig.append((a.shape, a.dtype))
+                if isinstance(src, tuple):
+                    node, i = src
+                    if node.values is None:              # pending in this graph
+                        ins.append(("n", node.slot, i, views))
+                        continue
+                    a.src = src = node.values[i]
             else:
-                refs.append((a, ()))
+                src, views = a, ()
                 sig.append((tuple(a.shape), a.dtype))
+            k = self._leaf_at.get(id(src))
+            if k is None:
+                k = self._leaf_at[id(src)] = len(self._leaves)
+                self._leaves.append(src)                 # holding it keeps its id unique
+            ins.append(("l", k, views))
         akey = (fn, statics, tuple(sig))
         avals = self._avals.get(akey)
         if avals is None:
@@ -342,8 +358,9 @@ class TpuBackend(Backend):
             multi = isinstance(out, tuple)
             avals = self._avals[akey] = (multi, tuple((tuple(o.shape), o.dtype) for o in (out if multi else (out,))))
         multi, outs = avals
-        node = _Node(self, fn, statics, tuple(refs), len(outs))
+        node = _Node(self, len(self._pending), len(outs))
         self._pending.append(node)
+        self._wiring.append((fn, statics, tuple(ins)))
         tensors = tuple(TpuTensor((node, i), (), shape, dtype) for i, (shape, dtype) in enumerate(outs))
         if not self.fuse or len(self._pending) >= _MAX_PENDING_OPS:
             self._flush()
@@ -353,45 +370,23 @@ class TpuBackend(Backend):
         """Run every pending op as one jitted program. Its structure (ops, statics, views, wiring,
         which outputs are still readable, which caches are donated) is the cache key; jit then
         compiles once per input shape. Leaves are jax arrays, deduplicated by identity."""
-        nodes, self._pending = self._pending, []
+        nodes, wiring, leaves, leaf_at = self._pending, tuple(self._wiring), self._leaves, self._leaf_at
         if not nodes:
             return
-        index = {id(n): k for k, n in enumerate(nodes)}
-        leaves, leaf_at = [], {}
-        wiring = []
-        for n in nodes:
-            ins = []
-            for r in n.inputs:
-                if r is None:
-                    ins.append(None)
-                    continue
-                src, views = r
-                if isinstance(src, tuple) and src[0].values is None:
-                    ins.append(("n", index[id(src[0])], src[1], views))
-                    continue
-                arr = src[0].values[src[1]] if isinstance(src, tuple) else src
-                k = leaf_at.get(id(arr))
-                if k is None:
-                    k = leaf_at[id(arr)] = len(leaves)
-                    leaves.append(arr)
-                ins.append(("l", k, views))
-            wiring.append((n.fn, n.statics, tuple(ins)))
+        self._pending, self._wiring, self._leaves, self._leaf_at = [], [], [], {}
         outputs = tuple((k, i) for k, n in enumerate(nodes) for i in range(n.num_outputs) if n.is_read(i))
         donate = tuple(sorted({leaf_at[id(a)] for a in self._donations if id(a) in leaf_at}))
         self._donations = []
-        key = (tuple(wiring), outputs, donate)
+        key = (wiring, outputs, donate)
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = self._jax.jit(partial(_replay, tuple(wiring), outputs),
-                                                          donate_argnums=donate)
+            program = self._programs[key] = self._jax.jit(partial(_replay, wiring, outputs), donate_argnums=donate)
         results = program(*leaves)
         for n in nodes:
             n.values = [None] * n.num_outputs
         for (k, i), value in zip(outputs, results):
             nodes[k].values[i] = value
         self._last = results
-        for n in nodes:
-            n.inputs = None  # drop references to inputs (old caches, activations)
 
     # ---- memory ----
     def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
