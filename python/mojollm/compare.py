@@ -16,8 +16,8 @@ For each requested backend that probes available (the others are listed with the
   5. correctness: teacher-forced logits of every sequence (prompt + the reference's greedy tokens)
      against the reference backend's: max |diff| relative to the reference logit range, top-1
      agreement, and the greedy tokens themselves. A top-1 or greedy disagreement is tolerated only
-     where the reference itself nearly ties (margin below twice the logit tolerance); anything else
-     sets "ok": false, shown in red in the table. Never hidden.
+     where the reference itself nearly ties (margin at most twice the observed logit error, capped
+     by the tolerance); anything else sets "ok": false, shown in red in the table. Never hidden.
 
 The JSON document is described in bench/SCHEMA.md (SCHEMA_VERSION below).
 """
