@@ -14,7 +14,9 @@
 #       bpack[panel][k][j] = B[k0 + k, panel*NR + j]  (columns past N are zero).
 #   W (linear): packed ONCE at load time (python/mojollm/kernels/linalg.py) into the same panel
 #       form over the full K: wp[panel][k][j] = W[panel*NR + j, k], dtype f32, f16 or bf16 bits.
-#       A KC block of a panel is then the contiguous slice wp[panel][k0:k0+kc].
+#       A KC block of a panel is then the contiguous slice wp[panel][k0:k0+kc]. bf16 rows are
+#       pair-interleaved: within each 2W-column chunk, element 2j is column j and element 2j+1 is
+#       column W + j (load_row widens them with a shift and a mask).
 #   The GEMV path (T <= GEMV_MAX_T, gemv_panel) streams those same panels once: for each k it
 #   loads NV vectors of W (SIMD along N inside the panel) and broadcasts x[t, k]; no horizontal
 #   sums, and no second copy of the weights in another layout.
@@ -44,9 +46,13 @@ comptime KC = 256  # k depth of one cache block
 comptime MC = 144  # rows of A per L2 block (multiple of MR)
 comptime NCP = 32  # B panels packed at a time by gemm (KC x NCP*NR f32 = 1 MiB)
 comptime GEMM_PREFETCH_K = 4  # software prefetch distance for B in GEMM (k steps)
-comptime GEMV_PREFETCH_K = 0  # ... and in GEMV
+comptime GEMV_PREFETCH_BYTES = 4096  # how far ahead GEMV prefetches its weight stream
 comptime GEMV_MAX_T = 4  # tokens up to which linear skips packing X
-comptime SERIAL_MACS = 1 << 18  # below this many multiply-adds a call stays on one thread
+# A parallel region costs ~10 us (thread wake-up) on an idle machine: below these sizes a call
+# stays on the calling thread. GEMM: 2M multiply-adds is ~15 us on one core. GEMV: 2 MiB of
+# weights is ~25 us from L2, more from memory.
+comptime SERIAL_MACS = 1 << 21
+comptime SERIAL_GEMV_BYTES = 1 << 21
 
 # Weight dtypes of `linear` (must match python/mojollm/kernels/linalg.py).
 comptime WT_F32 = 0
@@ -66,14 +72,26 @@ def _wptr[wt: DType](addr: Int) -> Pointer[Scalar[wt], MutAnyOrigin]:
 
 
 @always_inline
-def load_wide[wt: DType](p: Pointer[Scalar[wt], MutAnyOrigin], off: Int) -> Acc:
-    """W consecutive weights widened to f32 in registers (bf16 -> f32 is a 16-bit shift)."""
+def load_row[wt: DType](p: Pointer[Scalar[wt], MutAnyOrigin], off: Int) -> Array[Acc, NV]:
+    """One NR-wide panel row (starting at element `off`) widened to f32 vectors.
+    bf16 rows are stored pair-interleaved (see the layout notes): a 32-bit lane j of chunk c holds
+    columns c*2W + j (low half) and c*2W + W + j (high half), so widening is one shift and one
+    mask per vector, with no shuffles (vpmovzxwd would load port 5 in the GEMV inner loop)."""
+    var row = Array[Acc, NV](fill=0)
     comptime if wt == DType.float32:
-        return rebind[Acc](p.unsafe_load[width=W](off))
+        comptime for v in range(NV):
+            row[v] = rebind[Acc](p.unsafe_load[width=W](off + v * W))
     elif wt == DType.uint16:
-        return bitcast[F32, W](p.unsafe_load[width=W](off).cast[DType.uint32]() << 16)
+        comptime assert NV % 2 == 0, "bf16 panels pair up vectors"
+        var q = Pointer[UInt32, MutAnyOrigin](unsafe_from_address=Int(p.unsafe_offset(off)))
+        comptime for c in range(NV // 2):
+            var u = q.unsafe_load[width=W](c * W)
+            row[2 * c] = bitcast[F32, W](u << 16)
+            row[2 * c + 1] = bitcast[F32, W](u & 0xFFFF0000)
     else:
-        return p.unsafe_load[width=W](off).cast[F32]()
+        comptime for v in range(NV):
+            row[v] = p.unsafe_load[width=W](off + v * W).cast[F32]()
+    return row^
 
 
 @always_inline
@@ -133,9 +151,7 @@ def tile_kernel[mr: Int, wt: DType, prefetch_k: Int](
                 prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](
                     b.unsafe_offset((k + prefetch_k) * NR + line // size_of[Scalar[wt]]())
                 )
-        var bv = Array[Acc, NV](fill=0)
-        comptime for v in range(NV):
-            bv[v] = load_wide[wt](b, k * NR + v * W)
+        var bv = load_row[wt](b, k * NR)
         comptime for i in range(mr):
             var av = Acc(a[unsafe_offset = k * mr + i])
             comptime for v in range(NV):
@@ -263,22 +279,23 @@ def gemv_panel[t: Int, wt: DType, ku: Int](x: F32Ptr, k: Int, w: Pointer[Scalar[
     var acc = Array[Acc, ku * t * NV](fill=0)
     var k_main = k - k % ku
     for k0 in range(0, k_main, ku):
-        comptime if GEMV_PREFETCH_K > 0:
+        comptime if GEMV_PREFETCH_BYTES > 0:
             comptime for line in range(0, ku * NR * size_of[Scalar[wt]](), 64):
                 prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](
-                    w.unsafe_offset((k0 + GEMV_PREFETCH_K) * NR + line // size_of[Scalar[wt]]())
+                    w.unsafe_offset(k0 * NR + (GEMV_PREFETCH_BYTES + line) // size_of[Scalar[wt]]())
                 )
         comptime for u in range(ku):
-            comptime for v in range(NV):
-                var bv = load_wide[wt](w, (k0 + u) * NR + v * W)
-                comptime for i in range(t):
-                    var av = Acc(x[unsafe_offset = i * k + k0 + u])
-                    acc[(u * t + i) * NV + v] = av.fma(bv, acc[(u * t + i) * NV + v])
-    for kk in range(k_main, k):
-        comptime for v in range(NV):
-            var bv = load_wide[wt](w, kk * NR + v * W)
+            var bv = load_row[wt](w, (k0 + u) * NR)
             comptime for i in range(t):
-                acc[i * NV + v] = Acc(x[unsafe_offset = i * k + kk]).fma(bv, acc[i * NV + v])
+                var av = Acc(x[unsafe_offset = i * k + k0 + u])
+                comptime for v in range(NV):
+                    acc[(u * t + i) * NV + v] = av.fma(bv[v], acc[(u * t + i) * NV + v])
+    for kk in range(k_main, k):
+        var bv = load_row[wt](w, kk * NR)
+        comptime for i in range(t):
+            var av = Acc(x[unsafe_offset = i * k + kk])
+            comptime for v in range(NV):
+                acc[i * NV + v] = av.fma(bv[v], acc[i * NV + v])
     var total = Array[Acc, t * NV](fill=0)
     comptime for u in range(ku):
         comptime for j in range(t * NV):
@@ -302,9 +319,9 @@ def _span(total: Int, parts: Int, idx: Int) -> Tuple[Int, Int]:
     return (lo, lo + base + (1 if idx < extra else 0))
 
 
-def num_tasks(m: Int, n: Int, k: Int, max_tasks: Int) -> Int:
+def num_tasks(serial: Bool, max_tasks: Int) -> Int:
     """One task per core (at most max_tasks when > 0); one task for small problems."""
-    if m * n * k < SERIAL_MACS:
+    if serial:
         return 1
     var cores = num_physical_cores()
     return min(cores, max_tasks) if max_tasks > 0 else cores
@@ -327,7 +344,7 @@ def _run[wt: DType, prepacked: Bool](
     a: F32Ptr, b_addr: Int, c: F32Ptr, m: Int, n: Int, k: Int, ws: F32Ptr, max_tasks: Int
 ):
     """Dispatch C[m, n] = A[m, k] @ B over one task per core (A, C row-major, contiguous)."""
-    var tasks = num_tasks(m, n, k, max_tasks)
+    var tasks = num_tasks(m * n * k < SERIAL_MACS, max_tasks)
     var m_tiles = (m + MR - 1) // MR
     var n_panels = (n + NR - 1) // NR
     var along_m = split_along_m(m_tiles, n_panels, tasks)
@@ -358,7 +375,7 @@ def _run[wt: DType, prepacked: Bool](
 
 
 def _gemv[t: Int, wt: DType](x: F32Ptr, w_addr: Int, y: F32Ptr, n: Int, k: Int, max_tasks: Int):
-    var tasks = num_tasks(t, n, k, max_tasks)
+    var tasks = num_tasks(n * k * size_of[Scalar[wt]]() < SERIAL_GEMV_BYTES, max_tasks)
     var n_panels = (n + NR - 1) // NR
 
     def work(i: Int) {imm x, imm w_addr, imm y, imm n, imm k, imm tasks, imm n_panels}:
@@ -457,13 +474,10 @@ def py_fma_peak(iters: PythonObject, tasks: PythonObject) raises -> PythonObject
 
 
 def py_config() raises -> PythonObject:
-    """(panel width NR, micro-tile rows MR, workspace floats per task, tasks per call, GEMV_MAX_T)."""
-    return Python_tuple(NR, MR, workspace_floats(), num_physical_cores(), GEMV_MAX_T)
-
-
-def Python_tuple(a: Int, b: Int, c: Int, d: Int, e: Int) raises -> PythonObject:
-    var l: PythonObject = [a, b, c, d, e]
-    return l
+    """[panel width NR, micro-tile rows MR, workspace floats per task, tasks per call, GEMV_MAX_T,
+    f32 SIMD width W]."""
+    var cfg: PythonObject = [NR, MR, workspace_floats(), num_physical_cores(), GEMV_MAX_T, W]
+    return cfg
 
 
 @export
@@ -473,7 +487,7 @@ def PyInit_linalg() abi("C") -> PythonObject:
         m.def_function[py_gemm]("gemm", docstring="C = A @ B (f32, row-major); dims = (M, N, K, workspace)")
         m.def_function[py_linear]("linear", docstring="Y = X @ W^T with W pre-packed; dims = (T, N, K, wtype, workspace)")
         m.def_function[py_fma_peak]("fma_peak", docstring="fma_peak(iters, tasks) -> flops done by a register FMA loop")
-        m.def_function[py_config]("config", docstring="(NR, MR, workspace floats per task, tasks, GEMV_MAX_T)")
+        m.def_function[py_config]("config", docstring="[NR, MR, workspace floats per task, tasks, GEMV_MAX_T, W]")
         return m.finalize()
     except e:
         abort(String("failed to create module linalg: ", e))

@@ -109,8 +109,8 @@ def test_linear_large_threaded(qtype, t):
     # Enough work for the parallel region on both paths (GEMV t<=4, GEMM otherwise), K > KC,
     # N > 1024 with a ragged last panel; one thread must give the same bits as all cores.
     rng = _rng(5, t, len(qtype))
-    w, w64 = _weight(rng, 1100, 600, qtype)
-    x = _normal(rng, (t, 600))
+    w, w64 = _weight(rng, 1100, 1000, qtype)  # >= 2 MiB of weights even as bf16
+    x = _normal(rng, (t, 1000))
     lin = DenseLinear(w)
     y = lin.forward(x)
     _assert_close(y, x.astype(np.float64), w64.T)

@@ -43,15 +43,17 @@ class _Config:
     """The Mojo module's blocking constants, read once."""
 
     def __init__(self):
-        nr, mr, ws_floats, tasks, gemv_max_t = (int(v) for v in _kernels().config())
-        self.nr, self.mr, self.ws_floats, self.tasks, self.gemv_max_t = nr, mr, ws_floats, tasks, gemv_max_t
+        nr, mr, ws_floats, tasks, gemv_max_t, simd_width = (int(v) for v in _kernels().config())
+        self.nr, self.mr, self.ws_floats, self.tasks = nr, mr, ws_floats, tasks
+        self.gemv_max_t, self.simd_width = gemv_max_t, simd_width
 
 
 _config: _Config | None = None
 
 
 def config() -> _Config:
-    """NR (panel width), MR (micro-tile rows), scratch floats per task, tasks per call, GEMV_MAX_T."""
+    """NR (panel width), MR (micro-tile rows), scratch floats per task, tasks per call, GEMV_MAX_T,
+    f32 SIMD width W."""
     global _config
     if _config is None:
         _config = _Config()
@@ -149,21 +151,38 @@ def _weight_rows(w: WeightTensor) -> np.ndarray:
     return data.reshape(n, k)
 
 
-def _pack(rows: np.ndarray, nr: int) -> np.ndarray:
-    """[N, K] -> [ceil(N/NR), K, NR] panels (zero rows past N), 64-byte aligned."""
+def _bf16_order(nr: int, w: int) -> np.ndarray:
+    """Column order of a bf16 panel row: in each chunk of 2W columns, memory slot 2j holds column
+    j and slot 2j+1 column W + j, so one 32-bit lane widens to both with a shift and a mask."""
+    j = np.arange(w)
+    chunk = np.stack([j, w + j], axis=1).reshape(-1)  # slot -> column within a 2W chunk
+    return np.concatenate([c * 2 * w + chunk for c in range(nr // (2 * w))])
+
+
+def _pack(rows: np.ndarray, nr: int, w: int) -> np.ndarray:
+    """[N, K] -> [ceil(N/NR), K, NR] panels (zero rows past N), 64-byte aligned; bf16 (uint16)
+    rows in the pair-interleaved column order of `_bf16_order`."""
     n, k = rows.shape
     full, rest = divmod(n, nr)
-    packed = _aligned_empty((full + (rest > 0), k, nr), rows.dtype)
-    packed[:full] = rows[:full * nr].reshape(full, nr, k).transpose(0, 2, 1)
+    panels = full + (rest > 0)
+    src = rows
     if rest:
-        packed[full] = 0
-        packed[full, :, :rest] = rows[full * nr:].T
+        src = np.zeros((panels * nr, k), dtype=rows.dtype)
+        src[:n] = rows
+    src = src.reshape(panels, nr, k)
+    if rows.dtype == np.uint16:
+        src = src[:, _bf16_order(nr, w), :]
+    packed = _aligned_empty((panels, k, nr), rows.dtype)
+    packed[...] = src.transpose(0, 2, 1)
     return packed
 
 
-def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
+def _unpack(packed: np.ndarray, n: int, w: int) -> np.ndarray:
     panels, k, nr = packed.shape
-    return np.ascontiguousarray(packed.transpose(0, 2, 1).reshape(panels * nr, k)[:n])
+    rows = np.empty((panels, nr, k), dtype=packed.dtype)
+    order = _bf16_order(nr, w) if packed.dtype == np.uint16 else np.arange(nr)
+    rows[:, order, :] = packed.transpose(0, 2, 1)
+    return np.ascontiguousarray(rows.reshape(panels * nr, k)[:n])
 
 
 class DenseLinear:
@@ -174,7 +193,7 @@ class DenseLinear:
         self.name = w.name
         self.qtype = w.qtype
         self.out_features, self.in_features = rows.shape
-        self._packed = _pack(rows, config().nr)
+        self._packed = _pack(rows, config().nr, config().simd_width)
         self._addr = self._packed.ctypes.data  # cached: .ctypes costs ~1 us per call
         self._code = _WEIGHT_CODES[self.qtype]
         self.parts: tuple[int, ...] = (self.out_features,)  # out_features of the layers fused into this one
@@ -188,7 +207,7 @@ class DenseLinear:
     def weight(self) -> WeightTensor:
         """The weight back in its loaded form ([N, K], storage dtype; a copy)."""
         return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype,
-                            _unpack(self._packed, self.out_features))
+                            _unpack(self._packed, self.out_features, config().simd_width))
 
     def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
         """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
