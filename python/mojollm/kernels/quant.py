@@ -27,8 +27,14 @@ QUANT_TYPES = tuple(BLOCK_BYTES)
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
+_module = None
+
+
 def _kernels():
-    return load_module("quant")
+    global _module
+    if _module is None:  # load_module's own cache lookup costs ~1 us, a decode step makes ~100 calls
+        _module = load_module("quant")
+    return _module
 
 
 def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
