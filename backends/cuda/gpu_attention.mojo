@@ -195,7 +195,7 @@ def _fa_load_kv[cdt: DType, D: Int](
                 ok = False
             else:
                 src = ((blk * b_ + key % b_) * kvh + h) * D + part * 8
-        async_copy[16](
+        async_copy[16, fill=Scalar[cdt](0)](
             cache.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
             smem.unsafe_offset(j * LD + part * 8),
             src_size=Int32(16 if ok else 0),
@@ -210,6 +210,7 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
     comptime LD = D + 8  # 16-byte row padding: conflict-free ldmatrix
     comptime NT_D = D // 8  # n8 tiles over the head dim
     comptime TILE = FA_TK * LD
+    # (cp.async needs `fill` to honour src_size: without it a zero-size copy still reads 16 bytes.)
     # Two stages of (K tile, V tile): tile t + 1 streams in while tile t is used.
     var smem = external_memory[Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
     var tid = thread_idx.x
@@ -430,9 +431,9 @@ def _dec_load_tile[cdt: DType, D: Int](
                 ok = False
             else:
                 src = ((blk * b_ + key % b_) * kvh + h) * D + part * VW
-        async_copy[16](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+        async_copy[16, fill=Scalar[cdt](0)](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
                        ks.unsafe_offset(j * LD + part * VW), src_size=Int32(16 if ok else 0))
-        async_copy[16](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+        async_copy[16, fill=Scalar[cdt](0)](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
                        vs.unsafe_offset(j * LD + part * VW), src_size=Int32(16 if ok else 0))
 
 

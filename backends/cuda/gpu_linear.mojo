@@ -273,7 +273,7 @@ def _mg_load_tile[dt: DType](
         var gk = k0 + col
         var ok = gr < rows and gk < kk
         var off = gr * kk + gk if ok else 0
-        async_copy[16](
+        async_copy[16, fill=Scalar[dt](0)](
             src.unsafe_offset(off).unsafe_address_space_cast[AddressSpace.GLOBAL](),
             smem.unsafe_offset(row * MG_LD + col),
             src_size=Int32(16 if ok else 0),
@@ -414,7 +414,7 @@ def _wg_load[dt: DType, ROWS: Int](src: Ptr[dt], smem: SharedPtr[dt], row0: Int,
         var gk = k0 + c * 8
         var ok = gr < rows and gk < kk
         var off = gr * kk + gk if ok else 0
-        async_copy[16](
+        async_copy[16, fill=Scalar[dt](0)](
             src.unsafe_offset(off).unsafe_address_space_cast[AddressSpace.GLOBAL](),
             smem.unsafe_offset(((r >> 3) * 1024 + c * 128 + (r & 7) * 16) // 2),
             src_size=Int32(16 if ok else 0),
