@@ -123,7 +123,8 @@ def bench_gemm(opts: Options) -> list[dict]:
     peak = linalg.fma_peak_gflops()
     np_threads = numpy_threads()
     rows: list[dict] = []
-    common = {"section": "gemm", "threads": cfg.tasks, "peer": "numpy (OpenBLAS)", "peer_threads": np_threads}
+    common = {"section": "gemm"}
+    threads = {"threads": cfg.tasks, "peer": "numpy (OpenBLAS)", "peer_threads": np_threads}
 
     sizes = (512, 1024) if opts.quick else (512, 1024, 2048)
     for n in sizes:
@@ -136,7 +137,7 @@ def bench_gemm(opts: Options) -> list[dict]:
                         opts.reps(5 if n >= 2048 else 10), opts.rounds)
         flops = 2.0 * n**3
         gflops = flops / t["mojo"]["median_s"] / 1e9
-        rows.append({**common, "op": "gemm", "shape": f"{n}x{n}x{n}", "dtype": "f32",
+        rows.append({**common, "op": "gemm", "shape": f"{n}x{n}x{n}", "dtype": "f32", **threads,
                      "median_s": t["mojo"]["median_s"], "best_s": t["mojo"]["best_s"],
                      "gflops": gflops, "peer_median_s": t["numpy"]["median_s"],
                      "peer_gflops": flops / t["numpy"]["median_s"] / 1e9,
@@ -168,7 +169,7 @@ def bench_gemm(opts: Options) -> list[dict]:
             weight_bytes = n * k * (4 if name == "f32" else 2)
             gbs = weight_bytes / t[name]["median_s"] / 1e9
             rows.append({**common, "op": "gemv" if t_tok == 1 else "linear", "shape": f"{t_tok}x{n}x{k}",
-                         "dtype": name, "median_s": t[name]["median_s"], "best_s": t[name]["best_s"],
+                         "dtype": name, **threads, "median_s": t[name]["median_s"], "best_s": t[name]["best_s"],
                          "gflops": 2.0 * t_tok * n * k / t[name]["median_s"] / 1e9,
                          "peer_median_s": t["numpy"]["median_s"], "peer_gflops": None,
                          "vs_peer": t["numpy"]["median_s"] / t[name]["median_s"],
@@ -296,10 +297,11 @@ SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
 }
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], title: str | None = None) -> None:
+    """One table; columns are the union of the rows' keys, minus those that are null in every row."""
     cols: list[str] = []
     for r in rows:
-        cols += [k for k in r if k not in cols]
+        cols += [k for k in r if k not in cols and any(x.get(k) is not None for x in rows)]
 
     def cell(v) -> str:
         if v is None:
@@ -318,7 +320,7 @@ def print_table(rows: list[dict]) -> None:
         for r in rows:
             print("\t".join(cell(r.get(c)) for c in cols))
         return
-    table = Table(*cols)
+    table = Table(*cols, title=title)
     for r in rows:
         table.add_row(*(cell(r.get(c)) for c in cols))
     Console(width=max(120, 14 * len(cols))).print(table)
@@ -344,8 +346,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for name in names:
         print(f"[{time.strftime('%H:%M:%S')}] {name} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-        rows += SECTIONS[name](opts)
-    print_table(rows)
+        section_rows = SECTIONS[name](opts)
+        print_table(section_rows, title=name)
+        rows += section_rows
     if args.json_path:
         from mojollm.measure import bench_document
 
