@@ -170,6 +170,7 @@ class CudaBackend(Backend):
         self._err = torch.zeros(_ERR_WORDS, dtype=torch.int32, device=self.device)
         self._err_ptr = self._err.data_ptr()
         self._bandwidth: float | None = None
+        self._rows_cache: dict[int, int] = {}
         self._dtypes = {None: torch.float32, "float32": torch.float32, "int32": torch.int32,
                         "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16}
         self._codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -385,6 +386,8 @@ class CudaBackend(Backend):
         """Rows per warp of the dense GEMV: each warp runs once over its rows (no grid-stride), so
         pick R for enough warps in flight (>= 20 per SM) and a full last wave (~40 warps fit per SM):
         the bandwidth of a memory-bound kernel follows the warps it keeps busy."""
+        if n in self._rows_cache:
+            return self._rows_cache[n]
         enough, resident = 20 * self.num_sms, 40 * self.num_sms
         best = (1, -1.0)
         for r in (4, 2, 1):
@@ -395,6 +398,7 @@ class CudaBackend(Backend):
             eff = 1.0 if waves <= 1 else waves / math.ceil(waves)
             if eff > best[1] + 0.02:
                 best = (r, eff)
+        self._rows_cache[n] = best[0]
         return best[0]
 
     def _gemv_grid(self, n: int, rows: int) -> int:
