@@ -391,6 +391,19 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
 @always_inline
 def _pv[PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int,
                  j_hi: Int, rescale: Bool, nrows: Int):
+    if not PT:  # few rows (decode): one pass over V with every row in registers
+        if nrows == 3:
+            _pv_rows[3, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            return
+        if nrows == 5:
+            _pv_rows[5, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            return
+        if nrows == 6:
+            _pv_rows[6, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            return
+        if nrows == 7:
+            _pv_rows[7, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            return
     var r0 = 0
     while r0 + 4 <= nrows:
         _pv_rows[4, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)

@@ -122,6 +122,7 @@ DECODE_CASES = [
     ([100, 3], 24, 1, 80, 16),                    # MQA ratio 24 (transposed-score path), D 80
     ([50], 72, 1, 16, 32),                        # 72 rows: two row tiles
     ([129], 6, 2, 33, 16),                        # head dim 33
+    ([300, 17], 10, 2, 64, 16),                   # ratio 5 (5-row P.V kernel)
 ]
 
 
