@@ -145,6 +145,30 @@ def bench_gemm(opts: Options) -> list[dict]:
                      "peak_gflops": peak, "fraction_of_peak": gflops / peak, "gbs": None,
                      "max_rel_err": err, "ok": err < 1e-5})
 
+    # Prefill-shaped linear: T tokens through a pre-packed [N, K] weight (f32 and bf16) against
+    # numpy's x @ W.T on the f32 weight.
+    linear_shapes = [(128, 1536, 576)] if opts.quick else [(128, 1536, 576), (512, 4096, 4096)]
+    for t_tok, n, k in linear_shapes:
+        rng = _rng(3, t_tok, n, k)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        x = rng.standard_normal((t_tok, k), dtype=np.float32)
+        layers = {"f32": linalg.DenseLinear(WeightTensor.from_float("w", w)),
+                  "bf16": linalg.DenseLinear(WeightTensor("w", (n, k), "BF16", float32_to_bf16(w)))}
+        fns = {name: (lambda lin=lin: lin.forward(x)) for name, lin in layers.items()}
+        fns["numpy"] = lambda: x @ w.T
+        t = time_blocks(fns, opts.reps(5 if n * k * t_tok > 1e9 else 10), opts.rounds)
+        flops = 2.0 * t_tok * n * k
+        for name, lin in layers.items():
+            wref = lin.to_float32().astype(np.float64)
+            scale = np.abs(x.astype(np.float64)) @ np.abs(wref).T
+            err = float(np.max(np.abs(lin.forward(x) - x.astype(np.float64) @ wref.T) / scale))
+            gflops = flops / t[name]["median_s"] / 1e9
+            rows.append({**common, "op": "linear", "shape": f"{t_tok}x{n}x{k}", "dtype": name, **threads,
+                         "median_s": t[name]["median_s"], "best_s": t[name]["best_s"], "gflops": gflops,
+                         "peer_median_s": t["numpy"]["median_s"], "peer_gflops": flops / t["numpy"]["median_s"] / 1e9,
+                         "vs_peer": t["numpy"]["median_s"] / t[name]["median_s"], "peak_gflops": peak,
+                         "fraction_of_peak": gflops / peak, "gbs": None, "max_rel_err": err, "ok": err < 1e-5})
+
     # Decode-shaped GEMV: one token through an [N, K] weight. The peer is numpy's f32 GEMV on the
     # row-major weight; bf16 / f16 weights stream half the bytes, so GB/s counts bytes stored.
     bw = measure_read_bandwidth()

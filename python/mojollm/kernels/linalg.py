@@ -21,6 +21,7 @@ any address reaches Mojo.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Sequence
 
@@ -81,6 +82,15 @@ def _workspace_addr() -> int:
     return addr
 
 
+def _addr(a: np.ndarray) -> int:
+    """Address of a (validated, non-empty, C-contiguous) array's data. ctypes' from_buffer costs
+    ~0.2 us where `a.ctypes.data` costs ~1.5 us: it counts on the decode path (~200 calls/token)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):  # read-only or empty buffer
+        return a.ctypes.data
+
+
 def _check_array(name: str, a, dtype, ndim: int) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -113,7 +123,7 @@ def gemm(a: np.ndarray, b: np.ndarray, max_threads: int = 0) -> np.ndarray:
         return np.zeros((m, n), dtype=np.float32)
     c = np.empty((m, n), dtype=np.float32)
     if m and n:
-        _kernels().gemm(a.ctypes.data, b.ctypes.data, c.ctypes.data, (m, n, k, _workspace_addr(), threads))
+        _kernels().gemm(_addr(a), _addr(b), _addr(c), (m, n, k, _workspace_addr(), threads))
     return c
 
 
@@ -219,7 +229,7 @@ class DenseLinear:
         threads = _threads(max_threads)
         y = np.empty((t, self.out_features), dtype=np.float32)
         if t:
-            _kernels().linear(x.ctypes.data, self._addr, y.ctypes.data,
+            _kernels().linear(_addr(x), self._addr, _addr(y),
                               (t, self.out_features, k, self._code, _workspace_addr(), threads))
         return y
 
