@@ -423,15 +423,18 @@ def test_pallas_kernels_lower_for_tpu():
 # ------------------------------------------------------------------------------------------------
 # model level
 # ------------------------------------------------------------------------------------------------
-def test_model_logits_match_transformers(xb, make_hf_model):
+@pytest.mark.parametrize("fuse", ["layer", "step", "op"])
+def test_model_logits_match_transformers(make_hf_model, fuse):
     """Random-weight Llama (GQA 4/2, safetensors): prefill of 11 tokens + 4 decode steps through a
-    shuffled paged cache, every position's logits vs transformers' full forward."""
+    shuffled paged cache, every position's logits vs transformers' full forward, for each way of
+    grouping ops into compiled programs (per KV-write segment, per step, per op)."""
     torch = pytest.importorskip("torch", reason="torch not installed")
     from mojollm.engine.step import StepBatch
     from mojollm.models import load_model
 
-    path, hf = make_hf_model("llama")
-    model = load_model(path, backend=xb)
+    path, hf = make_hf_model("llama", num_hidden_layers=3)
+    backend = make_backend(MOJOLLM_TPU_FUSE=fuse)
+    model = load_model(path, backend=backend)
     bs = 4
     model.allocate_kv_cache(16, bs)
     table = np.random.default_rng(0).permutation(16).astype(np.int32)
@@ -442,6 +445,9 @@ def test_model_logits_match_transformers(xb, make_hf_model):
     for p in range(11, 15):
         got.append(model.forward(StepBatch.single_sequence(ids[p:p + 1], p, table, bs)))
     assert rel_err(np.concatenate(got), ref) < 1e-4
+    if fuse == "layer":  # layers 1 and 2 share one decode program; the last segment adds lm_head
+        decode_programs = [k for k in backend._programs if any(w[0] is xla_ops.attention_decode for w in k[0])]
+        assert len(decode_programs) == 2
 
 
 @pytest.mark.slow

@@ -5,17 +5,23 @@ matmuls), else XLA:GPU or XLA:CPU with the jnp versions of the same maths (xla_o
 device string says which ("tpu backend on XLA:CPU"). Nothing here is imported by `import mojollm`;
 jax is imported only when the backend is probed or created.
 
-Tensors. Ops return `TpuTensor`s: a jax array plus the slices/reshapes the model applied to it
-since (recorded on the host, not run). Each op is one jitted call that applies its inputs' pending
-views and then its maths, so the model's glue (splitting q/k/v, merging heads) costs no dispatch of
-its own; run eagerly, each such glue op costs 0.1-0.3 ms, more than the op it feeds.
+Tensors and programs. Ops do not run when called: they are recorded into a pending graph and
+return `TpuTensor`s (an op output, seen through the slices/reshapes the model applied since). The
+graph runs as one jitted XLA program when a value is read (to_numpy), and with the default
+MOJOLLM_TPU_FUSE=layer also just before each store_kv, so a step is ~one program per layer and
+every layer but the first and last replays the *same* compiled program (compile cost of one layer,
+~L dispatches per step instead of ~11 L). `step` runs the whole step as one program (fewest
+dispatches, longest compile: XLA compiles all L layers); `op` runs each op at once. The model's
+glue (splitting q/k/v, merging heads) is applied inside the consuming op's program; run eagerly,
+each such glue op would cost 0.1-0.3 ms. Outputs that no live tensor can read are not returned,
+so XLA fuses them away.
 Integer step metadata (token ids, positions, slot mapping, block tables, lengths) stays a read-only
 host numpy array from `asarray`: the backend validates it on the host (no device sync), pads it to
-its shape bucket and uploads it once per step (cached by array identity: 30 layers share one copy).
+its shape bucket and uploads it once per step (cached by array identity: L layers share one copy).
 
 KV caches. `zeros()` returns a TpuTensor that `store_kv` updates 'in place', as the interface says:
-a jitted scatter with the old cache donated (XLA reuses its memory, no copy per step) whose result
-replaces the tensor's array.
+the scatter's result replaces the tensor's array, and the old array is donated to the program
+(XLA writes into its memory: no copy of the cache per step).
 
 Shape buckets (XLA compiles once per distinct static shape):
     context blocks M   attention takes block-table columns up to next_pow2(ceil(max context / B)),
@@ -283,7 +289,9 @@ class TpuBackend(Backend):
             from mojollm.backends.tpu import pallas_kernels
 
             self._pallas = pallas_kernels
-        self.fuse = os.environ.get("MOJOLLM_TPU_FUSE", "1") != "0"
+        self.fuse = os.environ.get("MOJOLLM_TPU_FUSE", "layer").lower()
+        if self.fuse not in ("layer", "step", "op"):
+            raise ValueError(f"MOJOLLM_TPU_FUSE={self.fuse!r}: expected layer, step or op")
         self._enable_compile_cache()
         self._pending: list[_Node] = []
         self._wiring: list = []
@@ -324,8 +332,8 @@ class TpuBackend(Backend):
 
         Inputs are TpuTensors (pending or ready, with views), jax arrays (weights, uploaded
         metadata) or None. The wiring is built here, so running the graph costs one pass. Output
-        shapes come from jax.eval_shape, cached per signature. With MOJOLLM_TPU_FUSE=0 every op
-        runs at once (one compiled program per op)."""
+        shapes come from jax.eval_shape, cached per signature. MOJOLLM_TPU_FUSE=op runs each op at
+        once; layer (default) and step run the graph at each KV write / when a value is read."""
         ins, sig = [], []
         for a in args:
             if a is None:
@@ -362,7 +370,7 @@ class TpuBackend(Backend):
         self._pending.append(node)
         self._wiring.append((fn, statics, tuple(ins)))
         tensors = tuple(TpuTensor((node, i), (), shape, dtype) for i, (shape, dtype) in enumerate(outs))
-        if not self.fuse or len(self._pending) >= _MAX_PENDING_OPS:
+        if self.fuse == "op" or len(self._pending) >= _MAX_PENDING_OPS:
             self._flush()
         return tensors if multi else tensors[0]
 
@@ -544,6 +552,8 @@ class TpuBackend(Backend):
                              f"do not fit caches [{nb}, {bs}, {kvh}, {d}]")
         if slots.size and (slots.min() < 0 or slots.max() >= nb * bs):
             raise ValueError(f"store_kv: slot out of range [0, {nb * bs}): min {slots.min()}, max {slots.max()}")
+        if self.fuse == "layer":
+            self._flush()   # a KV write opens a segment: every layer runs the same compiled program
         for c in (k_cache, v_cache):
             if not isinstance(c.src, tuple) or c.src[0].values is not None:
                 self._donations.append(c._concrete())   # XLA writes the new cache into the old one's memory
