@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -23,8 +24,6 @@ from mojollm.kernels.nn import check_array, check_float
 
 _info: dict[str, int] = {}
 _buffers = threading.local()  # per-thread scratch, reused across calls (fresh pages cost faults)
-
-
 _module = None
 
 
@@ -195,6 +194,7 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
         splits = int(num_splits)
         if splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        splits = min(splits, math.ceil(int(context_lens.max()) / 64))  # chunks are whole 64-key blocks
     units = kvh * math.ceil((h // kvh) / rows)  # row tiles of one sequence: kv heads x group-head tiles
     partial = _buffer("partial", n_seqs * splits * units * rows * (d + 2) if splits > 1 else 1)
     scratch = _scratch(d, units)
@@ -210,8 +210,6 @@ def stream_read_gbs(size_mib: int = 512, repeats: int = 5) -> float:
     larger than the caches: the roofline of a memory-bound decode."""
     x = np.ones(size_mib * 2**20 // 4, dtype=np.float32)
     sums = np.zeros(max(_workers(), 1) * 2, dtype=np.float32)
-    import time
-
     best = float("inf")
     for i in range(repeats + 1):
         t0 = time.perf_counter()
