@@ -152,10 +152,7 @@ class CudaBackend(Backend):
         self.index = device_index
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
-        self.target = _cuda_target(torch, device_index)
-        self.nvidia = True  # tensor-core kernels (mma.sync) are available on this target
-        # Prefill GEMM on bf16 weights: "wgmma" (Hopper warpgroup MMA, sm_90 only) or "mma" (mma.sync).
-        self.hopper = self.target.arch == "sm_90"
+        self.target = self._select_target(torch, device_index)
         self.gemm_impl = os.environ.get("MOJOLLM_CUDA_GEMM", "mma")
         self.wgmma_swap = int(os.environ.get("MOJOLLM_CUDA_WGMMA_SWAP", "0"))
         self.wgmma_bn = 256
@@ -174,6 +171,14 @@ class CudaBackend(Backend):
         self._dtypes = {None: torch.float32, "float32": torch.float32, "int32": torch.int32,
                         "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16}
         self._codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+    def _select_target(self, torch, device_index: int):
+        """The kernel target of this device, and which vendor fast paths it has (rocm overrides)."""
+        target = _cuda_target(torch, device_index)
+        self.nvidia = True  # tensor-core kernels (mma.sync) are available on this target
+        # Prefill GEMM on bf16 weights: "wgmma" (Hopper warpgroup MMA, sm_90 only) or "mma" (mma.sync).
+        self.hopper = target.arch == "sm_90"
+        return target
 
     @property
     def device_name(self) -> str:

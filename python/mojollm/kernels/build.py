@@ -37,12 +37,14 @@ def _source_roots() -> dict[str, Path]:
     import mojollm.mojo_src as mojo_src
 
     roots = {"cpu": Path(mojo_src.__file__).resolve().parent}
-    for name in ("cuda", "rocm"):
-        try:
-            mod = __import__(f"mojollm.backends.{name}", fromlist=["__file__"])
-            roots[name] = Path(mod.__file__).resolve().parent
-        except ImportError:  # pragma: no cover - a broken install
-            pass
+    try:
+        import mojollm.backends.cuda as cuda_pkg
+
+        # AMD builds compile the very same GPU kernel sources as NVIDIA ones: Mojo targets both
+        # from one source. backends/rocm holds only the backend's Python side.
+        roots["cuda"] = roots["rocm"] = Path(cuda_pkg.__file__).resolve().parent
+    except ImportError:  # pragma: no cover - a broken install
+        pass
     return roots
 
 
