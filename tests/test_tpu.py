@@ -219,7 +219,7 @@ def test_embedding(request, which, qtype):
 @pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("which", ["xb", "pb", "int_jnp"])
 @pytest.mark.parametrize("t", [1, 5])
-def test_linear(request, xb, which, qtype, t):
+def test_linear(request, which, qtype, t):
     be = make_backend(MOJOLLM_TPU_QUANT="int") if which == "int_jnp" else request.getfixturevalue(which)
     rng = np.random.default_rng(t * 7 + len(qtype))
     n, k = (33, 577) if qtype == "F32" else (33, 96)
