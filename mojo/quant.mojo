@@ -109,8 +109,8 @@ def _dequant_block[qt: Int](u8: U8Ptr, h: F16Ptr, off: Int, mut lo: V16, mut hi:
     elif qt == Q4_1:
         var m = _scale(h, (off >> 1) + 1)
         _codes[qt](u8, off, lo, hi)
-        # numpy rounds the product before adding m; Mojo does not contract this into an FMA
-        # (the bit-exact tests would notice).
+        # Mojo contracts this into an FMA (one rounding where numpy rounds twice), but q * d is
+        # exact in float32 (4-bit code times an 11-bit float16 scale), so the result is the same.
         lo = lo * d + m
         hi = hi * d + m
     else:
@@ -506,6 +506,14 @@ def _store_nibbles(u8: U8Ptr, off: Int, q: SIMD[DType.int32, 32]):
     u8.unsafe_store(off, (lo | (hi << 4)).cast[DType.uint8]())
 
 
+@always_inline
+def _rounded_product(a: SIMD[DType.float32, 32], b: Float32) -> SIMD[DType.float32, 32]:
+    """float32(a * b), rounded on its own. Written as `a * b + c`, Mojo (contract=fast by default)
+    would fuse the add into an FMA with a single rounding, unlike numpy; the float64 product of
+    two float32 values is exact, and rounding it to float32 cannot be fused with what follows."""
+    return (a.cast[DType.float64]() * b.cast[DType.float64]()).cast[DType.float32]()
+
+
 def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
     """One block, replicating gguf.quants.quantize's float32 arithmetic step by step (each
     product rounded before the following add, as numpy does)."""
@@ -538,7 +546,7 @@ def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
         var id: Float32 = 0
         if d != 0:
             id = 1 / d
-        var q = trunc(v * id + 8.5).cast[DType.int32]()
+        var q = trunc(_rounded_product(v, id) + 8.5).cast[DType.int32]()
         q = min(max(q, 0), 15)
         h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
         _store_nibbles(u8, off + 2, q)
@@ -549,7 +557,7 @@ def _quant_block[qt: Int](x: F32Ptr, xo: Int, u8: U8Ptr, h: F16Ptr, off: Int):
         var id: Float32 = 0
         if d != 0:
             id = 1 / d
-        var q = trunc((v - mn) * id + 0.5).cast[DType.int32]()
+        var q = trunc(_rounded_product(v - mn, id) + 0.5).cast[DType.int32]()
         q = min(max(q, 0), 15)
         h[unsafe_offset=off >> 1] = d.cast[DType.float16]()
         h[unsafe_offset=(off >> 1) + 1] = mn.cast[DType.float16]()
