@@ -96,6 +96,42 @@ def test_quantize_edge_cases_match_gguf_bytes(qtype):
     np.testing.assert_array_equal(quant.quantize(x, qtype), ref_quantize(x, qtype))
 
 
+def fused_rounding_block(qtype: str) -> np.ndarray:
+    """One block holding values where rounding x * id before adding the offset (numpy, gguf)
+    and a fused multiply-add (one rounding) give different codes: they sit just beside the
+    half-way points k - offset, found by scanning float32 neighbours of each. Q4_0: max 0.7,
+    trunc(x * id + 8.5); Q4_1: min 0.1, max 2.7, trunc((x - min) * id + 0.5)."""
+    f32 = np.float32
+    if qtype == "Q4_0":  # the first largest magnitude is +0.7: d = 0.7 / -8
+        lo, hi, shift = f32(-0.69), f32(0.7), f32(0)
+        idv = f32(1) / f32(f32(0.7) / f32(-8))
+        offset = 8.5
+    else:
+        lo, hi, shift = f32(0.1), f32(2.7), f32(0.1)
+        idv = f32(1) / f32((f32(2.7) - f32(0.1)) / f32(15))
+        offset = 0.5
+    found = []
+    for k in range(1, 16):
+        target = f32(float(shift) + (k - offset) / float(idv))
+        near = (np.array([target]).view(np.int32) + np.arange(-3000, 3001, dtype=np.int32)).view(np.float32)
+        near = near[(near >= lo) & (near <= hi)]
+        p = (near - shift).astype(np.float64) * np.float64(idv)  # exact product
+        unfused = np.trunc((p.astype(np.float32) + f32(offset)).astype(np.float32))
+        fused = np.trunc((p + offset).astype(np.float32))
+        found += list(near[unfused != fused])
+    assert found, "no value separates fused from unfused rounding: the test would prove nothing"
+    block = np.linspace(hi, lo, 32, dtype=np.float32)  # block[0] and block[31] fix d (and m)
+    block[1:1 + min(len(found), 30)] = found[:30]
+    return block[None, :]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_quantize_rounds_like_numpy_not_fma(qtype):
+    # Mojo fuses `a * b + c` by default; quantize must still round the product first.
+    x = fused_rounding_block(qtype)
+    np.testing.assert_array_equal(quant.quantize(x, qtype), ref_quantize(x, qtype))
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_quantize_keeps_leading_dims(qtype):
     x = random_weights(rng_for("lead", qtype), 6, 64).reshape(2, 3, 64)
