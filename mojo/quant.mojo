@@ -413,24 +413,10 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
 def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
     if t > SMALL_T:
         _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
-    elif t == 1:
-        _gemv[qt, 1](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 2:
-        _gemv[qt, 2](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 3:
-        _gemv[qt, 3](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 4:
-        _gemv[qt, 4](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 5:
-        _gemv[qt, 5](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 6:
-        _gemv[qt, 6](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 7:
-        _gemv[qt, 7](w_addr, x_addr, y_addr, n, k, max_items)
-    elif t == 8:
-        _gemv[qt, 8](w_addr, x_addr, y_addr, n, k, max_items)
-    else:
-        _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
+        return
+    comptime for tt in range(1, SMALL_T + 1):  # one GEMV instance per token count
+        if t == tt:
+            _gemv[qt, tt](w_addr, x_addr, y_addr, n, k, max_items)
 
 
 def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObject, dims: PythonObject) raises -> PythonObject:
