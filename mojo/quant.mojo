@@ -28,6 +28,7 @@ from std.os import abort
 from std.python import PythonObject
 from std.python.bindings import PythonModuleBuilder
 from std.sys import llvm_intrinsic, num_physical_cores
+from std.sys.intrinsics import PrefetchOptions, prefetch
 
 from max.algorithm import parallelize
 
@@ -49,6 +50,7 @@ comptime BF16 = 30
 comptime QK = 32
 comptime SMALL_T = 8  # up to this many activation rows take the streaming (GEMV) path
 comptime MR = 8  # W rows per GEMM microkernel tile
+comptime PF_BYTES = 4096  # GEMV software prefetch distance (bytes ahead in the weight rows)
 # A parallel region costs ~8-10 us of thread wake-up (the calling thread only waits), so work
 # that one core finishes in ~15 us stays on the calling thread: about 192 KiB of blocks for one
 # token (a core decodes ~10-18 GB/s), 64 KiB of output for the gathers and conversions.
@@ -170,6 +172,14 @@ def _gemv_tile[qt: Int, TT: Int, R: Int](w_addr: Int, row_bytes: Int, nb: Int, x
         h[i] = F16Ptr(unsafe_from_address=w_addr + (r + i) * row_bytes)
     var b = 0
     while b + G <= nb:
+        # Rows stream from memory once per call and the hardware prefetchers alone leave the
+        # core waiting (a 3072x576 GEMV on weights not in cache: 5.0 -> 8.1 GB/s on one core,
+        # 7.5 -> 13 GB/s on two): ask for the lines PF_BYTES ahead into L2, one prefetch per
+        # 64 bytes of blocks. Rows are contiguous, so this runs into the next rows.
+        comptime for i in range(R):
+            comptime for line in range(0, G * BB, 64):
+                prefetch[PrefetchOptions().for_read().medium_locality().to_data_cache()](
+                    u8[i].unsafe_offset(b * BB + line + PF_BYTES))
         var sc = Array[SIMD[DType.float32, 8], R](fill=0)
         comptime for i in range(R):
             sc[i] = _group_scales[qt](h[i], b * HB)
