@@ -51,11 +51,15 @@ comptime QK = 32
 comptime SMALL_T = 8  # up to this many activation rows take the streaming (GEMV) path
 comptime MR = 8  # W rows per GEMM microkernel tile
 comptime PF_BYTES = 4096  # GEMV software prefetch distance (bytes ahead in the weight rows)
-# A parallel region costs ~8-10 us of thread wake-up (the calling thread only waits), so work
-# that one core finishes in ~15 us stays on the calling thread: about 192 KiB of blocks for one
-# token (a core decodes ~10-18 GB/s), 64 KiB of output for the gathers and conversions.
+# A parallel region costs ~8 us when the runtime's workers are still spinning from the
+# previous one, but they sleep after ~20-50 us idle and waking them took 200-400 us on the
+# 2-core VM this was tuned on (a decode step's matmuls are normally that far apart). So work
+# stays on the calling thread unless one core would need ~0.2-0.25 ms for it: 2 MiB of blocks
+# for a GEMV (a core streams ~8-11 GB/s), 32 MFLOP for a GEMM (~130 GFLOP/s per core), 64 KiB
+# of output for the gathers and conversions (not on the hot path).
 comptime PARALLEL_MIN_BYTES = 1 << 16
-comptime GEMV_PARALLEL_MIN_BYTES = 192 << 10
+comptime GEMV_PARALLEL_MIN_BYTES = 2 << 20
+comptime GEMM_PARALLEL_MIN_FLOPS = 32 << 20
 
 
 @always_inline
@@ -405,8 +409,7 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     # K chunk: the packed X chunk (t_pad x kc floats) should fit in about 512 KiB of L2.
     var kc_max = max(QK, min(k, ((1 << 17) // (ntb * 16)) // QK * QK))
     var panels = (n + MR - 1) // MR
-    # One thread does ~130 GFLOP/s here: below ~2 MFLOP (15 us) a parallel region does not pay.
-    var items = 1 if panels < 2 or 2 * t * n * k < (2 << 20) else min(panels, num_physical_cores())
+    var items = 1 if panels < 2 or 2 * t * n * k < GEMM_PARALLEL_MIN_FLOPS else min(panels, num_physical_cores())
     if max_items > 0:
         items = min(items, max_items)
     if items == 1:

@@ -200,7 +200,7 @@ def test_matmul_vs_float64(qtype, t, n, k):
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("t,n,k", [
     (2, 9, 64),      # register-dequant GEMV path, odd rows (row pairs + tail)
-    (8, 577, 576),   # largest GEMV batch, rows split over threads
+    (8, 577, 576),   # largest GEMV batch
     (9, 17, 160),    # smallest GEMM batch, N not a multiple of the 8-row tile
     (16, 64, 32),    # exactly one 16-token vector
     (129, 23, 1536), # GEMM with K split into chunks (partial sums kept between chunks)
@@ -214,11 +214,15 @@ def test_matmul_paths(qtype, t, n, k):
 
 @pytest.mark.parametrize("t", [1, 5, 40])
 def test_matmul_threads_agree(t):
-    # The row split over threads must not change any output (each row is computed the same way).
+    # 2201 x 1536 Q4_1 (2.1 MB) is above the size where the kernel splits rows over the cores.
+    # The split must not change any output (each row is computed the same way), and it must
+    # match float64.
     rng = rng_for("threads", t)
-    lin, _ = quant_linear(rng, "Q4_1", 1031, 576)
-    x = rng.standard_normal((t, 576)).astype(np.float32)
-    np.testing.assert_array_equal(lin.forward(x), lin.forward(x, max_threads=1))
+    lin, w = quant_linear(rng, "Q4_1", 2201, 1536)
+    x = rng.standard_normal((t, 1536)).astype(np.float32)
+    y = lin.forward(x)
+    np.testing.assert_array_equal(y, lin.forward(x, max_threads=1))
+    assert_matmul_close(y, x, w)
 
 
 def test_matmul_empty_batch():
