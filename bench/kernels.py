@@ -51,9 +51,11 @@ class Options:
 
 
 def time_blocks(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 3,
-                pause_s: float = 0.2) -> dict[str, dict[str, float]]:
+                pause_s: float = 0.3) -> dict[str, dict[str, float]]:
     """{name: {"median_s", "best_s"}} over rounds x repeats timed calls of each function, the
-    functions taking turns block by block (see the module docstring)."""
+    functions taking turns block by block (see the module docstring). The pause must outlast
+    OpenBLAS's spin-wait (2^28 cycles, ~0.1 s): a Mojo call made while OpenBLAS threads still
+    spin on both cores measured 5-10x slow on this 2-core machine."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -96,15 +98,31 @@ def _openblas_lib():
     return None
 
 
-def numpy_threads() -> int | None:
-    """Threads numpy's BLAS uses (None if it cannot be asked)."""
+def _openblas_fn(*names):
     lib = _openblas_lib()
-    for sym in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
+    for sym in names:
         fn = getattr(lib, sym, None) if lib is not None else None
         if fn is not None:
-            return int(fn())
+            return fn
+    return None
+
+
+def numpy_threads() -> int | None:
+    """Threads numpy's BLAS uses (None if it cannot be asked)."""
+    fn = _openblas_fn("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads")
+    if fn is not None:
+        return int(fn())
     env = os.environ.get("OPENBLAS_NUM_THREADS")
     return int(env) if env and env.isdigit() else None
+
+
+def set_numpy_threads(n: int) -> bool:
+    """Set numpy's OpenBLAS thread count (False when numpy's BLAS cannot be reached)."""
+    fn = _openblas_fn("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
+    if fn is None:
+        return False
+    fn(int(n))
+    return True
 
 
 def _rng(*key) -> np.random.Generator:
@@ -145,6 +163,26 @@ def bench_gemm(opts: Options) -> list[dict]:
                      "peak_gflops": peak, "fraction_of_peak": gflops / peak, "gbs": None,
                      "max_rel_err": err, "ok": err < 1e-5})
 
+    # One core each: the kernels' own efficiency, and less exposed to other load on the machine.
+    if set_numpy_threads(1):
+        try:
+            n = 1024
+            rng = _rng(4, n)
+            a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+            t = time_blocks({"mojo": lambda: linalg.gemm(a, b, max_threads=1), "numpy": lambda: a @ b},
+                            opts.reps(5), opts.rounds)
+            flops = 2.0 * n**3
+            gflops = flops / t["mojo"]["median_s"] / 1e9
+            peak1 = linalg.fma_peak_gflops(threads=1)
+            rows.append({**common, "op": "gemm", "shape": f"{n}x{n}x{n}", "dtype": "f32", "threads": 1,
+                         "peer": "numpy (OpenBLAS)", "peer_threads": 1,
+                         "median_s": t["mojo"]["median_s"], "best_s": t["mojo"]["best_s"], "gflops": gflops,
+                         "peer_median_s": t["numpy"]["median_s"], "peer_gflops": flops / t["numpy"]["median_s"] / 1e9,
+                         "vs_peer": t["numpy"]["median_s"] / t["mojo"]["median_s"], "peak_gflops": peak1,
+                         "fraction_of_peak": gflops / peak1, "gbs": None, "max_rel_err": None, "ok": None})
+        finally:
+            set_numpy_threads(np_threads or os.cpu_count() or 1)
+
     # Prefill-shaped linear: T tokens through a pre-packed [N, K] weight (f32 and bf16) against
     # numpy's x @ W.T on the f32 weight.
     linear_shapes = [(128, 1536, 576)] if opts.quick else [(128, 1536, 576), (512, 4096, 4096)]
@@ -183,7 +221,7 @@ def bench_gemm(opts: Options) -> list[dict]:
                   "f16": linalg.DenseLinear(WeightTensor("w", (n, k), "F16", w.astype(np.float16)))}
         fns = {name: (lambda lin=lin: lin.forward(x)) for name, lin in layers.items()}
         fns["numpy"] = lambda: x @ w.T
-        t = time_blocks(fns, opts.reps(30), opts.rounds, pause_s=0.1)
+        t = time_blocks(fns, opts.reps(30), opts.rounds)
         peer_gbs = w.nbytes / t["numpy"]["median_s"] / 1e9
         for name, lin in layers.items():
             wref = lin.to_float32().astype(np.float64)
@@ -434,6 +472,7 @@ def main(argv=None) -> int:
         ap.error("--repeats and --rounds must be >= 1")
 
     opts = Options(quick=args.quick, repeats=args.repeats, rounds=args.rounds)
+    load_at_start = os.getloadavg()[0]
     rows: list[dict] = []
     for name in names:
         print(f"[{time.strftime('%H:%M:%S')}] {name} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
@@ -444,7 +483,7 @@ def main(argv=None) -> int:
         from mojollm.measure import bench_document
 
         config = {"sections": names, "quick": args.quick, "repeats": args.repeats, "rounds": args.rounds,
-                  "load_average_1m": os.getloadavg()[0]}
+                  "load_average_1m": load_at_start, "load_average_1m_end": os.getloadavg()[0]}
         command = shlex.join(["python", "bench/kernels.py", *(argv if argv is not None else sys.argv[1:])])
         doc = bench_document("kernels", config, rows, command)
         with open(args.json_path, "w") as f:
