@@ -26,7 +26,7 @@
 # from L2, prefetched a few k steps ahead; C tiles are prefetched before their k loop. The
 # blocking constants were tuned on this machine (single-thread CPU time against OpenBLAS).
 #
-# Threads: ONE parallelize region per call (a region costs ~10 us). The work is split into one
+# Threads: ONE parallelize region per call (see SERIAL_MACS for its cost). The work is split into one
 # task per core either along M (rows of C) or along N (panels), whichever balances better; small
 # problems run on the calling thread without a region.
 
@@ -49,10 +49,11 @@ comptime NCP = 32  # B panels packed at a time by gemm (KC x NCP*NR f32 = 1 MiB)
 comptime GEMM_PREFETCH_K = 4  # software prefetch distance for B in GEMM (k steps)
 comptime GEMV_PREFETCH_BYTES = 4096  # how far ahead GEMV prefetches its weight stream
 comptime GEMV_MAX_T = 4  # tokens up to which linear skips packing X
-# A parallel region costs ~10 us (thread wake-up) on an idle machine: below these sizes a call
-# stays on the calling thread. GEMM: 2M multiply-adds is ~15 us on one core. GEMV: 2 MiB of
-# weights is ~25 us from L2, more from memory.
-comptime SERIAL_MACS = 1 << 21
+# Below these sizes a call stays on the calling thread. A parallel region costs ~7 us when the
+# workers are still spinning from the previous one, but 200-300 us on this 2-vCPU VM once they
+# have slept (>~40 us idle while the caller was busy: the guest halts idle vCPUs immediately):
+# GEMM: 16M multiply-adds is ~110 us on one core; GEMV: 2 MiB of weights is ~30-70 us.
+comptime SERIAL_MACS = 1 << 24
 comptime SERIAL_GEMV_BYTES = 1 << 21
 
 # Weight dtypes of `linear` (must match python/mojollm/kernels/linalg.py).
