@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from mojollm.measure import percentile
+
 
 @dataclass
 class RequestMetrics:
@@ -80,17 +82,6 @@ class EngineStats:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summarize(outputs, wall_time: float) -> dict:
