@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from mojollm.kernels.build import load_module
-from mojollm.kernels.nn import check_array, check_float
+from mojollm.kernels.checks import check_array, check_float
 
 _info: dict[str, int] = {}
 _buffers = threading.local()  # per-thread scratch, reused across calls (fresh pages cost faults)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mojollm.kernels.build import load_module
+from mojollm.kernels.checks import check_array
 from mojollm.weights import FLOAT_TYPES, WeightTensor
 
 # Weight dtype codes of mojo/linalg.mojo (WT_*), and the numpy dtype each is stored as.
@@ -91,18 +92,6 @@ def _addr(a: np.ndarray) -> int:
         return a.ctypes.data
 
 
-def _check_array(name: str, a, dtype, ndim: int) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.dtype(dtype):
-        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-    return a
-
-
 def _threads(max_threads) -> int:
     if isinstance(max_threads, bool) or not isinstance(max_threads, (int, np.integer)) or max_threads < 0:
         raise ValueError(f"max_threads must be a non-negative int (0 = all cores), got {max_threads!r}")
@@ -112,8 +101,8 @@ def _threads(max_threads) -> int:
 def gemm(a: np.ndarray, b: np.ndarray, max_threads: int = 0) -> np.ndarray:
     """C = A @ B for float32 row-major A [M, K] and B [K, N] (both C-contiguous).
     max_threads > 0 caps the tasks (1 = the calling thread only; for measurements)."""
-    _check_array("a", a, np.float32, 2)
-    _check_array("b", b, np.float32, 2)
+    check_array("a", a, np.float32, 2)
+    check_array("b", b, np.float32, 2)
     m, k = a.shape
     if b.shape[0] != k:
         raise ValueError(f"gemm shape mismatch: a is {a.shape}, b is {b.shape} (a's columns must equal b's rows)")
@@ -222,7 +211,7 @@ class DenseLinear:
     def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
         """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
         max_threads > 0 caps the tasks (1 = the calling thread only; for measurements)."""
-        _check_array("x", x, np.float32, 2)
+        check_array("x", x, np.float32, 2)
         t, k = x.shape
         if k != self.in_features:
             raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")

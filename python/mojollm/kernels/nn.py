@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from mojollm.kernels.build import load_module
+from mojollm.kernels.checks import check_array, check_float
 
 
 _module = None
@@ -29,34 +30,6 @@ def _kernels():
     if _module is None:  # load_module caches too, but this sits on every op's path
         _module = load_module("nn")
     return _module
-
-
-# ---- validation helpers (shared with kernels/attention.py) ----
-
-
-def check_array(name: str, a, dtype, ndim: int | None = None, writable: bool = False) -> np.ndarray:
-    """`a` must be a C-contiguous numpy array of `dtype` (and `ndim` dimensions)."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.dtype(dtype):
-        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-    if writable and not a.flags.writeable:
-        raise ValueError(f"{name} must be writable: it is updated in place")
-    return a
-
-
-def check_float(name: str, v, positive: bool = False) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
-    if not math.isfinite(f) or f < 0 or (positive and f == 0):
-        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number, got {f}")
-    return f
 
 
 def _rows(x: np.ndarray, name: str) -> tuple[int, int]:
