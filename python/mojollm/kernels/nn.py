@@ -14,7 +14,6 @@ inputs, so a bad call must never get that far.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
