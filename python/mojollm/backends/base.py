@@ -80,6 +80,10 @@ class Backend(abc.ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on synchronous backends)."""
 
+    def load_kernels(self, progress=None) -> None:
+        """Build (first time) and load the backend's kernel modules now, so that no compile lands
+        inside a timed step. `progress(msg)` reports each build."""
+
     # ---- weights ----
     @abc.abstractmethod
     def prepare_linear(self, w: WeightTensor) -> Any:

@@ -37,6 +37,12 @@ class CpuBackend(Backend):
 
         self._attention, self._linalg, self._nn, self._quant = attention, linalg, nn, quant
 
+    def load_kernels(self, progress=None) -> None:
+        from mojollm.kernels.build import load_module
+
+        for name in ("attention", "linalg", "nn", "quant"):
+            load_module(name, progress=progress)
+
     # ---- memory ----
     def asarray(self, a: np.ndarray, dtype: str | None = None) -> np.ndarray:
         return np.array(a, dtype=_DTYPES[dtype], copy=True, order="C")

@@ -35,6 +35,7 @@ def load_model(path=None, backend: Backend | str | None = None, progress=None) -
 
         ckpt = load_gguf(resolved)
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
+    backend.load_kernels(progress=progress)  # compile now, not inside the first timed step
     model = LlamaModel(ckpt.config, ckpt.weights, tokenizer, backend, progress=progress)
     model.path = resolved
     model._checkpoint = ckpt  # keeps memory-mapped files open for weights the backend did not copy
