@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mojollm.kernels.build import load_module
+from mojollm.kernels.checks import check_array
 from mojollm.weights import BLOCK_BYTES, FLOAT_TYPES, QK, WeightTensor
 
 # ggml's GGMLQuantizationType values, the type codes the Mojo module expects.
@@ -41,18 +42,6 @@ def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
     if qtype not in allowed:
         raise ValueError(f"unsupported type {qtype!r}: expected one of {', '.join(allowed)}")
     return qtype
-
-
-def _check_array(name: str, a, dtype, ndim: int | None = None) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype != np.dtype(dtype):
-        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim > 1 else ''}, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-    return a
 
 
 def _check_row_length(k: int, what: str) -> None:
@@ -109,7 +98,7 @@ class QuantLinear:
     def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
         """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
         max_threads > 0 caps the work items (1 = the calling thread only; for measurements)."""
-        _check_array("x", x, np.float32, ndim=2)
+        check_array("x", x, np.float32, ndim=2)
         t, k = x.shape
         if k != self.in_features:
             raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")
@@ -153,7 +142,7 @@ def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
     """float32 [..., K] -> uint8 [..., K/32 * block_bytes] GGUF blocks, bit-identical to
     gguf.quants.quantize for Q4_0, Q4_1 and Q8_0."""
     _check_qtype(qtype)
-    _check_array("x", x, np.float32)
+    check_array("x", x, np.float32)
     if x.ndim < 1:
         raise ValueError("x must have at least one dimension (the row)")
     k = int(x.shape[-1])
@@ -172,7 +161,7 @@ def dequantize(raw: np.ndarray, qtype: str, shape: Sequence[int]) -> np.ndarray:
     gguf.quants.dequantize. `raw` holds the rows' blocks in order (any shape, C-contiguous);
     pass a slice of rows to dequantize only those."""
     _check_qtype(qtype)
-    _check_array("raw", raw, np.uint8)
+    check_array("raw", raw, np.uint8)
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError:
