@@ -149,8 +149,8 @@ def main() -> None:
     for r in rows:
         r["threads"] = args.threads
         if "decode_tok_s" in r:
-            r["decode_vs_mojollm"] = round(ours["decode_tok_s"] / r["decode_tok_s"], 3)
-            r["prefill_vs_mojollm"] = round(ours["prefill_tok_s"] / r["prefill_tok_s"], 3)
+            r["mojollm_decode_speedup"] = round(ours["decode_tok_s"] / r["decode_tok_s"], 3)
+            r["mojollm_prefill_speedup"] = round(ours["prefill_tok_s"] / r["prefill_tok_s"], 3)
         if "error" in r:
             r["error"] = " ".join(r["error"])
     if bw:
@@ -164,7 +164,7 @@ def main() -> None:
             print(f"{r['engine']:48s} error: {r['error']}")
             continue
         print(f"{r['engine']:48s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
-              f"{r['prefill_vs_mojollm']:13.2f} {r['decode_vs_mojollm']:12.2f}")
+              f"{r["mojollm_prefill_speedup"]:13.2f} {r["mojollm_decode_speedup"]:12.2f}")
     if args.json:
         doc = bench_document("e2e", vars(args), rows)
         Path(args.json).write_text(json.dumps(doc, indent=2))
