@@ -164,7 +164,7 @@ def main() -> None:
             print(f"{r['engine']:48s} error: {r['error']}")
             continue
         print(f"{r['engine']:48s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
-              f"{r["mojollm_prefill_speedup"]:13.2f} {r["mojollm_decode_speedup"]:12.2f}")
+              f"{r['mojollm_prefill_speedup']:13.2f} {r['mojollm_decode_speedup']:12.2f}")
     if args.json:
         doc = bench_document("e2e", vars(args), rows)
         Path(args.json).write_text(json.dumps(doc, indent=2))
