@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from mojollm.kernels.build import Target, _runtime_lib_dir, available_modules, build_module
+from mojollm.kernels.build import Target, _runtime_lib_dir, available_modules, build_module, embedded_ptx
 
 RUNTIME_LIBS = ("libKGENCompilerRTShared.so", "libAsyncRTMojoBindings.so", "libAsyncRTRuntimeGlobals.so",
                 "libMSupportGlobals.so")
@@ -32,15 +32,7 @@ def main() -> None:
     for name in available_modules("cuda"):
         so = build_module(name, "cuda", target, progress=print)
         shutil.copy2(so, kdir / f"{name}.so")
-        data = so.read_bytes()
-        texts, i = [], 0
-        while (j := data.find(b".version", i)) >= 0:
-            start = data.rfind(b"\x00", 0, j) + 1
-            end = data.find(b"\x00", j)
-            text = data[start:end].decode("latin-1")
-            if "\n.target " in text:  # skip ELF strings such as ".gnu.version"
-                texts.append(text)
-            i = end
+        texts = embedded_ptx(so.read_bytes())
         for n, t in enumerate(texts):
             (pdir / f"{name}.{n:03d}.ptx").write_text(t)
         print(f"{kdir / name}.so: {len(texts)} PTX modules")

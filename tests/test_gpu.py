@@ -44,7 +44,7 @@ def _device_present(name: str) -> bool:
 def gpu(request):
     name = request.param
     if not _device_present(name):
-        pytest.skip(_ABSENT[name])
+        pytest.skip(reason=_ABSENT[name])
     from mojollm.backends import registry
 
     probe = registry.probe(name)

@@ -9,22 +9,9 @@ import re
 
 import pytest
 
-from mojollm.kernels.build import Target, available_modules, build_module
+from mojollm.kernels.build import Target, available_modules, build_module, embedded_ptx
 
 SM90 = Target("cuda", "sm_90")
-
-
-def _ptx_modules(so_bytes: bytes) -> list[str]:
-    """The NUL-terminated PTX texts embedded in the shared library."""
-    mods, i = [], 0
-    while (j := so_bytes.find(b".version", i)) >= 0:
-        start = so_bytes.rfind(b"\x00", 0, j) + 1
-        end = so_bytes.find(b"\x00", j)
-        text = so_bytes[start:end].decode("latin-1")
-        if "\n.target " in text:  # skip ELF strings such as ".gnu.version"
-            mods.append(text)
-        i = end
-    return mods
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +23,14 @@ def built():
 
 def test_every_cuda_module_builds_for_sm90_with_nvidia_code(built):
     for name, path in built.items():
-        mods = _ptx_modules(path.read_bytes())
+        mods = embedded_ptx(path.read_bytes())
         assert mods, f"{name}: no PTX in {path}"
         for m in mods:
             assert re.search(r"^\.target sm_90a?\b", m, re.M), f"{name}: PTX not for sm_90: {m[:200]}"
 
 
 def test_gpu_ops_carries_every_kernel_and_the_tensor_core_paths(built):
-    ptx = "\n".join(_ptx_modules(built["gpu_ops"].read_bytes()))
+    ptx = "\n".join(embedded_ptx(built["gpu_ops"].read_bytes()))
     entries = re.findall(r"\.entry\s+(\S+)\(", ptx)
     # Entry names carry the first 16 characters of the kernel's name.
     for kernel in ("embedding_dense", "embedding_quant", "rms_norm_kernel", "add_rms_norm_ke", "add_kernel",

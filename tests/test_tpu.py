@@ -397,7 +397,7 @@ def test_pallas_kernels_lower_for_tpu():
         target = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
         registry = tpu_info.registry
     except (ImportError, AttributeError) as e:
-        pytest.skip(f"this jax keeps no TPU target registry for cross-lowering: {e}")
+        pytest.skip(reason=f"this jax keeps no TPU target registry for cross-lowering: {e}")
     from functools import partial
     sd, jnp = jax.ShapeDtypeStruct, jax.numpy
     kind = jax.devices()[0].device_kind

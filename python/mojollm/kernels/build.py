@@ -225,3 +225,16 @@ def available_modules(backend: str = "cpu") -> list[str]:
     if root is None:
         return []
     return sorted(p.stem for p in root.glob("*.mojo") if "PyInit_" in p.read_text())
+
+
+def embedded_ptx(so_bytes: bytes) -> list[str]:
+    """The NUL-terminated PTX texts a module built for an NVIDIA target carries (its device code)."""
+    mods, i = [], 0
+    while (j := so_bytes.find(b".version", i)) >= 0:
+        start = so_bytes.rfind(b"\x00", 0, j) + 1
+        end = so_bytes.find(b"\x00", j)
+        text = so_bytes[start:end].decode("latin-1")
+        if "\n.target " in text:  # skip ELF strings such as ".gnu.version"
+            mods.append(text)
+        i = end
+    return mods
