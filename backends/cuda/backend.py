@@ -125,21 +125,31 @@ def _kernel_problem(target) -> str:
 
 class CudaBackend(Backend):
     name = "cuda"
+    # What the probe looks for; the rocm backend, which shares everything else, changes these.
+    _device_nodes = "/dev/nvidia*"
+    _absent = "no CUDA device"
+    _torch_hint = "pip install 'mojollm[cuda]'"
+    _needs_hip = False
+
+    @staticmethod
+    def _device_target(torch, index: int):
+        return _cuda_target(torch, index)
 
     @classmethod
     def probe(cls) -> Probe:
         # Keep `mojollm backends` fast on machines without a GPU: no torch import unless a device node exists.
-        if not glob.glob("/dev/nvidia*"):
-            return Probe(cls.name, False, "", "no CUDA device")
+        if not glob.glob(cls._device_nodes):
+            return Probe(cls.name, False, "", cls._absent)
         try:
             torch = _torch()
         except ImportError:
-            return Probe(cls.name, False, "", "torch not installed (pip install 'mojollm[cuda]')")
-        if getattr(torch.version, "hip", None):
-            return Probe(cls.name, False, "", "torch is a ROCm build (use the rocm backend)")
+            return Probe(cls.name, False, "", f"torch not installed ({cls._torch_hint})")
+        if bool(getattr(torch.version, "hip", None)) != cls._needs_hip:
+            return Probe(cls.name, False, "", "torch is a ROCm build (use the rocm backend)" if not cls._needs_hip
+                         else "torch is not a ROCm build (torch.version.hip is None)")
         if not torch.cuda.is_available():
-            return Probe(cls.name, False, "", "no CUDA device (torch.cuda.is_available() is False)")
-        problem = _kernel_problem(_cuda_target(torch, 0))
+            return Probe(cls.name, False, "", f"{cls._absent} (torch.cuda.is_available() is False)")
+        problem = _kernel_problem(cls._device_target(torch, 0))
         if problem:
             return Probe(cls.name, False, "", problem)
         return Probe(cls.name, True, torch.cuda.get_device_name(0), "")
@@ -152,7 +162,11 @@ class CudaBackend(Backend):
         self.index = device_index
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
-        self.target = self._select_target(torch, device_index)
+        self.target = self._device_target(torch, device_index)
+        # Vendor fast paths: PTX tensor-core kernels (mma.sync) on NVIDIA only (AMD runs the
+        # portable SIMT kernels); prefill GEMM on bf16 weights may use wgmma on sm_90.
+        self.nvidia = self.target.kind == "cuda"
+        self.hopper = self.target.arch == "sm_90"
         self.gemm_impl = os.environ.get("MOJOLLM_CUDA_GEMM", "mma")
         self.wgmma_swap = int(os.environ.get("MOJOLLM_CUDA_WGMMA_SWAP", "0"))
         self.wgmma_bn = 256
@@ -171,14 +185,6 @@ class CudaBackend(Backend):
         self._dtypes = {None: torch.float32, "float32": torch.float32, "int32": torch.int32,
                         "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16}
         self._codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-    def _select_target(self, torch, device_index: int):
-        """The kernel target of this device, and which vendor fast paths it has (rocm overrides)."""
-        target = _cuda_target(torch, device_index)
-        self.nvidia = True  # tensor-core kernels (mma.sync) are available on this target
-        # Prefill GEMM on bf16 weights: "wgmma" (Hopper warpgroup MMA, sm_90 only) or "mma" (mma.sync).
-        self.hopper = target.arch == "sm_90"
-        return target
 
     @property
     def device_name(self) -> str:

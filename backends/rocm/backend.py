@@ -14,10 +14,7 @@ of the Python side with backends/cuda; it differs only where the hardware does:
 
 from __future__ import annotations
 
-import glob
-
-from mojollm.backends.base import Probe
-from mojollm.backends.cuda.backend import CudaBackend, _kernel_problem, _torch
+from mojollm.backends.cuda.backend import CudaBackend
 
 # Architectures `mojollm build` and CI cross-compile for: MI300X, MI250X, Radeon RX 7900.
 ROCM_ARCHS = ("gfx942", "gfx90a", "gfx1100")
@@ -33,26 +30,11 @@ def _rocm_target(torch, index: int):
 class RocmBackend(CudaBackend):
     name = "rocm"
 
-    @classmethod
-    def probe(cls) -> Probe:
-        if not glob.glob("/dev/kfd"):
-            return Probe(cls.name, False, "", "no ROCm device")
-        try:
-            torch = _torch()
-        except ImportError:
-            return Probe(cls.name, False, "", "torch not installed (install torch built for ROCm)")
-        if not getattr(torch.version, "hip", None):
-            return Probe(cls.name, False, "", "torch is not a ROCm build (torch.version.hip is None)")
-        if not torch.cuda.is_available():
-            return Probe(cls.name, False, "", "no ROCm device (torch.cuda.is_available() is False)")
-        problem = _kernel_problem(_rocm_target(torch, 0))
-        if problem:
-            return Probe(cls.name, False, "", problem)
-        return Probe(cls.name, True, torch.cuda.get_device_name(0), "")
+    _device_nodes = "/dev/kfd"
+    _absent = "no ROCm device"
+    _torch_hint = "install torch built for ROCm"
+    _needs_hip = True
 
-    def _select_target(self, torch, device_index: int):
-        target = _rocm_target(torch, device_index)
-        # No PTX tensor-core paths on AMD: the portable SIMT kernels run instead.
-        self.nvidia = False
-        self.hopper = False
-        return target
+    @staticmethod
+    def _device_target(torch, index: int):
+        return _rocm_target(torch, index)
