@@ -80,8 +80,7 @@ _LLAMA_SCRIPT = textwrap.dedent("""
 
 def bench_llama_cpp(python, model_path, threads, prompt, decode_len, repeats):
     res = subprocess.run([python, "-c", _LLAMA_SCRIPT, str(model_path), str(threads), json.dumps(prompt),
-                          str(decode_len), str(repeats)], capture_output=True, text=True,
-                         env=dict(os.environ))  # not the C environment a loaded Mojo module altered
+                          str(decode_len), str(repeats)], capture_output=True, text=True)
     if res.returncode != 0:
         return {"engine": "llama.cpp", "error": res.stderr.strip().splitlines()[-1:]}
     return json.loads(res.stdout.strip().splitlines()[-1])

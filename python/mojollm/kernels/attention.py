@@ -19,19 +19,14 @@ import time
 
 import numpy as np
 
-from mojollm.kernels.build import load_module
+from mojollm.kernels.build import kernel_loader
 from mojollm.kernels.checks import check_array, check_float
 
 _info: dict[str, int] = {}
 _buffers = threading.local()  # per-thread scratch, reused across calls (fresh pages cost faults)
-_module = None
 
 
-def _kernels():
-    global _module
-    if _module is None:  # load_module caches too, but this sits on every op's path
-        _module = load_module("attention")
-    return _module
+_kernels = kernel_loader("attention")
 
 
 def _workers() -> int:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mojollm.kernels.build import load_module
+from mojollm.kernels.build import kernel_loader
 from mojollm.kernels.checks import check_array
 from mojollm.weights import FLOAT_TYPES, WeightTensor
 
@@ -37,8 +37,7 @@ _WEIGHT_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(np.uint16), "F16
 _ALIGN = 64  # bytes: packed panels and scratch start on a cache line (no split vector loads)
 
 
-def _kernels():
-    return load_module("linalg")
+_kernels = kernel_loader("linalg")
 
 
 class _Config:

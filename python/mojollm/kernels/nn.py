@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from mojollm.kernels.build import load_module
+from mojollm.kernels.build import kernel_loader
 from mojollm.kernels.checks import check_array, check_float
 
 
-_module = None
 
 
-def _kernels():
-    global _module
-    if _module is None:  # load_module caches too, but this sits on every op's path
-        _module = load_module("nn")
-    return _module
+_kernels = kernel_loader("nn")
 
 
 def _rows(x: np.ndarray, name: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mojollm.kernels.build import load_module
+from mojollm.kernels.build import kernel_loader
 from mojollm.kernels.checks import check_array
 from mojollm.weights import BLOCK_BYTES, FLOAT_TYPES, QK, WeightTensor
 
@@ -28,14 +28,9 @@ QUANT_TYPES = tuple(BLOCK_BYTES)
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
-_module = None
 
 
-def _kernels():
-    global _module
-    if _module is None:  # load_module's own cache lookup costs ~1 us, a decode step makes ~100 calls
-        _module = load_module("quant")
-    return _module
+_kernels = kernel_loader("quant")
 
 
 def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
