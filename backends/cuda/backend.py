@@ -243,6 +243,9 @@ class CudaBackend(Backend):
         self._s()
         return self.torch.zeros(tuple(shape), dtype=self._dtypes[dtype], device=self.device)
 
+    def free_memory_bytes(self) -> int | None:
+        return int(self.torch.cuda.mem_get_info(self.device)[0])
+
     def memory_bandwidth_gbs(self) -> float | None:
         """Device-to-device copy of 512 MiB, bytes read + written per second (median of 5)."""
         if self._bandwidth is None:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import click
 
 from mojollm.errors import MojollmError
+from mojollm.llm import check_text
 
 
 def _one_line(msg) -> str:
@@ -29,16 +30,29 @@ def _error(msg) -> None:
     click.echo(f"error: {_one_line(msg)}", err=True)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 class _Cli(click.Group):
     """A click group whose errors are one line on stderr (exit 2) instead of usage dumps/tracebacks."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if sys.stdout is None:  # started with stdout closed: everything printed would vanish
+            _error("standard output is closed")
+            sys.exit(2)
         try:
             rv = super().main(args=args, prog_name=prog_name or "mojollm", complete_var=complete_var,
                               standalone_mode=False, **extra)
+            sys.stdout.flush()  # a full disk or closed pipe shows here, not as a silent exit 0
         except click.exceptions.Abort:
             _error("interrupted")
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            _silence_stdout()
+            sys.exit(141)
         except click.ClickException as e:
             _error(e.format_message())
             sys.exit(e.exit_code if e.exit_code else 2)
@@ -226,6 +240,7 @@ def generate(prompt, model, backend, kv_cache_memory, max_model_len, as_json, qu
     """Complete PROMPT (streams the text as it is decoded)."""
     if prompt == "":
         raise click.UsageError("the prompt is empty")
+    check_text(prompt, "the prompt")  # undecodable bytes fail here, before the model loads
     params = _sampling_params(kw)  # bad values fail here, before the model loads
     llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
     _print_completion(llm, prompt, params, as_json, quiet)
@@ -242,6 +257,9 @@ def chat(prompt, model, backend, kv_cache_memory, max_model_len, system, as_json
     """Chat with the model: one turn for PROMPT, else interactive (/exit or Ctrl-D to leave)."""
     if prompt is not None and prompt.strip() == "":
         raise click.UsageError("the prompt is empty")
+    for text, what in ((prompt, "the prompt"), (system, "the system message")):
+        if text is not None:
+            check_text(text, what)
     params = _sampling_params(kw)
     llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
     history = [{"role": "system", "content": system}] if system else []

@@ -17,3 +17,7 @@ class BackendUnavailable(MojollmError):
 
 class ModelLoadError(MojollmError):
     pass
+
+
+class RequestFailed(MojollmError):
+    """A request that was accepted failed while it ran (its message says why); others go on."""

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from mojollm.errors import RequestFailed
 from mojollm.sampling_params import SamplingParams
 
 
@@ -35,10 +38,40 @@ class ScoreOutput:
         return len(self.logprobs)
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged if it is valid Unicode that UTF-8 can encode (no lone surrogates, which is
+    what undecodable bytes on a command line become)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid text: character {e.start} is a lone surrogate "
+                         f"(undecodable bytes?)") from None
+    return text
+
+
+def _token_ids(prompt) -> list[int] | None:
+    """A prompt given as token ids (a list/tuple/1-D integer array), as a list; None otherwise.
+    Bytes are not token ids: b"Hi" is text in an encoding we cannot guess."""
+    if isinstance(prompt, (str, bytes, bytearray, memoryview)):
+        return None
+    if hasattr(prompt, "ndim") and hasattr(prompt, "dtype"):  # numpy (or any array) of integers
+        import numpy as np
+
+        if prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+            return [int(t) for t in prompt]
+        return None
+    if isinstance(prompt, Sequence) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]
+    return None
+
+
 class TextStream:
     """Iterator of text deltas of one request; `.output` is its final RequestOutput once exhausted.
 
     Text that could still turn out to be the start of a stop string is held back until it cannot.
+    A request that fails raises RequestFailed from the iterator (after the text it produced). A
+    stream dropped before it finished (never iterated, or left early) is aborted: its blocks come
+    back at the next step.
     """
 
     def __init__(self, llm: "LLM", request_id: str):
@@ -46,17 +79,17 @@ class TextStream:
         self.request_id = request_id
         self.output = None
         self._emitted = 0
+        # Runs when the stream is garbage-collected unfinished; only queues the abort, because a
+        # collection can happen on any thread, even in the middle of a step.
+        self._finalizer = weakref.finalize(self, llm._orphans.append, request_id)
 
     def __iter__(self) -> Iterator[str]:
         llm = self._llm
         try:
             while self.output is None or not self.output.finished:
-                out = llm._latest.pop(self.request_id, None)
+                out = llm._next_output(self.request_id)
                 if out is None:
-                    if not llm.engine.has_unfinished():
-                        break
-                    llm._step()
-                    continue
+                    break
                 self.output = out
                 if out.outputs:
                     stable = out.num_stable_chars[0] if out.num_stable_chars else len(out.text)
@@ -64,17 +97,23 @@ class TextStream:
                         delta = out.text[self._emitted:stable]
                         self._emitted = stable
                         yield delta
+            if self.output is not None and self.output.error:
+                raise RequestFailed(self.output.error)
         finally:
+            self._finalizer.detach()
             if self.output is None or not self.output.finished:
-                llm.engine.abort(self.request_id)  # the consumer stopped early: free the blocks
-                llm._latest.pop(self.request_id, None)
+                llm._abort(self.request_id)  # the consumer stopped early: free the blocks
 
 
 class LLM:
-    def __init__(self, model=None, backend: str = "auto", progress=None, **engine_kwargs):
+    """One model and its engine. Safe to share between threads: every engine step runs under one
+    lock, and a step serves the requests of all threads at once (continuous batching)."""
+
+    def __init__(self, model=None, backend: str | None = None, progress=None, **engine_kwargs):
         """`model`: None (the default model), a .gguf path, a Hugging Face directory, or an already
-        loaded model object (anything with forward/config/tokenizer). Extra keyword arguments go
-        to Engine (block_size, num_blocks, kv_cache_memory, max_num_batched_tokens, ...)."""
+        loaded model object (anything with forward/config/tokenizer). `backend`: cpu, cuda, rocm,
+        tpu or auto; None means $MOJOLLM_BACKEND, else auto (the CLI's rule). Extra keyword
+        arguments go to Engine (block_size, num_blocks, kv_cache_memory, max_num_batched_tokens, ...)."""
         from mojollm.engine.engine import Engine
 
         if model is not None and hasattr(model, "forward") and hasattr(model, "tokenizer"):
@@ -91,10 +130,48 @@ class LLM:
         # newest output of every request, whoever stepped the engine (streams and generate calls
         # may interleave on one LLM; each takes only its own requests' outputs)
         self._latest: dict[str, object] = {}
+        self._lock = threading.RLock()
+        self._orphans: list[str] = []  # request ids of streams collected unfinished
 
+    # ---------------------------------------------------------------- engine access (locked)
     def _step(self) -> None:
+        """One engine step; the caller holds the lock."""
+        while self._orphans:
+            self._abort(self._orphans.pop())
         for out in self.engine.step():
             self._latest[out.request_id] = out
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+            self._latest.pop(request_id, None)
+
+    def _add_requests(self, prompts: list[list[int]], params: list[SamplingParams], priorities: list[int],
+                      texts: list[str | None]) -> list[str]:
+        """Queue a whole batch or nothing: params are checked (and copied) for every prompt first."""
+        checked = [self.engine.check_params(sp) for sp in params]
+        added: list[str] = []
+        with self._lock:
+            try:
+                for ids, sp, prio, text in zip(prompts, checked, priorities, texts, strict=True):
+                    added.append(self.engine.add_request(ids, sp, priority=prio, prompt=text))
+            except BaseException:
+                for rid in added:
+                    self._abort(rid)
+                raise
+        return added
+
+    def _next_output(self, request_id: str):
+        """The newest output of `request_id`, stepping the engine until there is one; None once
+        the request is gone (aborted)."""
+        while True:
+            with self._lock:
+                out = self._latest.pop(request_id, None)
+                if out is not None:
+                    return out
+                if not self.engine.knows(request_id):
+                    return None
+                self._step()
 
     @property
     def backend_name(self) -> str | None:
@@ -109,12 +186,13 @@ class LLM:
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("the prompt is empty")
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt
-        if isinstance(prompt, Sequence) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-            if len(prompt) == 0:
-                raise ValueError("the prompt is empty")
-            return [int(t) for t in prompt], None
-        raise ValueError("a prompt is a string or a list of token ids")
+            return self.tokenizer.encode(check_text(prompt, "the prompt"), add_special_tokens=add_special_tokens), prompt
+        ids = _token_ids(prompt)
+        if ids is None:
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids, None
 
     def _check_fits(self, ids: list[int], reserve: int = 1) -> None:
         limit = self.engine.max_model_len - reserve
@@ -125,8 +203,11 @@ class LLM:
     def _normalize_prompts(self, prompts) -> list:
         if isinstance(prompts, str):
             return [prompts]
-        if isinstance(prompts, Sequence) and prompts and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompts):
-            return [list(prompts)]  # one prompt of token ids
+        if isinstance(prompts, (bytes, bytearray, memoryview)):
+            raise ValueError("prompts must be text (str), not bytes: decode them first")
+        ids = _token_ids(prompts)
+        if ids:
+            return [ids]  # one prompt of token ids
         if isinstance(prompts, Sequence):
             if len(prompts) == 0:
                 raise ValueError("no prompts given")
@@ -146,16 +227,16 @@ class LLM:
         if len(params_list) != len(items):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(items)} prompts")
         prios = priority if isinstance(priority, list) else [priority] * len(items)
+        if len(prios) != len(items):
+            raise ValueError(f"{len(prios)} priorities for {len(items)} prompts")
         encoded = []
         for p in items:
             ids, text = self._prompt_ids(p)
             self._check_fits(ids)
             encoded.append((ids, text))
-        ids_order = []
-        for (ids, text), sp, prio in zip(encoded, params_list, prios):
-            ids_order.append(self.engine.add_request(ids, sp if sp is not None else SamplingParams(),
-                                                     priority=prio, prompt=text))
-        return self._wait(ids_order)
+        request_ids = self._add_requests([e[0] for e in encoded], [sp or SamplingParams() for sp in params_list],
+                                         prios, [e[1] for e in encoded])
+        return self._wait(request_ids)
 
     def _wait(self, request_ids: list[str]) -> list:
         """Step the engine until every one of `request_ids` has finished; their final outputs."""
@@ -163,34 +244,43 @@ class LLM:
         done = {}
         try:
             while pending:
-                for rid in list(pending):
-                    out = self._latest.get(rid)
-                    if out is not None and out.finished:
-                        done[rid] = self._latest.pop(rid)
-                        pending.discard(rid)
-                if pending:
-                    if not self.engine.has_unfinished():
-                        raise RuntimeError("the engine stopped with requests unfinished")
-                    self._step()
+                with self._lock:
+                    for rid in list(pending):
+                        out = self._latest.get(rid)
+                        if out is not None and out.finished:
+                            done[rid] = self._latest.pop(rid)
+                            pending.discard(rid)
+                    if pending:
+                        if not self.engine.has_unfinished():
+                            raise RuntimeError("the engine stopped with requests unfinished")
+                        self._step()
         finally:
             for rid in pending:
-                self.engine.abort(rid)
-                self._latest.pop(rid, None)
+                self._abort(rid)
         return [done[r] for r in request_ids]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> TextStream:
         """Text deltas of one prompt as they are decoded (the first sample when n > 1)."""
         ids, text = self._prompt_ids(prompt)
         self._check_fits(ids)
+        return self._stream(ids, params, text)
+
+    def _stream(self, ids: list[int], params: SamplingParams | None, text: str | None) -> TextStream:
         params = params if params is not None else SamplingParams()
         if params.use_beam_search:
             raise ValueError("beam search cannot stream: its beams change until the end")
-        rid = self.engine.add_request(ids, params, prompt=text)
+        (rid,) = self._add_requests([ids], [params], [0], [text])
         return TextStream(self, rid)
 
     def chat_prompt_ids(self, messages) -> list[int]:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, Sequence) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be a dict with string 'role' and 'content'")
+            check_text(m["content"], f"message {i}")
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template has its own specials
         if not ids:
@@ -203,9 +293,7 @@ class LLM:
         return self.generate([self.chat_prompt_ids(messages)], params)[0]
 
     def chat_stream(self, messages, params: SamplingParams | None = None) -> TextStream:
-        ids = self.chat_prompt_ids(messages)
-        rid = self.engine.add_request(ids, params if params is not None else SamplingParams())
-        return TextStream(self, rid)
+        return self._stream(self.chat_prompt_ids(messages), params, None)
 
     # ---------------------------------------------------------------- scoring
     def score(self, text, add_special_tokens: bool = True) -> ScoreOutput:
@@ -219,7 +307,8 @@ class LLM:
         return ScoreOutput(ids, self._score_ids(ids))
 
     def _score_ids(self, ids: list[int]) -> list[float]:
-        rid = self.engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0), _score_only=True)
+        with self._lock:
+            rid = self.engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0), _score_only=True)
         (out,) = self._wait([rid])
         if out.error:
             raise RuntimeError(f"scoring failed: {out.error}")

@@ -80,6 +80,18 @@ class Backend(abc.ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on synchronous backends)."""
 
+    def free_memory_bytes(self) -> int | None:
+        """Bytes the KV cache can still take on this backend's device (None if unknown).
+        Default: the host's available memory, where the cpu backend keeps everything."""
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
     def load_kernels(self, progress=None) -> None:
         """Build (first time) and load the backend's kernel modules now, so that no compile lands
         inside a timed step. `progress(msg)` reports each build."""

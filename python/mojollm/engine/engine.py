@@ -15,6 +15,7 @@ the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Iterable
@@ -32,7 +33,8 @@ DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_blocks nor kv_cache
 _SCORE_ROWS = 64  # log-softmax rows at a time while scoring (bounds the float64 temporary)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000 ** 4,
+          "tib": 1 << 40}
 
 
 def parse_bytes(value) -> int:
@@ -48,6 +50,17 @@ def parse_bytes(value) -> int:
         return int(float(num) * _UNITS[unit])
     except ValueError:
         raise ValueError(f"cannot read {value!r} as a memory size (e.g. 1GiB, 512MB)") from None
+
+
+def _check_kv_fits_memory(model, num_blocks: int, block_size: int) -> None:
+    """Refuse a KV pool larger than the memory left on the model's device, before allocating it
+    (an allocation that large fails late with MemoryError, or succeeds lazily and is OOM-killed)."""
+    backend = getattr(model, "backend", None)
+    free = backend.free_memory_bytes() if hasattr(backend, "free_memory_bytes") else None
+    want = num_blocks * int(model.kv_cache_bytes_per_block(block_size))
+    if free is not None and want > free:
+        raise ValueError(f"the KV cache needs {want / 2**30:.2f} GiB ({num_blocks} blocks) but only "
+                         f"{free / 2**30:.2f} GiB is free on the {backend.name} device: lower kv_cache_memory")
 
 
 class Engine:
@@ -78,6 +91,7 @@ class Engine:
                 raise ValueError(f"kv_cache_memory ({budget} bytes) is smaller than one KV block ({per_block} bytes)")
         elif not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+        _check_kv_fits_memory(model, num_blocks, block_size)
         self.block_size = block_size
         self.num_blocks = num_blocks
         # A sequence must fit in the pool on its own, so preemption can always make room for it.
@@ -100,12 +114,10 @@ class Engine:
                     _score_only: bool = False) -> str:
         """Queue a prompt; returns its request id. Bad input raises ValueError; a prompt that does
         not fit the context finishes at the next step() with an error."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = self.check_params(params)
         ids = self._check_token_ids(prompt_token_ids)
-        if params.beam_width > self.scheduler.max_num_seqs:
-            raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})")
+        if params.use_beam_search:
+            self._check_beams_fit(len(ids), params)
         if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -123,6 +135,37 @@ class Engine:
             return request_id
         self.scheduler.add(req.seqs[0])
         return request_id
+
+    def check_params(self, params: SamplingParams | None) -> SamplingParams:
+        """A validated private copy of `params`: a caller mutating its object afterwards (or
+        before, past the constructor's checks) changes nothing in a queued request."""
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = dataclasses.replace(params)  # re-runs the constructor's normalisation and checks
+        if params.beam_width > self.scheduler.max_num_seqs:
+            raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        return params
+
+    def _check_beams_fit(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Beam search needs all its beams in the pool at once (they advance in lockstep): refuse a
+        request whose beams could not all reach their longest length together, which would
+        otherwise preempt each other forever. The prompt's blocks are shared; each beam owns its
+        output blocks plus one copied-on-write partial prompt block."""
+        bs = self.block_size
+        out_len = min(params.max_tokens, self.max_model_len - num_prompt_tokens)
+        need = -(-num_prompt_tokens // bs) + params.beam_width * (-(-out_len // bs) + 1)
+        if need > self.num_blocks:
+            raise ValueError(
+                f"beam search with beam_width {params.beam_width} and max_tokens {params.max_tokens} needs up "
+                f"to {need} KV blocks but the pool has {self.num_blocks}: lower them or give the KV cache more memory")
+
+    def knows(self, request_id: str) -> bool:
+        """Whether `request_id` is running, waiting, or has an output not yet returned by step()."""
+        return request_id in self.requests or any(o.request_id == request_id for o in self._pending_outputs)
 
     def _check_token_ids(self, token_ids) -> list[int]:
         try:

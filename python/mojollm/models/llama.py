@@ -176,6 +176,8 @@ class LlamaModel:
 
         # x is now the final-normed hidden state; project only the rows the engine samples from.
         rows = batch.logits_indices
+        if rows.shape[0] == 0:  # a step of prefill chunks that all stop short of their last token
+            return np.zeros((0, c.vocab_size), dtype=np.float32)
         if not (rows.shape[0] == T and np.array_equal(rows, np.arange(T))):
             x = x[b.asarray(rows, "int64")]
         return b.to_numpy(b.linear(x, self.lm_head))
@@ -194,8 +196,8 @@ class LlamaModel:
         if batch.positions.min() < 0 or batch.positions.max() >= self.max_positions:
             raise ValueError(f"positions must lie in [0, {self.max_positions}) (the model's context length)")
         li = batch.logits_indices
-        if li.ndim != 1 or li.shape[0] == 0 or li.min() < 0 or li.max() >= T:
-            raise ValueError(f"logits_indices must be a non-empty list of rows in [0, {T})")
+        if li.ndim != 1 or (li.shape[0] and (li.min() < 0 or li.max() >= T)):
+            raise ValueError(f"logits_indices must be a list of rows in [0, {T})")
         if batch.is_decode and batch.num_seqs != T:
             raise ValueError("a decode step has exactly one token per sequence")
 
