@@ -1,6 +1,6 @@
 """Prepare the ignored .gpu/ folder that travels to a GPU machine without a Mojo compiler:
 
-    .gpu/kernels/cuda-sm_90/<module>.so   every module of backends/cuda, cross-compiled here
+    .gpu/kernels/cuda-sm_90/<module>.so   every module of backends/cuda, cross-compiled here (+ .so.json manifests)
     .gpu/lib/                             the four Mojo runtime libraries the modules link against
     .gpu/ptx/<module>.ptx                 the embedded PTX, for `ptxas -v` resource reports there
 
@@ -13,7 +13,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from mojollm.kernels.build import Target, _runtime_lib_dir, available_modules, build_module, embedded_ptx
+from mojollm.kernels.build import (Target, _runtime_lib_dir, available_modules, build_module, copy_module,
+                                  embedded_ptx)
 
 RUNTIME_LIBS = ("libKGENCompilerRTShared.so", "libAsyncRTMojoBindings.so", "libAsyncRTRuntimeGlobals.so",
                 "libMSupportGlobals.so")
@@ -31,7 +32,7 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
     for name in available_modules("cuda"):
         so = build_module(name, "cuda", target, progress=print)
-        shutil.copy2(so, kdir / f"{name}.so")
+        copy_module(so, kdir)  # with its manifest: the loader refuses a prebuilt module without one
         texts = embedded_ptx(so.read_bytes())
         for n, t in enumerate(texts):
             (pdir / f"{name}.{n:03d}.ptx").write_text(t)
@@ -41,7 +42,7 @@ def main() -> None:
         hdir.mkdir(parents=True, exist_ok=True)
         for name in available_modules("cpu"):
             try:
-                shutil.copy2(build_module(name, "cpu", Target("host"), progress=print), hdir / f"{name}.so")
+                copy_module(build_module(name, "cpu", Target("host"), progress=print), hdir)
             except Exception as e:  # report and go on: the GPU modules are what this script is for
                 print(f"host module {name} failed to build: {e}")
     lib = _runtime_lib_dir()

@@ -12,18 +12,29 @@ every source the module can import, the target and the compiler version, so an e
 upgrade rebuilds and nothing stale is ever loaded. `MOJOLLM_KERNEL_DIR` points at a directory of
 prebuilt modules (`mojollm build --out DIR`), used as-is: the way to carry GPU modules built on one
 machine to another that has no compiler.
+
+Every module has a manifest beside it, `<stem>.so.json`, written at build time: module name,
+target, source key, compiler version, size and sha256. A module is checked against it and its ELF
+header before it is loaded, because dlopen of a truncated file dies of SIGBUS and a garbage file
+gives an unhelpful ImportError. A bad or manifest-less module in the cache is rebuilt; one in
+MOJOLLM_KERNEL_DIR is a one-line KernelBuildError (nothing to rebuild it with there).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
 import os
+import platform
 import shutil
+import struct
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -140,38 +151,196 @@ def _source_key(src: Path, target: Target, version: str) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------- checking a module before dlopen
+
+class BadModule(Exception):
+    """Why a module file must not be loaded; the message completes "kernel module PATH ..."."""
+
+
+def manifest_path(so: Path) -> Path:
+    return so.with_name(so.name + ".json")
+
+
+# e_machine of the CPUs Mojo runs on, keyed by platform.machine().
+_ELF_MACHINE = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}
+_ELF_MACHINE_NAME = {3: "i386", 40: "arm", 62: "x86_64", 183: "aarch64", 190: "cuda", 224: "amdgpu"}
+_HOST_ELF_CLASS = 2 if sys.maxsize > 2**32 else 1
+_HOST_ELF_DATA = 1 if sys.byteorder == "little" else 2
+_ET_DYN = 3
+
+
+def check_elf(f, size: int) -> None:
+    """Raise BadModule unless open file `f` (of `size` bytes) is a shared library for this host
+    whose header tables and segments all lie inside the file: what dlopen maps must exist, since
+    touching a mapped page past the end of a truncated file is a SIGBUS, not an error."""
+    f.seek(0)
+    head = f.read(64)
+    if size == 0:
+        raise BadModule("is an empty file")
+    if head[:4] != b"\x7fELF":
+        raise BadModule("is not an ELF shared library")
+    elf_class, data = head[4], head[5]
+    if elf_class != _HOST_ELF_CLASS:
+        raise BadModule(f"is a {32 * elf_class}-bit ELF file, this Python is {32 * _HOST_ELF_CLASS}-bit")
+    if data != _HOST_ELF_DATA:
+        raise BadModule("has the wrong byte order for this machine")
+    endian = "<" if data == 1 else ">"
+    header = endian + ("HHIQQQIHHHHHH" if elf_class == 2 else "HHIIIIIHHHHHH")
+    if len(head) < 16 + struct.calcsize(header):
+        raise BadModule(f"is truncated ({size} bytes, shorter than an ELF header)")
+    (e_type, machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _) = \
+        struct.unpack_from(header, head, 16)
+    if e_type != _ET_DYN:
+        raise BadModule("is an ELF file but not a shared library")
+    host = platform.machine().lower()
+    if _ELF_MACHINE.get(host, machine) != machine:
+        raise BadModule(f"is built for {_ELF_MACHINE_NAME.get(machine, f'ELF machine {machine}')}, "
+                        f"this machine is {host}")
+    phdr = endian + ("IIQQQQQQ" if elf_class == 2 else "IIIIIIII")
+    if phnum == 0 or phentsize < struct.calcsize(phdr):
+        raise BadModule("is a malformed ELF file (no program headers)")
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        raise BadModule(f"is truncated ({size} bytes; its ELF header points past the end)")
+    f.seek(phoff)
+    table = f.read(phnum * phentsize)
+    for i in range(phnum):
+        fields = struct.unpack_from(phdr, table, i * phentsize)
+        offset, filesz = (fields[2], fields[5]) if elf_class == 2 else (fields[1], fields[4])
+        if offset + filesz > size:
+            raise BadModule(f"is truncated ({size} bytes; a segment ends at byte {offset + filesz})")
+
+
+# Modules found good in this process, by (path, identity of the file and its manifest, what was
+# asked): hashing takes tens of ms per module, once is enough.
+_verified: set[tuple] = set()
+
+
+def _file_id(st: os.stat_result) -> tuple:
+    # ctime too: an edit can put the mtime back, but nothing can set the ctime.
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def verify_module(so: Path, name: str, target: Target, key: str | None = None) -> None:
+    """Raise BadModule unless `so` is module `name` for `target` (and source key `key`, if given)
+    exactly as built: by its manifest (size, then sha256) and its ELF header."""
+    man_file = manifest_path(so)
+    try:
+        with open(so, "rb") as f:
+            st = os.fstat(f.fileno())
+            try:
+                man_st = man_file.stat()
+                manifest = json.loads(man_file.read_bytes())
+            except FileNotFoundError:
+                raise BadModule(f"has no manifest {man_file.name} (written when it is built)") from None
+            except (OSError, ValueError):
+                raise BadModule(f"has an unreadable manifest {man_file.name}") from None
+            stamp = (str(so), _file_id(st), _file_id(man_st), name, str(target), key)
+            if stamp in _verified:
+                return
+            if not isinstance(manifest, dict):
+                raise BadModule(f"has an unreadable manifest {man_file.name}")
+            if manifest.get("module") != name:
+                raise BadModule(f"holds module {manifest.get('module')!r} by its manifest, not {name!r}")
+            if manifest.get("target") != str(target):
+                raise BadModule(f"is built for target {manifest.get('target')!r} by its manifest, not {target}")
+            if key is not None and manifest.get("key") != key:
+                raise BadModule("is built from other sources or by another compiler")
+            if manifest.get("size") != st.st_size:
+                raise BadModule(f"is truncated or changed ({st.st_size} bytes, its manifest says {manifest.get('size')})")
+            check_elf(f, st.st_size)
+            f.seek(0)
+            if hashlib.file_digest(f, "sha256").hexdigest() != manifest.get("sha256"):
+                raise BadModule("has changed since it was built (its sha256 differs from its manifest's)")
+    except FileNotFoundError:
+        raise BadModule("is missing") from None
+    except OSError as e:
+        raise BadModule(f"cannot be read ({e.strerror})") from None
+    _verified.add(stamp)
+
+
+def _write_manifest(so: Path, name: str, target: Target, key: str, version: str) -> None:
+    with open(so, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    manifest = {"module": name, "target": str(target), "key": key, "compiler": version,
+                "size": so.stat().st_size, "sha256": digest}
+    path = manifest_path(so)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def copy_module(so: Path, dest_dir: Path) -> Path:
+    """Copy a built module and its manifest into `dest_dir` (e.g. DIR/<target> of a MOJOLLM_KERNEL_DIR)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / so.name
+    shutil.copy2(so, dest)
+    shutil.copy2(manifest_path(so), manifest_path(dest))
+    return dest
+
+
+# ---------------------------------------------------------------- building
+
 _build_lock = threading.Lock()
+
+
+@contextmanager
+def _locked_dir(path: Path):
+    """Hold an exclusive lock on directory `path` against other processes building into it, so a
+    module and its manifest are always written as a pair."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def build_module(name: str, backend: str = "cpu", target: Target = HOST, out_dir: Path | None = None,
                  progress=None) -> Path:
-    """Build (or find in the cache) kernel module `name` for `target`; returns the .so path."""
+    """Build (or find in the cache) kernel module `name` for `target`; returns the .so path.
+    An existing module that fails verification (corrupted, from older sources, or without a
+    manifest) is rebuilt."""
     src = module_source(name, backend)
     mojo = find_mojo()
     version = compiler_version(mojo)
+    key = _source_key(src, target, version)
     if out_dir is None:
-        out_dir = cache_dir() / "kernels" / target.dirname / _source_key(src, target, version)
+        out_dir = cache_dir() / "kernels" / target.dirname / key
     out = out_dir / f"{name}.so"
-    if out.is_file():
+    try:
+        verify_module(out, name, target, key)
         return out
-    with _build_lock:
-        if out.is_file():
+    except BadModule:
+        pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock, _locked_dir(out_dir):
+        try:  # again under the lock: another process may have just built it
+            verify_module(out, name, target, key)
             return out
-        out_dir.mkdir(parents=True, exist_ok=True)
+        except BadModule as e:
+            problem = e if out.exists() else None
+        if progress is not None:
+            why = f", replacing {out.name}, which {problem}" if problem else ""
+            progress(f"compiling {backend}/{name}.mojo for {target}{why}")
         tmp = out_dir / f".{name}.{os.getpid()}.so"
         cmd = [str(mojo), "build", "--emit", "shared-lib", *target.compiler_flags()]
         for inc in _include_dirs():
             cmd += ["-I", str(inc)]
         cmd += [str(src), "-o", str(tmp)]
-        if progress is not None:
-            progress(f"compiling {backend}/{name}.mojo for {target}")
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not tmp.is_file():
-            errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
-            first = errors[0] if errors else res.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            raise KernelBuildError(f"building {src.name} for {target} failed: {first if isinstance(first, str) else first[0]}",
-                                   details=res.stderr)
-        os.replace(tmp, out)
+        try:
+            res = _run_compiler(cmd)
+            if res.returncode != 0 or not tmp.is_file():
+                errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
+                first = errors[0] if errors else (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise KernelBuildError(f"building {src.name} for {target} failed: {first}", details=res.stderr)
+            os.replace(tmp, out)
+            _write_manifest(out, name, target, key, version)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -201,26 +370,42 @@ def _restore_python_env() -> None:
             os.unsetenv(key)
 
 
+def _prebuilt_module(name: str, target: Target) -> Path | None:
+    """Module `name` from MOJOLLM_KERNEL_DIR, verified; None if that has none."""
+    prebuilt = os.environ.get("MOJOLLM_KERNEL_DIR")
+    if not prebuilt:
+        return None
+    path = Path(prebuilt) / target.dirname / f"{name}.so"
+    if not path.is_file():
+        return None
+    try:
+        verify_module(path, name, target)
+    except BadModule as e:
+        raise KernelBuildError(f"prebuilt kernel module {path} {e}: rebuild it with "
+                               f"`mojollm build --target {target} --out {prebuilt}` (MOJOLLM_KERNEL_DIR)") from None
+    return path
+
+
 def load_module(name: str, backend: str = "cpu", target: Target = HOST, progress=None) -> ModuleType:
     """Import kernel module `name`, building it first unless MOJOLLM_KERNEL_DIR supplies it."""
     key = (name, backend, str(target))
     if key in _loaded:
         return _loaded[key]
-    prebuilt = os.environ.get("MOJOLLM_KERNEL_DIR")
-    path: Path | None = None
-    if prebuilt:
-        cand = Path(prebuilt) / target.dirname / f"{name}.so"
-        if cand.is_file():
-            path = cand
-    if path is None:
-        path = build_module(name, backend, target, progress=progress)
+    path = _prebuilt_module(name, target) or build_module(name, backend, target, progress=progress)
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
-    mod = importlib.util.module_from_spec(spec)
     try:
+        mod = importlib.util.module_from_spec(spec)  # the dlopen
         loader.exec_module(mod)
-    except ImportError as e:
-        raise KernelBuildError(f"kernel module {path} does not load: {e}") from e
+    except (ImportError, OSError) as e:
+        reason = " ".join(str(e).split())
+        if "cannot open shared object file" in reason:
+            hint = "install `mojo==1.2.0`, or put the Mojo runtime libraries on LD_LIBRARY_PATH"
+        elif (prebuilt := os.environ.get("MOJOLLM_KERNEL_DIR")) and path.is_relative_to(prebuilt):
+            hint = f"rebuild it with `mojollm build --target {target} --out {prebuilt}` (MOJOLLM_KERNEL_DIR)"
+        else:
+            hint = f"delete {path.parent} to rebuild it"
+        raise KernelBuildError(f"kernel module {path} does not load ({reason}): {hint}") from e
     finally:
         _restore_python_env()
     _loaded[key] = mod
