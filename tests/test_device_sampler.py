@@ -255,3 +255,18 @@ def test_sample_has_no_host_sync():
     compiled = torch.compile(s.sample, fullgraph=True, backend="eager")(x, rows, plan)
     assert torch.equal(eager.token_ids, compiled.token_ids)
     assert torch.equal(eager.top_ids, compiled.top_ids)
+
+
+def test_top_k_top_p_ties_go_to_the_lower_id():
+    logits = np.full(V, -5.0, dtype=np.float32)
+    logits[[700, 9, 5]] = 3.0  # three equal top tokens, ~1/3 of the mass each
+    s = DeviceSampler(2000, V)
+    x = torch.from_numpy(logits)[None].expand(2000, V)
+    for params in (SamplingParams(top_p=0.5), SamplingParams(top_k=2)):
+        ids, _ = filtered_candidates(logits.astype(np.float64), params)
+        for row in range(2000):
+            s.assign(row, params, seed=row)
+        drawn = set(s.sample(x, plan=s.plan()).token_ids.tolist())
+        assert drawn == {5, 9}
+        if params.top_p < 1.0:
+            assert ids.tolist() == [5, 9]

@@ -229,8 +229,7 @@ class DeviceSampler:
         keep = e >= f[:, _MIN_P, None]
         if sort:
             keep = keep & self._top_k_top_p(x, i[:, _TOP_K], f[:, _TOP_P])
-        e = torch.where(keep, e, torch.zeros_like(e))
-        cum = e.cumsum(dim=-1)
+        cum = _cumsum_rows(torch.where(keep, e, torch.zeros_like(e)))  # [S, >= V], flat past V
         total = cum[:, -1:].contiguous()
         u = uniform(i[:, _KEY_LO], i[:, _KEY_HI], step)[:, None] * total
         pos = torch.searchsorted(cum, u, right=True)         # first cum > u: a token with e > 0
@@ -238,11 +237,32 @@ class DeviceSampler:
         return torch.minimum(pos, last).squeeze(1)            # (u * total may round up to total)
 
     def _top_k_top_p(self, x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-        """Keep-mask [S, V] in id order; top_k = V and top_p = 1 are exactly 'off'."""
+        """Keep-mask [S, V] in id order; top_k = V and top_p = 1 are exactly 'off'.
+
+        Both keep a prefix of the stable descending order, so the mask is 'before the last kept
+        entry of that order': value above its value, or equal to it with an id not above its id."""
+        V = x.shape[1]
         vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
         in_k = self._vocab_ids[None, :] < top_k[:, None]
         es = torch.where(in_k, torch.exp(vals - vals[:, :1]), torch.zeros_like(vals))
-        cum = es.cumsum(dim=-1)
+        cum = _cumsum_rows(es)
+        before = torch.nn.functional.pad(cum[:, :V - 1], (1, 0))  # exclusive prefix, monotone
         p = top_p[:, None]
-        in_p = ((cum - es) < p * cum[:, -1:]) | (p >= 1.0)
-        return torch.zeros_like(in_k).scatter_(1, order, in_k & in_p)
+        in_p = (before < p * cum[:, -1:]) | (p >= 1.0)
+        last = (in_k & in_p).sum(dim=-1, keepdim=True) - 1     # >= 0: the top entry is always kept
+        thr, thr_id = vals.gather(1, last), order.gather(1, last)
+        return (x > thr) | ((x == thr) & (self._vocab_ids[None, :] <= thr_id))
+
+
+def _cumsum_rows(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Inclusive cumsum along dim 1 of [S, V], in blocks (a scan over one long row is slow on a GPU).
+
+    Returns [S, V'] with V' >= V (V rounded up to a multiple of `block`); the entries past V repeat
+    the total, so a search in it never lands past V - 1 except at the total itself."""
+    S, V = x.shape
+    if V <= block:
+        return x.cumsum(dim=1)
+    nb = -(-V // block)
+    inner = torch.nn.functional.pad(x, (0, nb * block - V)).view(S, nb, block).cumsum(dim=2)
+    sums = inner[:, :, -1]
+    return (inner + (sums.cumsum(dim=1) - sums)[:, :, None]).view(S, nb * block)
