@@ -41,9 +41,11 @@ or boolean-mask indexing, no Python branching on tensor values; every shape is f
 penalties on/off, sort for top-k/top-p on/off, number of top logprobs), so a graph runner keys its
 captured graphs by (batch size bucket, plan). `plan(rows)` computes the tightest plan for a list of
 rows from the host copies of their params; with no plan given, `sample` uses a conservative plan
-over every assigned row (always correct, possibly slower). In-place state updates are index_add_ /
-scatter_add_ into persistent tensors, which capture fine. Rows in one call must be distinct;
-padding rows of a graph bucket must point at free rows (their state is reset by the next assign).
+over every assigned row (always correct, possibly slower; plan.logprobs must cover the largest
+number asked in the batch). In-place state updates are index_add_ into persistent tensors. Checked
+on an H200 (bench/device_sampler.py): replays of a captured sample() equal eager calls bit for bit.
+Rows in one call must be distinct; padding rows of a graph bucket must point at free rows (their
+state is reset by the next assign).
 """
 
 from __future__ import annotations
