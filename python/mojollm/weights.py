@@ -9,6 +9,7 @@ Nibble order: byte j holds element j (low 4 bits) and element j + 16 (high 4 bit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,11 +49,14 @@ class WeightTensor:
         if self.qtype not in SUPPORTED_TYPES:
             raise ModelLoadError(f"tensor {self.name}: type {self.qtype} is not supported "
                                  f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        if not self.shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                                 for d in self.shape):
+            raise ModelLoadError(f"tensor {self.name}: shape {self.shape} is not a list of positive sizes")
         if self.is_quantized:
             k = self.shape[-1]
             if k % QK:
                 raise ModelLoadError(f"tensor {self.name}: row length {k} is not a multiple of {QK}")
-            rows = int(np.prod(self.shape[:-1]))
+            rows = math.prod(self.shape[:-1])  # Python ints: np.prod would wrap around on a forged shape
             want = (rows, k // QK * BLOCK_BYTES[self.qtype])
             if self.data.dtype != np.uint8 or self.data.shape != want:
                 raise ModelLoadError(f"tensor {self.name}: {self.qtype} data has shape {self.data.shape}, expected {want}")

@@ -26,6 +26,7 @@ from mojollm.backends.base import Backend
 from mojollm.engine.step import StepBatch
 from mojollm.errors import ModelLoadError
 from mojollm.models.config import ModelConfig
+from mojollm.models.rope import cos_sin_table
 from mojollm.tokenizer import Tokenizer
 from mojollm.weights import WeightTensor
 
@@ -53,17 +54,15 @@ def fuse_rows(name: str, parts: list[WeightTensor]) -> WeightTensor | None:
     return WeightTensor(name, shape, parts[0].qtype, data)
 
 
-def rope_table(config: ModelConfig, freq_factors: np.ndarray | None) -> np.ndarray:
-    """cos/sin table [max_pos, head_dim] (cos half, then sin half)."""
-    from mojollm.models.rope import rope_cos_sin, rope_inv_freq
+def rope_frequencies(config: ModelConfig, freq_factors: np.ndarray | None) -> np.ndarray:
+    """The head_dim/2 rotary inverse frequencies (float64), after the config's scaling."""
+    from mojollm.models.rope import rope_inv_freq
 
     if freq_factors is None:
-        return rope_cos_sin(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
+        return rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
     # llama.cpp stores llama3-style scaling as per-frequency divisors (rope_freqs.weight).
     inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, None)
-    inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64).reshape(inv_freq.shape)
-    angles = np.arange(config.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    return inv_freq / np.asarray(freq_factors, dtype=np.float64).reshape(inv_freq.shape)
 
 
 class LlamaModel:
@@ -107,9 +106,11 @@ class LlamaModel:
         lm_head = weights["embed_tokens"] if c.tie_word_embeddings else weights["lm_head"]
         self.lm_head = b.prepare_linear(lm_head)
         freq_factors = weights["rope_freqs"].to_float32() if "rope_freqs" in weights else None
-        table = rope_table(c, freq_factors)
-        self.max_positions = int(table.shape[0])
-        self.cos_sin = b.asarray(table)
+        self.inv_freq = rope_frequencies(c, freq_factors)
+        # allocate_kv_cache builds the cos/sin table for the positions its cache can hold: a
+        # checkpoint may claim millions of positions that no cache here will ever reach.
+        self.max_positions = 0
+        self.cos_sin = None
         self.scale = float(c.head_dim) ** -0.5
 
         # Bytes a decode step reads: every matrix and vector once, lm_head included. An untied
@@ -130,6 +131,8 @@ class LlamaModel:
         shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
         self.kv_caches = [(self.backend.zeros(shape), self.backend.zeros(shape)) for _ in range(c.num_hidden_layers)]
         self.block_size = block_size
+        self.max_positions = min(c.max_position_embeddings, num_blocks * block_size)
+        self.cos_sin = self.backend.asarray(cos_sin_table(self.inv_freq, self.max_positions))
         return self.kv_caches
 
     # ---- forward ----

@@ -20,11 +20,12 @@ import numpy as np
 
 def rope_inv_freq(rot_dim: int, base: float, scaling: dict | None = None) -> np.ndarray:
     """The rot_dim/2 inverse frequencies theta_i (float64), after `scaling`."""
-    if not isinstance(rot_dim, (int, np.integer)) or rot_dim < 2 or rot_dim % 2:
+    if isinstance(rot_dim, bool) or not isinstance(rot_dim, (int, np.integer)) or rot_dim < 2 or rot_dim % 2:
         raise ValueError(f"rot_dim must be an even integer >= 2, got {rot_dim!r}")
+    if isinstance(base, bool) or not isinstance(base, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(base) or base <= 1.0:
+        raise ValueError(f"rope base (rope_theta) must be a finite number > 1, got {base!r}")
     base = float(base)
-    if not math.isfinite(base) or base <= 1.0:
-        raise ValueError(f"rope base (rope_theta) must be a finite number > 1, got {base}")
     inv_freq = 1.0 / base ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim)
 
     kind = None
@@ -53,17 +54,36 @@ def rope_inv_freq(rot_dim: int, base: float, scaling: dict | None = None) -> np.
 
 def rope_cos_sin(rot_dim: int, base: float, max_positions: int, scaling: dict | None = None) -> np.ndarray:
     """float32 [max_positions, rot_dim]: row p = [cos(p theta_0..), sin(p theta_0..)] (R/2 each)."""
-    if not isinstance(max_positions, (int, np.integer)) or max_positions < 1:
+    return cos_sin_table(rope_inv_freq(rot_dim, base, scaling), max_positions)
+
+
+_TABLE_CHUNK = 1 << 14  # positions per float64 block: bounds the temporaries whatever the table length
+
+
+def cos_sin_table(inv_freq: np.ndarray, max_positions: int) -> np.ndarray:
+    """float32 [max_positions, 2 len(inv_freq)] cos/sin rows, built block by block so the float64
+    angles never exist for the whole table at once (peak memory is the float32 result)."""
+    if isinstance(max_positions, bool) or not isinstance(max_positions, (int, np.integer)) or max_positions < 1:
         raise ValueError(f"max_positions must be a positive integer, got {max_positions!r}")
-    inv_freq = rope_inv_freq(rot_dim, base, scaling)
-    angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.ascontiguousarray(np.concatenate([np.cos(angles), np.sin(angles)], axis=1), dtype=np.float32)
+    inv_freq = np.asarray(inv_freq, dtype=np.float64)
+    half = inv_freq.shape[0]
+    table = np.empty((int(max_positions), 2 * half), dtype=np.float32)
+    for start in range(0, int(max_positions), _TABLE_CHUNK):
+        stop = min(start + _TABLE_CHUNK, int(max_positions))
+        angles = np.arange(start, stop, dtype=np.float64)[:, None] * inv_freq[None, :]
+        table[start:stop, :half] = np.cos(angles)
+        table[start:stop, half:] = np.sin(angles)
+    return table
 
 
 def _positive(scaling: dict, key: str) -> float:
     if key not in scaling:
         raise ValueError(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r} needs {key!r}")
-    v = float(scaling[key])
+    v = scaling[key]
+    # float() would also take "8" or True; a config that spells a number that way is damaged.
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"rope scaling {key} must be a number, got {v!r}")
+    v = float(v)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"rope scaling {key} must be a positive number, got {scaling[key]!r}")
     return v
