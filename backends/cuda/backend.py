@@ -204,8 +204,16 @@ class CudaBackend(Backend):
         """The torch stream the backend runs on by default (capture graphs on it or on any other)."""
         return self._stream
 
+    @property
+    def error_flags(self):
+        """The device words the kernels raise on bad indices (a runner copies them with its outputs)."""
+        return self._err
+
     def _check_errors(self) -> None:
-        flags = self._err.cpu()
+        self.raise_error_flags(self._err.cpu())
+
+    def raise_error_flags(self, flags) -> None:
+        """Raise for the flags read back from error_flags (host tensor); clears them on the device."""
         if bool(flags.any()):
             self._err.zero_()
             msgs = [m for i, m in enumerate(_ERR_MESSAGES) if int(flags[i])]
@@ -242,6 +250,22 @@ class CudaBackend(Backend):
             raise ValueError(f"unsupported dtype {dtype!r}: use float32, int32, int64 or bfloat16")
         self._s()
         return self.torch.zeros(tuple(shape), dtype=self._dtypes[dtype], device=self.device)
+
+    def default_kv_cache_bytes(self) -> int:
+        """Half of the device memory still free once the weights are loaded (vLLM takes 90% of
+        the card; half leaves room for graphs, activations and a second model in the process)."""
+        return max(1 << 30, self.free_memory_bytes() // 2)
+
+    def kv_cache_dtype(self, weight_qtype: str) -> str:
+        """bfloat16 unless the model is float32: decode attention reads half the bytes, and the
+        attention kernels accumulate in float32 either way."""
+        return "float32" if weight_qtype == "F32" else "bfloat16"
+
+    def create_runner(self, model, max_num_seqs: int, max_model_len: int):
+        from mojollm.backends.cuda.runner import CudaRunner
+
+        return CudaRunner(model, max_num_seqs, max_model_len,
+                          use_graphs=os.environ.get("MOJOLLM_CUDA_GRAPHS", "1") != "0")
 
     def free_memory_bytes(self) -> int | None:
         return int(self.torch.cuda.mem_get_info(self.device)[0])

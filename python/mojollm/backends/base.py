@@ -96,6 +96,22 @@ class Backend(abc.ABC):
         """Build (first time) and load the backend's kernel modules now, so that no compile lands
         inside a timed step. `progress(msg)` reports each build."""
 
+    def default_kv_cache_bytes(self) -> int:
+        """The KV budget when the user gives none (the engine caps it at what max_num_seqs full
+        contexts need): 1 GiB, a share of host memory that leaves room for everything else."""
+        return 1 << 30
+
+    def kv_cache_dtype(self, weight_qtype: str) -> str:
+        """The KV cache's element type for a model whose weights are `weight_qtype` (F32, BF16,
+        Q4_0, ...): float32 by default."""
+        return "float32"
+
+    def create_runner(self, model, max_num_seqs: int, max_model_len: int):
+        """The runner that executes the engine's steps on this backend (engine/runner.py)."""
+        from mojollm.engine.runner import ModelRunner
+
+        return ModelRunner(model, max_num_seqs, max_model_len)
+
     # ---- weights ----
     @abc.abstractmethod
     def prepare_linear(self, w: WeightTensor) -> Any:
@@ -147,5 +163,10 @@ class Backend(abc.ABC):
 
     # ---- info for measurements ----
     def memory_bandwidth_gbs(self) -> float | None:
-        """Measured read bandwidth of the device in GB/s, for rooflines (None if unknown)."""
+        """Memory bandwidth of this backend's device, GB/s (None: not measured).
+
+        The one bandwidth probe (GB/s, 1e9 B/s) of the device this backend computes on, measured in
+        this process, that every roofline divides by (mojollm.measure.device_bandwidth reads it).
+        An implementation measures its own device, caches the figure, and says in its docstring's
+        first line how it measures (reports quote that line). None: unknown."""
         return None

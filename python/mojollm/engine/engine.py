@@ -24,12 +24,14 @@ import numpy as np
 
 from mojollm.engine.block_manager import BlockManager
 from mojollm.engine.metrics import EngineStats
+from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, create_runner
 from mojollm.engine.sampler import Sampler, beam_candidates, beam_score, log_softmax
 from mojollm.engine.scheduler import Scheduler, SchedulerOutput
 from mojollm.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
 from mojollm.sampling_params import SamplingParams
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_blocks nor kv_cache_memory is given
+                                   # (backends may offer more: Backend.default_kv_cache_bytes)
 _SCORE_ROWS = 64  # log-softmax rows at a time while scoring (bounds the float64 temporary)
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -83,7 +85,10 @@ class Engine:
             per_block = int(model.kv_cache_bytes_per_block(block_size))
             if kv_cache_memory is None:
                 need = -(-max_num_seqs * model_len // block_size) * per_block
-                budget = min(DEFAULT_KV_CACHE_MEMORY, need)
+                backend = getattr(model, "backend", None)
+                default = (backend.default_kv_cache_bytes() if hasattr(backend, "default_kv_cache_bytes")
+                           else DEFAULT_KV_CACHE_MEMORY)
+                budget = min(default, need)
             else:
                 budget = parse_bytes(kv_cache_memory)
             num_blocks = budget // per_block
@@ -96,7 +101,8 @@ class Engine:
         self.num_blocks = num_blocks
         # A sequence must fit in the pool on its own, so preemption can always make room for it.
         self.max_model_len = min(model_len, num_blocks * block_size)
-        model.allocate_kv_cache(num_blocks, block_size)
+        self.runner = create_runner(model, max_num_seqs, self.max_model_len)
+        self.runner.allocate_kv_cache(num_blocks, block_size)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs)
         self.sampler = Sampler(self.vocab_size)
@@ -225,12 +231,14 @@ class Engine:
                 self.stats.prefill_tokens += s.num_new_tokens
 
         t1 = self.clock()
+        device_rows = self._device_rows(plan) if self.runner.samples_on_device else None
         try:
-            logits = self.model.forward(plan.batch)
-            logits = np.asarray(logits)
-            want = (plan.batch.logits_indices.shape[0], self.vocab_size)
-            if logits.shape != want:
-                raise ValueError(f"model returned logits of shape {logits.shape}, expected {want}")
+            out = self.runner.execute(plan.batch, device_rows)
+            logits = np.asarray(out.logits)
+            num_host = (plan.batch.logits_indices.shape[0] if out.tokens is None
+                        else int((out.tokens == TOKEN_HOST).sum()))
+            if logits.shape != (num_host, self.vocab_size):
+                raise ValueError(f"model returned logits of shape {logits.shape}, expected {(num_host, self.vocab_size)}")
         except Exception as e:  # every request of the batch is affected; the engine goes on
             for req in {id(s.seq.request): s.seq.request for s in plan.scheduled}.values():
                 if not req.finished:
@@ -244,13 +252,23 @@ class Engine:
         touched: dict[str, Request] = {}
         # NaN or +inf anywhere in a row makes its max NaN or +inf (one pass over the logits)
         bad_rows = ~(logits.max(axis=1) < np.inf) if logits.size else None
+        tokens = out.tokens
+        # logits row r of the batch -> its row in `logits` (host rows only, in order)
+        host_row = None if tokens is None else np.cumsum(tokens == TOKEN_HOST) - 1
         for s in plan.scheduled:
             seq, req = s.seq, s.seq.request
             if s.num_logits == 0 or req.finished or seq.is_finished:
                 continue
             try:
-                rows = logits[s.logits_start:s.logits_start + s.num_logits]
-                if bad_rows[s.logits_start:s.logits_start + s.num_logits].any():
+                if tokens is not None and tokens[s.logits_start] != TOKEN_HOST:
+                    if tokens[s.logits_start] == TOKEN_NOT_FINITE:
+                        raise FloatingPointError("the model produced NaN/inf logits")
+                    self._append_sampled(seq, int(tokens[s.logits_start]))
+                    touched[req.request_id] = req
+                    continue
+                first = s.logits_start if host_row is None else int(host_row[s.logits_start])
+                rows = logits[first:first + s.num_logits]
+                if bad_rows[first:first + s.num_logits].any():
                     raise FloatingPointError("the model produced NaN/inf logits")
                 if req.score_only:
                     self._score_rows(seq, rows, seq.num_computed_tokens - s.num_new_tokens)
@@ -302,10 +320,29 @@ class Engine:
                 lp, entry = self.sampler.logprob_entry(row, token, params.logprobs)
                 s.cumulative_logprob += lp
                 s.output_logprobs.append(entry)
-            s.append_token(token)
-            req.metrics.num_generated_tokens += 1
-            req.new_tokens_this_step = True
-            self._check_stop(s, token)
+            self._append_sampled(s, token)
+
+    def _append_sampled(self, seq: Sequence, token: int) -> None:
+        seq.append_token(token)
+        seq.request.metrics.num_generated_tokens += 1
+        seq.request.new_tokens_this_step = True
+        self._check_stop(seq, token)
+
+    def _device_rows(self, plan: SchedulerOutput) -> list[Sequence | None]:
+        """Per logits row, the sequence the runner samples on the device, or None when the row
+        must come back to the host: scoring, beam search, penalties (they need the token history),
+        logprobs, and the first draw of n > 1 samples (one row forks into n)."""
+        rows: list[Sequence | None] = [None] * plan.batch.logits_indices.shape[0]
+        for s in plan.scheduled:
+            if s.num_logits != 1:
+                continue
+            req = s.seq.request
+            p = req.params
+            if (req.score_only or p.use_beam_search or p.has_penalties or p.logprobs is not None
+                    or (p.n > 1 and not req.forked)):
+                continue
+            rows[s.logits_start] = s.seq
+        return rows
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         req = seq.request

@@ -49,6 +49,7 @@ class Sequence:
         self.num_registered_blocks = 0     # leading blocks already offered to the prefix cache
         # sampling state
         self.rng: np.random.Generator | None = None
+        self.device_rng_key: int | None = None   # a runner's RNG key for (seed, sample index), cached
         self.output_counts: Counter = Counter()  # generated token -> count (penalties)
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict] = []

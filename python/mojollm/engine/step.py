@@ -57,3 +57,26 @@ class StepBatch:
             logits_indices=np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], dtype=np.int32),
             is_decode=(n == 1),
         )
+
+    def padded_decode(self, num_seqs: int, table_width: int, scratch_block: int, block_size: int) -> "StepBatch":
+        """This decode step grown to `num_seqs` sequences and block tables `table_width` wide, so
+        that it fits a graph captured for that shape. Padding sequences hold one token at position
+        0 in `scratch_block` (a KV block no sequence owns: they write and read only it); every row
+        keeps its logits, the real ones first."""
+        S = self.num_seqs
+        if not self.is_decode or num_seqs < S or table_width < self.block_tables.shape[1]:
+            raise ValueError(f"cannot pad a step of {S} sequences (decode: {self.is_decode}) to {num_seqs}")
+        pad = num_seqs - S
+        tables = np.zeros((num_seqs, table_width), dtype=np.int32)
+        tables[:S, :self.block_tables.shape[1]] = self.block_tables
+        tables[S:, 0] = scratch_block
+        return StepBatch(
+            token_ids=np.concatenate([self.token_ids, np.zeros(pad, np.int32)]),
+            positions=np.concatenate([self.positions, np.zeros(pad, np.int32)]),
+            slot_mapping=np.concatenate([self.slot_mapping, np.full(pad, scratch_block * block_size, np.int64)]),
+            block_tables=tables,
+            context_lens=np.concatenate([self.context_lens, np.ones(pad, np.int32)]),
+            cu_seqlens_q=np.arange(num_seqs + 1, dtype=np.int32),
+            logits_indices=np.arange(num_seqs, dtype=np.int32),
+            is_decode=True,
+        )

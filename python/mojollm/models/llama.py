@@ -112,6 +112,7 @@ class LlamaModel:
         self.max_positions = 0
         self.cos_sin = None
         self.scale = float(c.head_dim) ** -0.5
+        self.kv_dtype = b.kv_cache_dtype(weights["layers.0.q_proj"].qtype if c.num_hidden_layers else "F32")
 
         # Bytes a decode step reads: every matrix and vector once, lm_head included. An untied
         # embedding table is not counted: a step reads only the rows of its tokens.
@@ -121,15 +122,17 @@ class LlamaModel:
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         c = self.config
-        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * 4
+        itemsize = 4 if self.kv_dtype == "float32" else 2
+        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[Any, Any]]:
-        """Per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, D] float32."""
+        """Per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, D] of kv_dtype."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         c = self.config
         shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-        self.kv_caches = [(self.backend.zeros(shape), self.backend.zeros(shape)) for _ in range(c.num_hidden_layers)]
+        self.kv_caches = [(self.backend.zeros(shape, self.kv_dtype), self.backend.zeros(shape, self.kv_dtype))
+                          for _ in range(c.num_hidden_layers)]
         self.block_size = block_size
         self.max_positions = min(c.max_position_embeddings, num_blocks * block_size)
         self.cos_sin = self.backend.asarray(cos_sin_table(self.inv_freq, self.max_positions))
@@ -139,16 +142,32 @@ class LlamaModel:
     def forward(self, batch: StepBatch) -> np.ndarray:
         """Run one step; returns float32 logits [len(batch.logits_indices), vocab] on the host."""
         self._check_batch(batch)
-        b, c = self.backend, self.config
-        T = batch.num_tokens
-        H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        ids = b.asarray(batch.token_ids, "int32")
-        positions = b.asarray(batch.positions, "int32")
-        slots = b.asarray(batch.slot_mapping, "int64")
-        block_tables = b.asarray(batch.block_tables, "int32")
-        context_lens = b.asarray(batch.context_lens, "int32")
-        cu_seqlens_q = b.asarray(batch.cu_seqlens_q, "int32")
+        b = self.backend
+        rows = batch.logits_indices
+        if rows.shape[0] == 0:  # a step of prefill chunks that all stop short of their last token
+            rows_t = None
+        elif rows.shape[0] == batch.num_tokens and np.array_equal(rows, np.arange(batch.num_tokens)):
+            rows_t = ...  # every row
+        else:
+            rows_t = b.asarray(rows, "int64")
+        logits = self.compute_logits(
+            b.asarray(batch.token_ids, "int32"), b.asarray(batch.positions, "int32"),
+            b.asarray(batch.slot_mapping, "int64"), b.asarray(batch.block_tables, "int32"),
+            b.asarray(batch.context_lens, "int32"), b.asarray(batch.cu_seqlens_q, "int32"),
+            batch.is_decode, rows_t)
+        if logits is None:
+            return np.zeros((0, self.config.vocab_size), dtype=np.float32)
+        return b.to_numpy(logits)
 
+    def compute_logits(self, ids, positions, slots, block_tables, context_lens, cu_seqlens_q, is_decode: bool,
+                       logits_rows):
+        """The step on backend tensors (the StepBatch fields, already on the device); returns the
+        logits [L, vocab] of rows `logits_rows` (an int64 tensor, `...` for every row, None for no
+        row: then only the KV cache is written and None is returned). No host synchronisation, so
+        a runner can capture it in a graph."""
+        b, c = self.backend, self.config
+        T = ids.shape[0]
+        H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         residual = b.embedding(self.embed, ids)                             # [T, hidden]
         x = b.rms_norm(residual, self.layers[0].attn_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
@@ -165,12 +184,14 @@ class LlamaModel:
             q = b.rope(q, positions, self.cos_sin, c.rope_neox)
             k = b.rope(k, positions, self.cos_sin, c.rope_neox)
             b.store_kv(k_cache, v_cache, k, v, slots)
-            if batch.is_decode:
+            if is_decode:
                 attn = b.attention_decode(q, k_cache, v_cache, block_tables, context_lens, self.scale)
             else:
                 attn = b.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, self.scale)
             attn_out = b.linear(attn.reshape(T, H * D), layer.o_proj)
             x, residual = b.add_rms_norm(attn_out, residual, layer.mlp_norm, c.rms_norm_eps)
+            if logits_rows is None and i + 1 == len(self.layers):
+                return None  # the last MLP only feeds the logits, and no row wants them
             # -- MLP (SwiGLU) --
             gate_up = b.linear(x, layer.gate_up)                            # [T, 2F]
             mlp_out = b.linear(b.silu_mul(gate_up), layer.down)
@@ -178,12 +199,9 @@ class LlamaModel:
             x, residual = b.add_rms_norm(mlp_out, residual, next_norm, c.rms_norm_eps)
 
         # x is now the final-normed hidden state; project only the rows the engine samples from.
-        rows = batch.logits_indices
-        if rows.shape[0] == 0:  # a step of prefill chunks that all stop short of their last token
-            return np.zeros((0, c.vocab_size), dtype=np.float32)
-        if not (rows.shape[0] == T and np.array_equal(rows, np.arange(T))):
-            x = x[b.asarray(rows, "int64")]
-        return b.to_numpy(b.linear(x, self.lm_head))
+        if logits_rows is not ...:
+            x = x[logits_rows]
+        return b.linear(x, self.lm_head)
 
     def _check_batch(self, batch: StepBatch) -> None:
         if self.kv_caches is None:

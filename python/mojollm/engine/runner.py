@@ -1,0 +1,61 @@
+"""The model runner: everything device-side of a step, between the engine and the model.
+
+The engine plans a step (a StepBatch) and says, for each logits row, whether the runner may sample
+it itself (`device_rows[r]` is that row's Sequence) or must hand the row back (None: beam search,
+teacher-forced scoring, the first draw of n > 1 samples, penalties, logprobs). The runner returns
+the sampled token ids and the handed-back rows only:
+
+    runner.execute(batch, device_rows) -> StepOutput(tokens [L] int32, logits [L_host, V] float32)
+
+`tokens[r]` is the token drawn for a device row r (-1 for host rows, and -2 when row r's logits
+were not finite, so the engine fails that request); `logits` holds the host rows in order.
+
+This base runner samples nothing on the device: it runs `model.forward` and returns every row to
+the host (the cpu and tpu backends, and any model object without a backend). A backend with a
+faster step (persistent device buffers, CUDA graphs, sampling on the device) returns its own
+runner from `Backend.create_runner`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mojollm.engine.step import StepBatch
+
+if TYPE_CHECKING:
+    from mojollm.engine.sequence import Sequence
+
+TOKEN_HOST = -1      # tokens[r]: the row's logits are in StepOutput.logits
+TOKEN_NOT_FINITE = -2  # tokens[r]: the device row's logits held NaN/inf
+
+
+@dataclass
+class StepOutput:
+    tokens: np.ndarray | None  # [L] int32, None when every row went to the host
+    logits: np.ndarray         # [L_host, V] float32: the host rows, in row order
+
+
+class ModelRunner:
+    samples_on_device = False
+
+    def __init__(self, model, max_num_seqs: int, max_model_len: int):
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.model.allocate_kv_cache(num_blocks, block_size)
+
+    def execute(self, batch: StepBatch, device_rows: list[Sequence | None] | None = None) -> StepOutput:
+        return StepOutput(tokens=None, logits=np.asarray(self.model.forward(batch)))
+
+
+def create_runner(model, max_num_seqs: int, max_model_len: int) -> ModelRunner:
+    """The model's backend's runner where it has one, else the base runner."""
+    factory = getattr(getattr(model, "backend", None), "create_runner", None)
+    if factory is None:
+        return ModelRunner(model, max_num_seqs, max_model_len)
+    return factory(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
