@@ -266,7 +266,7 @@ class LLM:
         return self._stream(ids, params, text)
 
     def _stream(self, ids: list[int], params: SamplingParams | None, text: str | None) -> TextStream:
-        params = params if params is not None else SamplingParams()
+        params = self.engine.check_params(params)
         if params.use_beam_search:
             raise ValueError("beam search cannot stream: its beams change until the end")
         (rid,) = self._add_requests([ids], [params], [0], [text])

@@ -34,9 +34,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        if self.top_k == -1:
+        self.stop = _as_list(self.stop, "stop", str, "strings")
+        self.stop_token_ids = [int(t) for t in _as_list(self.stop_token_ids, "stop_token_ids", _is_int, "integers")]
+        if self.top_k == -1 and _is_int(self.top_k):
             self.top_k = 0
         self.validate()
 
@@ -92,6 +92,20 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+def _as_list(value, name: str, item_ok, what: str) -> list:
+    """None -> [], one item -> [item], a list/tuple of acceptable items -> a copy; else ValueError."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    ok = (lambda v: isinstance(v, item_ok)) if isinstance(item_ok, type) else item_ok
+    if not all(ok(v) for v in items):
+        raise ValueError(f"{name} must be a list of {what}, got {value!r}")
+    return items
 
 
 def _is_int(v) -> bool:
