@@ -162,3 +162,27 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
     assert ours.encode("x")[0] == 1  # sentencepiece llama vocabularies add BOS
     assert any(ours.id_to_token(i).startswith("<0x") for i in ours.encode("日本"))  # byte fallback used
+
+
+def test_gguf_vocabulary_with_duplicate_spellings_decodes_every_id():
+    """llama.cpp's text->id map keeps the first of two equal spellings; every id still decodes
+    (an id-range check on the backend's smaller unique count refused the highest ids)."""
+    tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", "a", "zz"]   # "a" twice: ids 3 and 6
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [3, 3, 3, 1, 1, 1, 1, 1],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert tok.vocab_size == len(tokens)
+    assert tok.decode([7, 6, 5]) == tok.decode([7]) + tok.decode([6]) + tok.decode([5])
+    assert tok.decode([7]) == "zz"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([len(tokens)])
+
+
+def test_gguf_tokenizer_the_library_refuses_is_a_load_error():
+    from mojollm.errors import ModelLoadError
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"],
+            "tokenizer.ggml.merges": ["a"]}                     # a merge needs two parts
+    with pytest.raises(ModelLoadError, match="model.gguf"):
+        Tokenizer.from_gguf_metadata(meta, where="model.gguf")

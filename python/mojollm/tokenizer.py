@@ -124,8 +124,11 @@ class Tokenizer:
 
     def __init__(self, backend, *, bos_token_id: int | None, eos_token_ids: Iterable[int],
                  add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None,
-                 special_token_strings: Mapping[str, str | None] | None = None):
+                 special_token_strings: Mapping[str, str | None] | None = None, num_ids: int | None = None):
         self._tok = backend
+        # A GGUF vocabulary may spell two ids alike; the text->id map keeps the first, so the
+        # backend counts fewer entries than there are ids. Every id below num_ids is valid.
+        self._num_ids = max(num_ids or 0, backend.get_vocab_size(with_added_tokens=True))
         self.bos_token_id = bos_token_id
         self.eos_token_ids = {int(i) for i in eos_token_ids if i is not None}
         self.add_bos = add_bos
@@ -135,8 +138,13 @@ class Tokenizer:
 
     # ---- construction ----
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
-        backend = _gguf_backend(meta)
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], where: str = "GGUF file") -> "Tokenizer":
+        try:
+            backend = _gguf_backend(meta)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{where}: {e}") from None
+        except Exception as e:  # the tokenizers library refusing the vocabulary or merges
+            raise ModelLoadError(f"{where}: its tokenizer cannot be built: {e}") from None
         tokens = meta["tokenizer.ggml.tokens"]
 
         def token_id(key):
@@ -156,6 +164,7 @@ class Tokenizer:
             add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
             special_token_strings={k: (tokens[v] if v is not None else None) for k, v in names.items()},
+            num_ids=len(tokens),
         )
 
     @classmethod
@@ -203,7 +212,7 @@ class Tokenizer:
     # ---- use ----
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._num_ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids

@@ -34,7 +34,7 @@ def load_model(path=None, backend: Backend | str | None = None, progress=None) -
         from mojollm.models.gguf_loader import load_gguf
 
         ckpt = load_gguf(resolved)
-        tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
+        tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata, where=str(resolved))
     backend.load_kernels(progress=progress)  # compile now, not inside the first timed step
     model = LlamaModel(ckpt.config, ckpt.weights, tokenizer, backend, progress=progress)
     model.path = resolved
