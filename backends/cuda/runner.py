@@ -118,7 +118,7 @@ class CudaRunner(ModelRunner):
         self._done = torch.cuda.Event()
 
     # ---------------------------------------------------------------- KV cache and buffers
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, progress=None) -> None:
         torch = self.torch
         self.model.allocate_kv_cache(num_blocks + 1, block_size)
         self.block_size = block_size
@@ -138,7 +138,7 @@ class CudaRunner(ModelRunner):
         self._slots_host = torch.zeros(S, dtype=torch.int64).pin_memory()
         self._tables_host = {w: torch.zeros((S, w), dtype=torch.int32).pin_memory() for w in self.width_buckets}
         if self.use_graphs:
-            self.capture(greedy_only=True)
+            self.capture(greedy_only=True, progress=progress)
 
     # ---------------------------------------------------------------- the step
     def execute(self, batch: StepBatch, device_rows=None) -> StepOutput:
@@ -247,14 +247,13 @@ class CudaRunner(ModelRunner):
         """Capture the decode graphs of every (batch, width) bucket for one kind of plan, largest
         first (the shared pool is sized by the largest)."""
         plan = SamplePlan(greedy_only=greedy_only, penalties=False, sort=not greedy_only, logprobs=-1)
+        keys = [(sb, w, plan) for sb in reversed(self.batch_buckets) for w in reversed(self.width_buckets)]
+        keys = [k for k in keys if k not in self.graphs]
         with self.torch.no_grad():
-            for sb in reversed(self.batch_buckets):
-                for w in reversed(self.width_buckets):
-                    key = (sb, w, plan)
-                    if key not in self.graphs:
-                        if progress:
-                            progress(f"capturing CUDA graph: batch {sb}, {w * self.block_size} tokens")
-                        self.graphs[key] = self._capture_one(key)
+            for i, key in enumerate(keys):
+                if progress:
+                    progress(f"capturing CUDA graphs of the decode step: {i + 1}/{len(keys)}")
+                self.graphs[key] = self._capture_one(key)
         self.be.synchronize()
 
     def _fill_static(self, batch: StepBatch | None, sb: int, w: int) -> None:

@@ -126,7 +126,7 @@ class LLM:
             self.backend = get_backend(backend)
             self.model = load_model(model, self.backend, progress=progress)
         self.tokenizer = self.model.tokenizer
-        self.engine = Engine(self.model, **engine_kwargs)
+        self.engine = Engine(self.model, progress=progress, **engine_kwargs)
         # newest output of every request, whoever stepped the engine (streams and generate calls
         # may interleave on one LLM; each takes only its own requests' outputs)
         self._latest: dict[str, object] = {}

@@ -69,7 +69,8 @@ class Engine:
     def __init__(self, model, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | str | None = None, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, seed: int | None = None, clock=time.perf_counter):
+                 max_model_len: int | None = None, seed: int | None = None, clock=time.perf_counter,
+                 progress=None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model = model
@@ -102,7 +103,7 @@ class Engine:
         # A sequence must fit in the pool on its own, so preemption can always make room for it.
         self.max_model_len = min(model_len, num_blocks * block_size)
         self.runner = create_runner(model, max_num_seqs, self.max_model_len)
-        self.runner.allocate_kv_cache(num_blocks, block_size)
+        self.runner.allocate_kv_cache(num_blocks, block_size, progress=progress)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs)
         self.sampler = Sampler(self.vocab_size)

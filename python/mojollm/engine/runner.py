@@ -46,7 +46,8 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, progress=None) -> None:
+        """The KV pool, and whatever the runner prepares with it (graphs); `progress(msg)` reports."""
         self.model.allocate_kv_cache(num_blocks, block_size)
 
     def execute(self, batch: StepBatch, device_rows: list[Sequence | None] | None = None) -> StepOutput:
