@@ -5,8 +5,8 @@
 
 * prefill tokens/s: one prompt of --prompt-len tokens, time to its first logits (median of repeats);
 * decode tokens/s: batch 1, --decode-len greedy tokens after a short prompt (median of repeats);
-* bytes per decode token (the model's weights, as stored) against the machine's measured read
-  bandwidth: the roofline a batch-1 decode cannot beat.
+* bytes per decode token (the model's weights, as stored) against the device's measured memory
+  bandwidth (backend.memory_bandwidth_gbs): the roofline a batch-1 decode cannot beat.
 
 mojollm runs through the public API (`LLM.generate`, the engine users get). llama.cpp runs the
 same GGUF through `llama-cpp-python` with the same thread count, in the Python given by
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from mojollm.measure import bench_document, host_bandwidth_gbs
+    from mojollm.measure import bench_document, device_bandwidth
     from mojollm.model_store import resolve_model_path
 
     model_path = str(resolve_model_path(args.model))
@@ -142,7 +142,7 @@ def main() -> None:
     if not args.no_transformers:
         rows.append(bench_transformers(model_path, args.threads, prompt, args.decode_len, args.repeats))
 
-    bw, how = host_bandwidth_gbs() if args.backend == "cpu" else (None, "")
+    bw, how = device_bandwidth(llm.backend)
     weight_bytes = rows[0]["weight_bytes"]
     ours = rows[0]
     for r in rows:
@@ -153,10 +153,10 @@ def main() -> None:
         if "error" in r:
             r["error"] = " ".join(r["error"])
     if bw:
-        ours["read_bandwidth_gbs"] = round(bw, 2)
+        ours["bandwidth_gbs"] = round(bw, 2)
         ours["decode_roofline_tok_s"] = round(bw * 1e9 / weight_bytes, 1)
         ours["decode_roofline_fraction"] = round(ours["decode_tok_s"] / ours["decode_roofline_tok_s"], 3)
-    print(f"model {model_path}  weights {weight_bytes / 1e6:.1f} MB/token  read bandwidth {bw and round(bw, 1)} GB/s ({how})")
+    print(f"model {model_path}  weights {weight_bytes / 1e6:.1f} MB/token  memory bandwidth {bw and round(bw, 1)} GB/s ({how})")
     print(f"{'engine':48s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ours/prefill':>13s} {'ours/decode':>12s}")
     for r in rows:
         if "error" in r:

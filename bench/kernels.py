@@ -7,8 +7,9 @@
 
 Sections live in SECTIONS (name -> function(opts) -> rows); each row is a flat dict (bench/SCHEMA.md,
 kind mojollm.bench.kernels) and the table printed is the union of the rows' keys. Helpers for
-sections: `time_blocks` (medians over alternating blocks of repeats, warm-up excluded),
-`measure_read_bandwidth` (host read GB/s, the GEMV / decode roofline), `numpy_threads`.
+sections: `time_blocks` (medians over alternating blocks of repeats, warm-up excluded), `numpy_threads`.
+Rooflines of memory-bound kernels divide by the host read bandwidth of the cpu backend's one probe
+(`backend.memory_bandwidth_gbs()`: the best streaming read by numpy and by the Mojo thread pool).
 
 Timing protocol: every implementation runs in blocks (warm-up call, then `repeats` timed calls),
 blocks of the implementations alternate for `rounds` rounds, with a pause before each block so
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import glob
 import json
 import os
@@ -28,7 +28,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,25 +65,6 @@ def time_blocks(fns: dict[str, Callable[[], object]], repeats: int, rounds: int 
                 fn()
                 times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": float(np.median(ts)), "best_s": float(min(ts))} for name, ts in times.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def measure_read_bandwidth(size_mib: int = 512, threads: int | None = None, repeats: int = 5) -> float:
-    """Host read bandwidth in GB/s (1e9 B/s): best of `repeats` numpy sums over a `size_mib` MiB
-    float32 array split across `threads` Python threads (default: all cores; numpy releases the
-    GIL inside the reduction). A lower bound of what the cores can stream: numpy's pairwise sum
-    is partly compute-bound, so a GEMV that beats it is not impossible."""
-    threads = threads or os.cpu_count() or 1
-    data = np.ones(size_mib * 2**20 // 4, dtype=np.float32)
-    parts = np.array_split(data, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(np.sum, parts))  # warm-up: pages in, threads up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - t0)
-    return data.nbytes / best / 1e9
 
 
 def _openblas_lib():
@@ -134,6 +114,7 @@ def _rng(*key) -> np.random.Generator:
 
 
 def bench_gemm(opts: Options) -> list[dict]:
+    from mojollm.backends import get_backend
     from mojollm.kernels import linalg
     from mojollm.weights import WeightTensor, float32_to_bf16
 
@@ -209,7 +190,7 @@ def bench_gemm(opts: Options) -> list[dict]:
 
     # Decode-shaped GEMV: one token through an [N, K] weight. The peer is numpy's f32 GEMV on the
     # row-major weight; bf16 / f16 weights stream half the bytes, so GB/s counts bytes stored.
-    bw = measure_read_bandwidth()
+    bw = get_backend("cpu").memory_bandwidth_gbs()
     gemv_shapes = [(1, 4096, 4096), (1, 1536, 576)] if opts.quick else [(1, 4096, 4096), (4, 4096, 4096),
                                                                       (1, 1536, 576), (1, 49152, 576)]
     for t_tok, n, k in gemv_shapes:
@@ -251,12 +232,12 @@ def bench_attention(opts: Options) -> list[dict]:
 
     gflops counts QK^T and PV (4 * H * D per query-key pair; causal pairs only in prefill)
     against the machine's FMA peak; decode rows add GB/s of K/V read (2 * ctx * KVH * D * 4 B
-    per sequence) against the read bandwidth of the kernels' own thread pool on 512 MiB
-    (stream_read_gbs) and against the numpy streaming read; a K/V working set (kv_mib) that fits
-    in the caches can beat that DRAM figure. ok: the Mojo output matches torch SDPA (or numpy
+    per sequence) against the host read bandwidth (read_bw_gbs, the cpu backend's probe); a K/V
+    working set (kv_mib) that fits in the caches can beat that DRAM figure. ok: the Mojo output matches torch SDPA (or numpy
     without torch) to 1e-4 absolute."""
     import math
 
+    from mojollm.backends import get_backend
     from mojollm.kernels import attention as attn
     from mojollm.kernels import linalg
 
@@ -269,8 +250,7 @@ def bench_attention(opts: Options) -> list[dict]:
     if torch is not None:
         torch.set_num_threads(threads)
     peak = linalg.fma_peak_gflops()
-    pool_bw = attn.stream_read_gbs(512)
-    numpy_bw = measure_read_bandwidth()
+    bw = get_backend("cpu").memory_bandwidth_gbs()
     common = {"section": "attention", "threads": threads, "peer": "torch SDPA" if torch else "numpy",
               "peer_threads": threads, "block_size": 16}
 
@@ -343,9 +323,8 @@ def bench_attention(opts: Options) -> list[dict]:
                    "kv_mib": (kv_bytes if kv_bytes else 2 * k_seq.nbytes) / 2**20,
                    "gbs": kv_bytes / med / 1e9 if kv_bytes else None,
                    "peer_gbs": kv_bytes / tm["torch"]["median_s"] / 1e9 if kv_bytes and torch else None,
-                   "pool_read_bw_gbs": pool_bw if kv_bytes else None,
-                   "fraction_of_read_bw": kv_bytes / med / 1e9 / pool_bw if kv_bytes else None,
-                   "read_bw_gbs": numpy_bw if kv_bytes else None,
+                   "read_bw_gbs": bw if kv_bytes else None,
+                   "fraction_of_read_bw": kv_bytes / med / 1e9 / bw if kv_bytes else None,
                    "max_abs_err": err, "ok": err < 1e-4}
             rows.append(row)
     return rows
@@ -358,13 +337,11 @@ def bench_attention(opts: Options) -> list[dict]:
 def bench_quant(opts: Options) -> list[dict]:
     """Decode GEMV (one token through [N, K]): GB/s of weight bytes as stored (20 B per 32
     weights for Q4_1, 34 B for Q8_0) against numpy's f32 GEMV on the dequantized weight and
-    against two read-bandwidth rooflines: the Mojo thread pool streaming 512 MiB
-    (pool_read_bw_gbs, the same threads as the kernel) and the numpy streaming read
-    (read_bw_gbs); fraction_of_read_bw uses the pool figure. A weight that fits in the caches
+    against the host read bandwidth (read_bw_gbs, the cpu backend's probe). A weight that fits in the caches
     (576x1536: 0.55 MB) can beat that DRAM figure. Prefill (T = 64, 512 tokens): GFLOP/s
     against numpy's f32 GEMM on the dequantized weight and the machine's FMA peak. ok: the
     kernel matches float64 on the dequantized weight to 1e-5 of sum |x| |w|."""
-    from mojollm.kernels import attention as attn
+    from mojollm.backends import get_backend
     from mojollm.kernels import linalg
     from mojollm.kernels.quant import QuantLinear, quantize
     from mojollm.kernels.quant import _kernels as quant_kernels
@@ -372,8 +349,7 @@ def bench_quant(opts: Options) -> list[dict]:
 
     threads = int(quant_kernels().num_threads())
     peak = linalg.fma_peak_gflops()
-    pool_bw = attn.stream_read_gbs(512)
-    numpy_bw = measure_read_bandwidth()
+    bw = get_backend("cpu").memory_bandwidth_gbs()
     common = {"section": "quant", "threads": threads, "peer": "numpy f32 (OpenBLAS) on dequantized W",
               "peer_threads": numpy_threads()}
     shapes = [(576, 1536), (4096, 4096)] if opts.quick else [(576, 1536), (4096, 4096), (4096, 14336)]
@@ -408,8 +384,7 @@ def bench_quant(opts: Options) -> list[dict]:
                     gbs = lin.nbytes / med / 1e9
                     row.update({"gbs": gbs, "best_gbs": lin.nbytes / t["mojo"]["best_s"] / 1e9,
                                 "peer_gbs": wd.nbytes / t["numpy"]["median_s"] / 1e9,
-                                "pool_read_bw_gbs": pool_bw, "fraction_of_read_bw": gbs / pool_bw,
-                                "read_bw_gbs": numpy_bw, "fraction_of_numpy_read_bw": gbs / numpy_bw})
+                                "read_bw_gbs": bw, "fraction_of_read_bw": gbs / bw})
                 else:
                     row.update({"peer_gflops": flops / t["numpy"]["median_s"] / 1e9, "peak_gflops": peak,
                                 "fraction_of_peak": flops / med / 1e9 / peak})

@@ -18,9 +18,15 @@ from pathlib import Path
 
 
 def load(path: Path) -> dict:
+    from mojollm import compare, measure
+
     doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or doc.get("schema_version") != 1 or "kind" not in doc:
-        raise SystemExit(f"{path}: not a mojollm result (expected schema_version 1 and a kind; see bench/SCHEMA.md)")
+    if not isinstance(doc, dict) or "kind" not in doc or "schema_version" not in doc:
+        raise SystemExit(f"{path}: not a mojollm result (no schema_version and kind; see bench/SCHEMA.md)")
+    want = compare.SCHEMA_VERSION if doc["kind"] == compare.KIND else measure.SCHEMA_VERSION
+    if doc["schema_version"] != want:
+        raise SystemExit(f"{path}: {doc['kind']} schema_version {doc['schema_version']}, but this report reads "
+                         f"version {want} (bench/SCHEMA.md): re-run the command that wrote it")
     return doc
 
 

@@ -1,15 +1,19 @@
 """Decode and prefill speed of the tpu backend (JAX/XLA, Pallas on TPU) on whatever JAX device exists,
-next to a peer backend measured in the same run, and against the device's memory bandwidth.
+next to peer backends measured in the same run, and against the device's memory bandwidth.
 
     python bench/tpu_decode.py                      # default model, tpu backend vs cpu backend
     python bench/tpu_decode.py --synthetic --peers  # SmolLM2-135M shapes and GGUF types, random weights
                                                     # (no model file: for machines that cannot fetch it)
 
-Greedy decode of --output-len tokens for --batch sequences after one prefill step. Times are taken
-after backend.synchronize(); the first run (compilation) is reported separately from the median of
---repeats timed runs. The roofline uses the bytes a decode step reads *as the backend stores the
-weights* (the tpu backend widens GGUF weights to float32 on CPU/GPU, keeps int8 + scales on TPU),
-plus the KV cache, divided by the device bandwidth measured in this process (mojollm.measure).
+The product drives every run: greedy generation of --output-len tokens for --batch prompts through
+`LLM.generate`, set up and timed as `mojollm compare` does it (mojollm.compare.engine_options and
+greedy_run: one prefill step for the batch, then one decode step per token; times from the
+requests' metrics). The first run (compilation) is reported apart from the median of --repeats
+timed runs. What this adds to `mojollm compare`: models without a file (--synthetic), the
+backend's own description, and a roofline counted in the bytes a decode step reads *as the backend
+stores the weights* (the tpu backend widens GGUF weights to float32 on CPU/GPU, keeps int8 + scales
+on TPU) plus the KV cache, over the device bandwidth measured in this process
+(backend.memory_bandwidth_gbs).
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ import sys
 import time
 
 import numpy as np
-
-from mojollm.engine.step import StepBatch
 
 SMOLLM2_135M = dict(arch="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, head_dim=64, intermediate_size=1536, rms_norm_eps=1e-5,
@@ -61,6 +63,15 @@ def synthetic_weights(cfg, seed=0):
     return w
 
 
+class _NoText:
+    """The tokenizer of random weights: no vocabulary, so every token decodes to no text."""
+
+    eos_token_ids: set[int] = set()
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
 def load(backend, args):
     from mojollm.models import load_model
 
@@ -70,7 +81,7 @@ def load(backend, args):
     from mojollm.models.llama import LlamaModel
 
     cfg = ModelConfig(**SMOLLM2_135M)
-    return LlamaModel(cfg, synthetic_weights(cfg), None, backend)
+    return LlamaModel(cfg, synthetic_weights(cfg), _NoText(), backend)
 
 
 def resident_weight_bytes(model) -> int | None:
@@ -97,60 +108,28 @@ def resident_weight_bytes(model) -> int | None:
     return walk([model.lm_head, model.final_norm, *model.layers])
 
 
-def run_once(model, prompts, output_len, block_size):
-    b = model.backend
-    batch, plen = prompts.shape
-    blocks_per_seq = -(-(plen + output_len) // block_size)
-    tables = np.arange(batch * blocks_per_seq, dtype=np.int32).reshape(batch, blocks_per_seq)
-    pos = np.tile(np.arange(plen, dtype=np.int32), batch)
-    seq = np.repeat(np.arange(batch), plen)
-    step = StepBatch(
-        token_ids=prompts.reshape(-1).astype(np.int32), positions=pos,
-        slot_mapping=(tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size),
-        block_tables=tables, context_lens=np.full(batch, plen, np.int32),
-        cu_seqlens_q=np.arange(0, batch * plen + 1, plen, dtype=np.int32),
-        logits_indices=np.arange(plen - 1, batch * plen, plen, dtype=np.int32), is_decode=False)
-    b.synchronize()
-    t0 = time.perf_counter()
-    tokens = model.forward(step).argmax(-1)
-    b.synchronize()
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for j in range(output_len - 1):
-        p = np.full(batch, plen + j, np.int32)
-        step = StepBatch(
-            token_ids=tokens.astype(np.int32), positions=p,
-            slot_mapping=tables[np.arange(batch), p // block_size].astype(np.int64) * block_size + p % block_size,
-            block_tables=tables, context_lens=p + 1, cu_seqlens_q=np.arange(batch + 1, dtype=np.int32),
-            logits_indices=np.arange(batch, dtype=np.int32), is_decode=True)
-        tokens = model.forward(step).argmax(-1)
-    b.synchronize()
-    return prefill_s, time.perf_counter() - t0
-
-
 def measure(name, args):
     from mojollm import measure as m
     from mojollm.backends import get_backend
+    from mojollm.compare import engine_options, greedy_run
+    from mojollm.llm import LLM
 
     backend = get_backend(name)
     t0 = time.perf_counter()
-    model = load(backend, args)
+    llm = LLM(load(backend, args), **engine_options(args.batch, args.prompt_len, args.output_len, args.block_size))
     load_s = time.perf_counter() - t0
-    cfg = model.config
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(100, cfg.vocab_size, (args.batch, args.prompt_len))
-    num_blocks = args.batch * -(-(args.prompt_len + args.output_len) // args.block_size)
-    model.allocate_kv_cache(num_blocks, args.block_size)
+    model, cfg = llm.model, llm.model.config
+    prompts = np.random.default_rng(0).integers(100, cfg.vocab_size, (args.batch, args.prompt_len))
     t0 = time.perf_counter()
-    run_once(model, prompts, args.output_len, args.block_size)          # compiles (tpu) / warms up
+    greedy_run(llm, prompts, args.output_len)  # compiles (tpu) / warms up
     first_s = time.perf_counter() - t0
-    runs = [run_once(model, prompts, args.output_len, args.block_size) for _ in range(args.repeats)]
-    prefill_s = statistics.median(r[0] for r in runs)
-    decode_s = statistics.median(r[1] for r in runs)
+    runs = [greedy_run(llm, prompts, args.output_len) for _ in range(args.repeats)]
+    prefill_s = statistics.median(r["ttft_s"] for r in runs)
+    decode_s = statistics.median(r["decode_s"] for r in runs)
     decode_tps = args.batch * (args.output_len - 1) / decode_s
-    bw, how = m.device_bandwidth_gbs(backend)
+    bw, how = m.device_bandwidth(backend)
     weight_bytes = resident_weight_bytes(model) or model.weight_bytes
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    kv_per_token = model.kv_cache_bytes_per_block(args.block_size) / args.block_size
     bytes_per_token = m.decode_bytes_per_token(weight_bytes, kv_per_token, args.prompt_len, args.output_len, args.batch)
     roof = m.roofline_fraction(decode_tps, bytes_per_token, bw)
     out = {
@@ -162,7 +141,7 @@ def measure(name, args):
         "weight_bytes_read_per_step": weight_bytes, "bandwidth_gbs": bw, "bandwidth_how": how,
         "achieved_gbs": roof["achieved_gbs"], "roofline_fraction": roof["fraction"],
     }
-    del model
+    del llm, model
     return out
 
 
@@ -173,7 +152,7 @@ def main(argv=None):
     ap.add_argument("--peers", default="cpu", help="comma-separated peer backends measured in the same run ('' for none)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=33)
+    ap.add_argument("--output-len", type=int, default=33, help="greedy tokens per prompt (>= 2)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the results here")

@@ -1,6 +1,6 @@
-"""`mojollm compare`: the JSON document of a real run on a tiny random-weight Llama (cpu, and tpu on
-XLA:CPU when jax is installed), the roofline arithmetic against a hand-computed case, and the
-cross-check flagging a deliberately perturbed backend.
+"""`mojollm compare`: the JSON document of a real run through LLM on a tiny random-weight Llama (cpu,
+and tpu on XLA:CPU when jax is installed), the roofline arithmetic against a hand-computed case, and
+the cross-check flagging a deliberately perturbed backend.
 
 Independent references: the schema below is written from bench/SCHEMA.md (not from the code);
 derived numbers are recomputed here from the raw ones; the tiny model's greedy tokens are checked
@@ -22,7 +22,7 @@ from mojollm import measure
 from mojollm.backends import registry
 from mojollm.backends.cpu import CpuBackend
 from mojollm.cli_compare import compare
-from mojollm.compare import CompareConfig, Thresholds, cross_check, run_compare
+from mojollm.compare import CheckData, CompareConfig, Thresholds, cross_check, run_compare
 
 L, N, B = 9, 6, 2  # prompt tokens, generated tokens, batch (odd sizes on purpose)
 REPO = Path(__file__).resolve().parents[1]
@@ -74,21 +74,21 @@ ENVELOPE = {"schema_version": int, "kind": str, "command": (str, type(None)), "c
 ENVIRONMENT = {"date": str, "load_average": (list, type(None)), "host": str, "platform": str, "machine": str, "cpu": str,
                "memory_bytes": (int, type(None)), "git_commit": (str, type(None)), "versions": dict, "threads": dict}
 CONFIG = {"model": str, "backends": list, "prompt_len": int, "output_len": int, "batch": int, "reference": str,
-          "repeats": int, "warmup": int, "block_size": int, "thresholds": dict}
+          "repeats": int, "warmup": int, "block_size": int, "check_top_k": int, "thresholds": dict}
 MODEL = {"path": str, "arch": str, "num_layers": int, "hidden_size": int, "num_heads": int, "num_kv_heads": int,
          "head_dim": int, "vocab_size": int, "weight_bytes": int, "kv_bytes_per_token": NUM}
 UNAVAILABLE = {"name": str, "available": bool, "device": str, "reason": str}
 RAN = {**UNAVAILABLE, "load_s": NUM, "ttft_s": NUM, "prefill_tokens_per_s": NUM, "decode_tokens_per_s": NUM,
        "itl_p50_s": NUM, "itl_p99_s": NUM, "peak_memory": dict, "energy": dict, "bandwidth": dict,
-       "roofline": dict, "greedy_tokens": list, "check": dict, "ok": bool}
+       "roofline": dict, "greedy_tokens": list, "engine": dict, "check": dict, "ok": bool}
 PEAK = {"peak_bytes": (int, type(None)), "kind": str, "baseline_bytes": (int, type(None))}
 ENERGY = {"joules": OPT_NUM, "source": (str, type(None)), "joules_per_token": OPT_NUM, "tokens": int}
 BANDWIDTH = {"gbs": OPT_NUM, "method": str}
 ROOFLINE = {"bytes_per_token": NUM, "achieved_gbs": OPT_NUM, "roofline_tokens_per_s": OPT_NUM, "fraction": OPT_NUM}
+ENGINE = {"steps_per_run": int, "forward_fraction": NUM}
 CHECK_REF = {"reference": str, "is_reference": bool, "ok": bool, "problems": list}
-CHECK = {**CHECK_REF, "logits_max_abs_diff": NUM, "logits_scale": NUM, "logits_rel_diff": NUM,
-         "near_tie_margin": NUM, "top1_agreement": NUM, "top1_decisive_mismatches": int,
-         "greedy_match_len": list, "greedy_compared": int}
+CHECK = {**CHECK_REF, "logprob_max_abs_diff": NUM, "logprob_scale": NUM, "logprob_rel_diff": NUM,
+         "near_tie_margin": NUM, "greedy_match_len": list, "greedy_compared": int}
 
 
 def _conforms(obj: dict, spec: dict, where: str) -> None:
@@ -101,7 +101,7 @@ def _conforms(obj: dict, spec: dict, where: str) -> None:
 
 def validate_document(doc: dict) -> None:
     _conforms(doc, ENVELOPE, "document")
-    assert doc["schema_version"] == 1 and doc["kind"] == "mojollm.compare"
+    assert doc["schema_version"] == 2 and doc["kind"] == "mojollm.compare"
     _conforms(doc["environment"], ENVIRONMENT, "environment")
     _conforms(doc["config"], CONFIG, "config")
     _conforms(doc["model"], MODEL, "model")
@@ -116,6 +116,7 @@ def validate_document(doc: dict) -> None:
         _conforms(b["energy"], ENERGY, where + ".energy")
         _conforms(b["bandwidth"], BANDWIDTH, where + ".bandwidth")
         _conforms(b["roofline"], ROOFLINE, where + ".roofline")
+        _conforms(b["engine"], ENGINE, where + ".engine")
         _conforms(b["check"], CHECK_REF if b["check"]["is_reference"] else CHECK, where + ".check")
     json.dumps(doc, allow_nan=False)  # strict JSON: no NaN / Infinity
 
@@ -192,12 +193,15 @@ def test_derived_numbers_follow_from_raw_ones(cli_run, tiny):
             assert b["energy"]["joules_per_token"] == pytest.approx(b["energy"]["joules"] / (2 * B * N))
         toks = np.array(b["greedy_tokens"])
         assert toks.shape == (B, N) and toks.min() >= 0 and toks.max() < cfg.vocab_size
+        # the engine ran the plan the roofline assumes: one prefill step, then one step per token
+        assert b["engine"]["steps_per_run"] == N and "warnings" not in b
+        assert 0 < b["engine"]["forward_fraction"] <= 1
         if not b["check"]["is_reference"]:  # tpu on XLA:CPU: float32 everywhere, so tight
-            assert b["check"]["ok"] and b["check"]["logits_rel_diff"] < 1e-3
+            assert b["check"]["ok"] and b["check"]["logprob_rel_diff"] < 1e-3
 
 
 def test_cpu_greedy_tokens_match_transformers(cli_run, tiny):
-    """The runner's batched prefill + decode plans produce HF's greedy continuation."""
+    """LLM.generate's greedy tokens for the batch are HF's greedy continuation."""
     import torch
 
     _, out = cli_run
@@ -241,12 +245,12 @@ def test_perturbed_backend_is_flagged_and_a_faithful_one_passes(tiny, extra_back
     validate_document(doc)
     by = {b["name"]: b for b in doc["backends"]}
     assert list(by) == ["cpu", "cpu_copy", "noisy_cpu"]  # the reference is added and runs first
-    assert by["cpu_copy"]["ok"] is True and by["cpu_copy"]["check"]["logits_rel_diff"] < 1e-6
+    assert by["cpu_copy"]["ok"] is True and by["cpu_copy"]["check"]["logprob_rel_diff"] < 1e-6
     assert by["cpu_copy"]["greedy_tokens"] == by["cpu"]["greedy_tokens"]
     noisy = by["noisy_cpu"]
     assert noisy["ok"] is False and noisy["check"]["ok"] is False
-    assert noisy["check"]["logits_rel_diff"] > config.thresholds.logits_rel_tol
-    assert any("logits differ" in p for p in noisy["check"]["problems"])
+    assert noisy["check"]["logprob_rel_diff"] > config.thresholds.logprob_rel_tol
+    assert any("log-probs differ" in p for p in noisy["check"]["problems"])
     assert doc["ok"] is False
 
     from rich.console import Console
@@ -256,7 +260,7 @@ def test_perturbed_backend_is_flagged_and_a_faithful_one_passes(tiny, extra_back
     console = Console(record=True, width=200, force_terminal=True)
     print_table(doc, console)
     text = console.export_text(styles=True)
-    assert "FAILED" in text and "logits differ" in text
+    assert "FAILED" in text and "log-probs differ" in text
     assert "\x1b[1;31m" in text  # bold red rows and problem lines
     assert "**noisy_cpu**" in markdown_table(doc)
 
@@ -270,41 +274,54 @@ def test_cli_exits_nonzero_when_a_backend_disagrees(tiny, extra_backends, tmp_pa
     assert doc["ok"] is False and doc["backends"][1]["ok"] is False
 
 
-def _logits(rows):
-    return [np.array(rows, dtype=np.float64)]
+def _data(greedy, scores, tops, path=None):
+    """CheckData of one sequence: greedy tokens, teacher-forced scores, the log-prob run's tokens
+    (default: the greedy ones) and its top-K per position."""
+    return CheckData(np.array([greedy]), np.array([scores], dtype=np.float64), np.array([path or greedy]),
+                     [[dict(t) for t in tops]])
 
 
 def test_cross_check_hand_cases():
-    th = Thresholds(logits_rel_tol=0.02)  # scale max|ref| = 10 below: near-tie margin 2 * min(error, 0.2)
-    ref = _logits([[10.0, 1.0, 0.0], [2.0, 2.3, 0.0], [0.0, 0.0, 5.0]])
-    # prompt length 2: greedy token j is the argmax of row 1 + j, so the reference's are [1, 2]
-    tokens = np.array([[1, 2]])
-    same = cross_check(ref, [r.copy() for r in ref], tokens, tokens, 2, th)
-    assert same["ok"] and same["logits_max_abs_diff"] == 0 and same["top1_agreement"] == 1
-    assert same["greedy_match_len"] == [2] and same["near_tie_margin"] == 0  # identical: nothing explains a flip
+    th = Thresholds(logprob_rel_tol=0.02)  # scale max |ref log p| = 10: near-tie margin 2 * min(error, 0.2)
+    scores = [-10.0, -0.5, -1.0]  # a 2-token prompt + 2 greedy tokens: 3 scored tokens
+    # after the prompt the reference prefers token 1 by 0.3 over 0; after prompt + 1, token 2 by 5
+    tops = [[(1, -0.5), (0, -0.8), (2, -3.0)], [(2, -0.1), (0, -5.1), (1, -6.0)]]
+    ref = _data([1, 2], scores, tops)
+    same = cross_check(ref, _data([1, 2], scores, tops), th)
+    assert same["ok"] and same["logprob_max_abs_diff"] == 0 and same["greedy_match_len"] == [2]
+    assert same["greedy_compared"] == 2 and same["near_tie_margin"] == 0  # identical: nothing explains a flip
 
-    # row 1: the reference prefers token 1 by only 0.3 <= 2 * 0.18, so logits off by <= 0.18 that
-    # flip it (and the greedy token that follows from it) are tolerated
-    near = _logits([[10.0, 1.0, 0.0], [2.15, 2.12, 0.0], [0.0, 0.0, 5.0]])
-    r = cross_check(ref, near, tokens, np.array([[0, 2]]), 2, th)
+    # log-probs off by <= 0.18 flip the first token: the reference's margin 0.3 <= 2 * 0.18 explains it
+    # (the second position is not compared: the two runs followed different tokens)
+    near = _data([0, 2], [-10.0, -0.65, -1.0], [[(0, -0.62), (1, -0.65), (2, -3.0)], [(5, -0.01)]])
+    r = cross_check(ref, near, th)
     assert r["ok"], r["problems"]
-    assert r["top1_agreement"] == pytest.approx(2 / 3) and r["top1_decisive_mismatches"] == 0
-    assert r["greedy_match_len"] == [0] and r["near_tie_margin"] == pytest.approx(0.36)
+    assert r["logprob_max_abs_diff"] == pytest.approx(0.18) and r["near_tie_margin"] == pytest.approx(0.36)
+    assert r["greedy_match_len"] == [0]
 
-    # row 0 flipped although the reference prefers token 0 by 9: decisive, and beyond the tolerance
-    bad = _logits([[0.5, 1.0, 0.0], [2.0, 2.3, 0.0], [0.0, 0.0, 5.0]])
-    r = cross_check(ref, bad, tokens, np.array([[2, 2]]), 2, th)
-    assert not r["ok"] and r["top1_decisive_mismatches"] == 1
-    assert r["logits_max_abs_diff"] == pytest.approx(9.5) and r["logits_rel_diff"] == pytest.approx(0.95)
-    assert any("greedy sequence 0 diverges at token 0" in p for p in r["problems"])
+    # the second token flipped although the reference prefers token 2 by 5, and the log-probs are
+    # beyond the tolerance (the top-K after the shared first token, and the scores)
+    bad = _data([1, 0], [-10.0, -0.5, -6.0], [tops[0], [(0, -0.2), (2, -2.0), (1, -6.0)]])
+    r = cross_check(ref, bad, th)
+    assert not r["ok"] and r["logprob_max_abs_diff"] == pytest.approx(5.0)
+    assert r["logprob_rel_diff"] == pytest.approx(0.5)
+    assert any("log-probs differ" in p for p in r["problems"])
+    assert any("greedy sequence 0 diverges at token 1" in p for p in r["problems"])
 
-    # teacher-forced (prefill) logits identical, but the decode path picked a token the reference
-    # rejects by a margin of 5: a broken decode kernel is caught by the greedy check
-    r = cross_check(ref, [x.copy() for x in ref], tokens, np.array([[1, 0]]), 2, th)
+    # log-probs identical, but the timed (decode) path picked a token the reference rejects by 5:
+    # a broken decode kernel or device sampler is caught by the greedy check
+    r = cross_check(ref, _data([1, 0], scores, tops, path=[1, 2]), th)
     assert not r["ok"] and any("diverges at token 1" in p for p in r["problems"])
 
-    nan = _logits([[np.nan, 1.0, 0.0], [2.0, 2.3, 0.0], [0.0, 0.0, 5.0]])
-    assert not cross_check(ref, nan, tokens, tokens, 2, th)["ok"]
+    # a token outside the reference's top-K: no margin can explain it
+    r = cross_check(ref, _data([7, 2], scores, tops, path=[1, 2]), th)
+    assert not r["ok"] and any("diverges at token 0 (reference margin inf" in p for p in r["problems"])
+
+    # the reference's log-prob run followed other tokens than its timed runs: no margin to look up
+    wobbly = _data([1, 2], scores, tops, path=[0, 2])
+    assert not cross_check(wobbly, _data([0, 2], scores, tops, path=[0, 2]), th)["ok"]
+
+    assert not cross_check(ref, _data([1, 2], [np.nan, -0.5, -1.0], tops), th)["ok"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +358,16 @@ def test_time_repeats_excludes_warmup_and_percentiles():
 
 
 def test_cpu_bandwidth_is_plausible_and_reset_peak_memory_sees_an_allocation():
-    gbs = measure.cpu_read_bandwidth_gbs(size_mib=64, repeats=2)
-    assert 0.5 < gbs < 2000
+    gbs, how = measure.device_bandwidth(registry.get_backend("cpu"))  # measured once per process
+    assert 0.5 < gbs < 2000 and how.startswith("Host memory read bandwidth")
+
+    class Broken:
+        name = "broken"
+
+        def memory_bandwidth_gbs(self):
+            raise RuntimeError("no device")
+
+    assert measure.device_bandwidth(Broken()) == (None, "measurement failed: RuntimeError: no device")
     with measure.PeakMemory("cpu") as pm:
         block = np.ones(64 * 2**20 // 8)  # 64 MiB touched
         del block

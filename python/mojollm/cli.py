@@ -392,10 +392,15 @@ def bench():
 def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts, input_len, output_len,
                      sequential_prompts, shared_prefix_len, max_num_seqs, max_num_batched_tokens, seed,
                      as_json, quiet):
-    """Continuous batching vs one request at a time; prefix cache on vs off."""
+    """Continuous batching vs one request at a time; prefix cache on vs off.
+
+    Random-token prompts of mixed lengths, greedy, ignore_eos (every run produces the same number of
+    tokens). Each run reports output tokens/s, TTFT and inter-token latency percentiles, steps, and
+    the weight bytes streamed per second (every step reads all weights once) against the device's
+    measured memory bandwidth: the physical limit of a decode step."""
     import shlex
 
-    from mojollm.engine.metrics import throughput_benchmark, throughput_rows
+    from mojollm.measure import device_bandwidth
 
     engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len), max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens)
@@ -404,14 +409,17 @@ def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts
         res = throughput_benchmark(llm.model, num_prompts, input_len, output_len, seed=seed,
                                    sequential_prompts=sequential_prompts, shared_prefix_len=shared_prefix_len,
                                    engine_kwargs=engine_kw, progress=say)
-    rows = throughput_rows(res, llm.backend_name)
+        say("measuring memory bandwidth")
+        bandwidth, how = device_bandwidth(llm.backend)
+    rows = throughput_rows(res, llm.backend_name, bandwidth)
     if as_json:
         from mojollm.measure import bench_document
 
         config = {"model": str(getattr(llm.model, "path", model)), "backend": llm.backend_name,
                   "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
                   "sequential_prompts": sequential_prompts, "shared_prefix_len": shared_prefix_len,
-                  **engine_kw, "seed": seed}
+                  **engine_kw, "seed": seed, "weight_bytes": getattr(llm.model, "weight_bytes", None),
+                  "bandwidth_method": how}
         argv = ["mojollm", "bench", "throughput", "--num-prompts", str(num_prompts), "--input-len", str(input_len),
                 "--output-len", str(output_len), "--shared-prefix-len", str(shared_prefix_len), "--seed", str(seed)]
         for flag, v in (("--model", model), ("--backend", backend), ("--kv-cache-memory", kv_cache_memory),
@@ -428,6 +436,130 @@ def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts
     click.echo(f"batched / sequential output tok/s: {res['batched_over_sequential']}")
     if res.get("prefix_cache_speedup") is not None:
         click.echo(f"prefix cache on / off (shared system prompt): {res['prefix_cache_speedup']}")
+    click.echo(f"device memory bandwidth: {'–' if bandwidth is None else round(bandwidth, 1)} GB/s ({how})")
+
+
+# The workload and its runs live with the command that runs them, and drive the product through
+# LLM, as every published speed figure must (bench/SCHEMA.md, kind mojollm.bench.throughput).
+
+def throughput_workload(tokenizer, vocab_size: int, num_prompts: int, input_len: int, output_len: int,
+                        seed: int = 0, shared_prefix_len: int = 0, mixed: bool = True) -> list[tuple[list[int], int]]:
+    """Random-token prompts of mixed lengths (uniform in [len/2, 3 len/2] when `mixed`).
+
+    Returns [(prompt_token_ids, max_tokens)]. Token ids avoid the tokenizer's special tokens so
+    that no prompt ends early; a shared prefix (a "system prompt") opens every prompt when
+    shared_prefix_len > 0.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    special = set(getattr(tokenizer, "eos_token_ids", set()) or set())
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        special.add(bos)
+    low = min(1000, vocab_size // 2)  # ordinary tokens sit above the special ones in every BPE vocab
+
+    def tokens(n):
+        ids = rng.integers(low, vocab_size, size=n).tolist()
+        return [t if t not in special else low for t in ids]
+
+    prefix = tokens(shared_prefix_len)
+    work = []
+    for _ in range(num_prompts):
+        il = int(rng.integers(max(1, input_len // 2), input_len * 3 // 2 + 1)) if mixed else input_len
+        ol = int(rng.integers(max(1, output_len // 2), output_len * 3 // 2 + 1)) if mixed else output_len
+        work.append((prefix + tokens(il), ol))
+    return work
+
+
+def run_workload(llm, workload, sequential: bool = False) -> dict:
+    """Run `workload` through `llm.generate` (all requests in one call, or one call per request)
+    and summarize it with the engine's stats."""
+    import time
+
+    from mojollm.engine.metrics import summarize
+    from mojollm.sampling_params import SamplingParams
+
+    prompts = [ids for ids, _ in workload]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
+    t0 = time.perf_counter()
+    if sequential:
+        outputs = [out for ids, sp in zip(prompts, params) for out in llm.generate([ids], sp)]
+    else:
+        outputs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    summary = summarize(outputs, wall)
+    st = llm.engine.stats
+    summary["prefix_cache_hit_rate"] = round(llm.engine.block_manager.hit_rate, 4)
+    summary["preemptions"] = st.preemptions
+    summary["steps"] = st.steps
+    summary["mean_tokens_per_step"] = round((st.prefill_tokens + st.decode_tokens) / st.steps, 2) if st.steps else None
+    summary["forward_s"] = round(st.forward_time, 3)
+    summary["engine_overhead_s"] = round(wall - st.forward_time, 3)  # scheduling, sampling, detokenizing
+    weight_bytes = getattr(llm.model, "weight_bytes", 0) or 0
+    # every step streams all the weights once, however many sequences it carries
+    summary["weight_read_gbs"] = round(st.steps * weight_bytes / wall / 1e9, 3) if weight_bytes and wall > 0 else None
+    return summary
+
+
+def throughput_benchmark(model, num_prompts: int = 64, input_len: int = 64, output_len: int = 64,
+                         seed: int = 0, sequential_prompts: int | None = None, shared_prefix_len: int = 256,
+                         engine_kwargs: dict | None = None, progress=None) -> dict:
+    """Continuous batching vs one request at a time, and prefix cache on vs off, each run on a fresh
+    LLM over the loaded `model` (its own KV cache, prefix cache and stats).
+
+    The sequential run uses `sequential_prompts` of the same requests (default: all) so that a slow
+    machine can compare per-token rates without running the whole workload twice.
+    """
+    from mojollm.llm import LLM
+
+    engine_kwargs = dict(engine_kwargs or {})
+    vocab = model.config.vocab_size
+    work = throughput_workload(model.tokenizer, vocab, num_prompts, input_len, output_len, seed)
+    result = {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len}
+    note = progress or (lambda msg: None)
+
+    note(f"batched: {num_prompts} requests")
+    result["batched"] = run_workload(LLM(model, **engine_kwargs), work)
+    seq_work = work[: sequential_prompts or num_prompts]
+    note(f"sequential: {len(seq_work)} requests one at a time")
+    result["sequential"] = run_workload(LLM(model, **engine_kwargs), seq_work, sequential=True)
+    b, s = result["batched"]["output_tokens_per_s"], result["sequential"]["output_tokens_per_s"]
+    result["batched_over_sequential"] = round(b / s, 2) if b and s else None
+
+    if shared_prefix_len > 0:
+        shared = throughput_workload(model.tokenizer, vocab, num_prompts, max(1, input_len // 4),
+                                     output_len // 2 or 1, seed + 1, shared_prefix_len=shared_prefix_len)
+        for flag in (True, False):
+            note(f"shared {shared_prefix_len}-token system prompt, prefix cache {'on' if flag else 'off'}")
+            llm = LLM(model, **dict(engine_kwargs, enable_prefix_caching=flag))
+            result[f"shared_prefix_cache_{'on' if flag else 'off'}"] = run_workload(llm, shared)
+        on = result["shared_prefix_cache_on"]["total_tokens_per_s"]
+        off = result["shared_prefix_cache_off"]["total_tokens_per_s"]
+        result["prefix_cache_speedup"] = round(on / off, 2) if on and off else None
+    return result
+
+
+def throughput_rows(result: dict, backend: str | None, bandwidth_gbs: float | None) -> list[dict]:
+    """Flat rows (bench/SCHEMA.md) of a throughput_benchmark result, one per run; the weight bytes
+    streamed per second against the device's measured bandwidth (`bandwidth_gbs`, None: unknown)."""
+    rows = []
+    peers = {"batched": "sequential", "shared_prefix_cache_on": "shared_prefix_cache_off"}
+    for mode in ("batched", "sequential", "shared_prefix_cache_on", "shared_prefix_cache_off"):
+        if mode not in result:
+            continue
+        row = {"mode": mode, "backend": backend, **result[mode]}
+        peer = peers.get(mode)
+        if peer in result:
+            key = "output_tokens_per_s" if mode == "batched" else "total_tokens_per_s"
+            a, b = result[mode][key], result[peer][key]
+            row["vs_peer"] = round(a / b, 3) if a and b else None
+        row["bandwidth_gbs"] = None if bandwidth_gbs is None else round(bandwidth_gbs, 2)
+        row["fraction_of_bandwidth"] = (round(row["weight_read_gbs"] / bandwidth_gbs, 3)
+                                        if bandwidth_gbs and row.get("weight_read_gbs") else None)
+        row["ok"] = result[mode]["errors"] == 0
+        rows.append(row)
+    return rows
 
 
 def _register_extras() -> None:

@@ -1,4 +1,4 @@
-"""CLI commands `mojollm compare` and the `mojollm bench` group (kernels | e2e | throughput).
+"""CLI commands `mojollm compare` and the script-backed `mojollm bench` commands (kernels | e2e).
 
 `register(main)` attaches them to the main click group; when the main CLI already has a `bench`
 group, the missing subcommands are added to it instead of making a second group.
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import click
 
-BENCH_SCRIPTS = {
+BENCH_SCRIPTS = {  # `mojollm bench throughput` runs in-process (mojollm.cli)
     "kernels": "kernels.py",
     "e2e": "e2e.py",
-    "throughput": "throughput.py",
 }
 
 
@@ -45,18 +44,18 @@ def _check_matplotlib() -> None:
 @click.option("--reference", default="cpu", show_default=True, help="Backend every other one is checked against.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Timed runs (median reported).")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed runs first.")
-@click.option("--logits-tol", default=5e-2, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Allowed max |logit diff| as a fraction of the reference logit range.")
+@click.option("--logprob-tol", default=5e-2, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Allowed max |log-prob diff| as a fraction of the reference's largest |log-prob|.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False, writable=True),
               help="Write the results as JSON (schema: bench/SCHEMA.md).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, writable=True),
               help="Write a PNG chart (needs mojollm[bench]).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
-def compare(model, backends, prompt_len, output_len, batch, reference, repeats, warmup, logits_tol,
+def compare(model, backends, prompt_len, output_len, batch, reference, repeats, warmup, logprob_tol,
             json_path, plot_path, quiet):
-    """Run the same prompts on several backends: speed, memory, roofline, energy, and a
-    correctness cross-check against a reference backend. Exits 1 when a backend disagrees or
-    fails (after printing and writing everything), 2 on a user error."""
+    """Run the same prompts on several backends through the product's engine (LLM): speed,
+    memory, roofline, energy, and a correctness cross-check against a reference backend. Exits 1
+    when a backend disagrees or fails (after printing and writing everything), 2 on a user error."""
     from rich.console import Console
 
     from mojollm.compare import CompareConfig, PlotUnavailable, Thresholds, print_table, run_compare, write_plot
@@ -67,7 +66,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
     err = Console(stderr=True)
     config = CompareConfig(model=model, backends=backends.split(","), prompt_len=prompt_len,
                            output_len=output_len, batch=batch, reference=reference.strip().lower(),
-                           repeats=repeats, warmup=warmup, thresholds=Thresholds(logits_rel_tol=logits_tol))
+                           repeats=repeats, warmup=warmup, thresholds=Thresholds(logprob_rel_tol=logprob_tol))
     try:
         doc = run_compare(config, progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
     except (MojollmError, ValueError) as e:
@@ -76,7 +75,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
         ["mojollm", "compare"] + (["--model", model] if model else [])
         + ["--backends", backends, "--prompt-len", str(prompt_len), "--output-len", str(output_len),
            "--batch", str(batch), "--reference", reference, "--repeats", str(repeats), "--warmup", str(warmup),
-           "--logits-tol", str(logits_tol)]
+           "--logprob-tol", str(logprob_tol)]
         + (["--json", json_path] if json_path else []) + (["--plot", plot_path] if plot_path else []))
     print_table(doc)
     if json_path:
@@ -114,7 +113,7 @@ def _bench_command(name: str, script: str) -> click.Command:
 
 @click.group("bench")
 def bench():
-    """Benchmarks from bench/ (kernels, e2e, throughput); JSON output per bench/SCHEMA.md."""
+    """Benchmarks from bench/ (kernels, e2e); JSON output per bench/SCHEMA.md."""
 
 
 def _add_bench_commands(group: click.Group) -> None:

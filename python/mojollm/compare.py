@@ -1,23 +1,34 @@
-"""Backend comparison runs: the same prompts on every backend, timed the same way, checked against
-a reference backend.
+"""Backend comparison runs: the same prompts on every backend, driven through the product's public
+API (`LLM`), timed the same way, checked against a reference backend.
 
 For each requested backend that probes available (the others are listed with their probe reason):
 
-  1. load the model onto it (timed: load_s);
-  2. greedy-generate `output_len` tokens for `batch` prompts of `prompt_len` tokens, driving the
-     model directly with StepBatch plans (one prefill step for the whole batch, then one decode
-     step per token; argmax on the host, the same for every backend). Warm-up runs are excluded;
-     TTFT, prefill and decode tokens/s are medians over the repeats, inter-token latencies are
-     percentiles over every decode step of every repeat. Clocks are read after synchronize().
+  1. build an `LLM` on it (timed: load_s, i.e. model load, weight preparation, KV cache and whatever
+     the backend's runner prepares). Its KV pool holds the batch, the prefix cache is off (every
+     repeat really prefills) and the step token budget holds the whole batch's prompts: one prefill
+     step, then one decode step per token, the schedule the roofline assumes (a warning says when
+     the engine ran another);
+  2. greedy-generate `output_len` tokens for `batch` prompts of `prompt_len` tokens with
+     `LLM.generate(prompts, SamplingParams(temperature=0, ignore_eos=True))`. Warm-up runs are
+     excluded; TTFT, prefill and decode tokens/s are medians over the repeats, inter-token latencies
+     percentiles over every token of every request and repeat, all from the requests' own metrics
+     (RequestOutput.metrics: the engine's clock, read once a step's tokens are on the host);
   3. roofline: bytes a memory-bound decode must read per token (weights once per step + the KV of
      every cached position, see measure.decode_bytes_per_token) x decode tokens/s, as a fraction
-     of the device bandwidth measured in this process;
+     of the device bandwidth measured in this process (backend.memory_bandwidth_gbs);
   4. energy per generated token where the hardware reports energy or power (NVML, RAPL);
-  5. correctness: teacher-forced logits of every sequence (prompt + the reference's greedy tokens)
-     against the reference backend's: max |diff| relative to the reference logit range, top-1
-     agreement, and the greedy tokens themselves. A top-1 or greedy disagreement is tolerated only
-     where the reference itself nearly ties (margin at most twice the observed logit error, capped
-     by the tolerance); anything else sets "ok": false, shown in red in the table. Never hidden.
+  5. correctness against the reference backend, on the log-probabilities the API returns:
+       - `LLM.score(prompt + the reference's greedy tokens)`: log p of every token, teacher-forced
+         on the same ids everywhere;
+       - one more greedy run with the top-K log-probs of every next token (`logprobs=K`; the
+         timed runs' shapes, so nothing new compiles), compared with the reference's wherever
+         both runs followed the same tokens;
+       - max |log p - reference log p| over all of these, relative to the reference's largest |log p|
+         (its biggest surprise), must stay within the tolerance;
+       - the greedy tokens of (2) must equal the reference's, or diverge first where the reference
+         nearly tied the two candidates (its margin at most twice the observed log-prob error,
+         capped by the tolerance: values each off by at most e can swap only within 2e).
+     Anything else sets "ok": false, shown in red in the table. Never hidden.
 
 The JSON document is described in bench/SCHEMA.md (SCHEMA_VERSION below).
 """
@@ -34,9 +45,9 @@ from typing import Any, Callable
 import numpy as np
 
 from mojollm import measure
-from mojollm.engine.step import StepBatch
+from mojollm.sampling_params import SamplingParams
 
-SCHEMA_VERSION = measure.SCHEMA_VERSION  # bench/SCHEMA.md
+SCHEMA_VERSION = 2  # of this kind (bench/SCHEMA.md): 2 since the cross-check compares log-probs, not logits
 KIND = "mojollm.compare"
 
 # A fixed English paragraph: prompts are slices of its tokens so every backend sees the same ids
@@ -58,16 +69,17 @@ PROMPT_TEXT = (
 class Thresholds:
     """When a backend disagrees with the reference."""
 
-    # max |logits - ref| / max |ref| over all checked positions. 5% admits bf16 tensor-core
-    # activations (3.5% measured on a 12-layer model, cuda vs cpu); a broken kernel is far beyond.
-    logits_rel_tol: float = 5e-2
-    min_top1_agreement: float = 0.0  # raw fraction; decisive flips are checked separately (none allowed)
+    # max |log p - ref log p| / max |ref log p| over all checked tokens. 5% was set on logits, where
+    # bf16 tensor-core activations measured 3.3% of the logit range (cuda vs cpu, bench/RESULTS.md);
+    # a broken kernel is far beyond.
+    logprob_rel_tol: float = 5e-2
 
     def near_tie(self, max_abs_diff: float, scale: float) -> float:
-        """A top-1 flip is explained by logit error when the reference's own margin between the two
-        tokens is at most this: logits each off by at most e can swap only if they are <= 2e apart.
-        e is the error observed, capped by the tolerance (NaN stays NaN: nothing is explained)."""
-        return 2.0 * min(max_abs_diff, self.logits_rel_tol * scale)
+        """A greedy token flip is explained by numerical error when the reference's own margin between the
+        two tokens is at most this: log-probs each off by at most e can swap only if they are <= 2e
+        apart (a log-prob margin is a logit margin: the normaliser cancels). e is the error
+        observed, capped by the tolerance (NaN stays NaN: nothing is explained)."""
+        return 2.0 * min(max_abs_diff, self.logprob_rel_tol * scale)
 
 
 @dataclass
@@ -81,10 +93,11 @@ class CompareConfig:
     repeats: int = 3
     warmup: int = 1
     block_size: int = 16
+    check_top_k: int = 20  # next-token log-probs compared per position
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> None:
-        for name in ("prompt_len", "batch", "repeats", "block_size"):
+        for name in ("prompt_len", "batch", "repeats", "block_size", "check_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.output_len < 2:
@@ -96,123 +109,129 @@ class CompareConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# driving a model directly with step plans
+# driving the product
 
 
-class ModelRunner:
-    """Greedy generation and teacher-forced scoring of one loaded model, through StepBatch plans.
+def engine_options(batch: int, prompt_len: int, output_len: int, block_size: int) -> dict:
+    """LLM/Engine options for timing one batch: a KV pool that holds it, no prefix cache (every
+    repeat must really prefill), and a step token budget that takes the whole batch's prompts at
+    once (one prefill step, then one decode step per token, all sequences in lockstep)."""
+    return dict(block_size=block_size, num_blocks=batch * -(-(prompt_len + output_len) // block_size),
+                max_num_seqs=batch, max_num_batched_tokens=max(512, batch * prompt_len),  # 512: the engine's default
+                enable_prefix_caching=False)
 
-    Owns one KV cache big enough for `batch` sequences of `max_len` tokens; sequence s uses the
-    blocks 1 + s*M .. (s+1)*M (block 0 stays unused, so a padded table entry never aliases data)."""
 
-    def __init__(self, model: Any, backend: Any, batch: int, max_len: int, block_size: int):
-        self.model, self.backend, self.block_size = model, backend, block_size
-        self.blocks_per_seq = math.ceil(max_len / block_size)
-        num_blocks = 1 + batch * self.blocks_per_seq
-        model.allocate_kv_cache(num_blocks, block_size)
-        self.tables = 1 + np.arange(batch * self.blocks_per_seq, dtype=np.int32).reshape(batch, self.blocks_per_seq)
+def _generate(llm: Any, prompts: np.ndarray, params: SamplingParams) -> list:
+    """`llm.generate` on the rows of `prompts` (token ids); a failed request fails the run."""
+    outs = llm.generate([p.tolist() for p in prompts], params)
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(f"generation failed: {errors[0]}")
+    return outs
 
-    def forward(self, step: StepBatch) -> np.ndarray:
-        """Host float32 logits [len(step.logits_indices), vocab] (the model synchronizes to copy them)."""
-        return np.asarray(self.model.forward(step))
 
-    def _prefill_step(self, prompts: np.ndarray) -> StepBatch:
-        b, n = prompts.shape
-        pos = np.tile(np.arange(n, dtype=np.int32), b)
-        seq = np.repeat(np.arange(b), n)
-        slots = self.tables[seq, pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
-        return StepBatch(
-            token_ids=prompts.reshape(-1).astype(np.int32), positions=pos, slot_mapping=slots,
-            block_tables=self.tables, context_lens=np.full(b, n, dtype=np.int32),
-            cu_seqlens_q=(np.arange(b + 1) * n).astype(np.int32),
-            logits_indices=(np.arange(b) * n + n - 1).astype(np.int32), is_decode=(n == 1))
+def greedy_run(llm: Any, prompts: np.ndarray, output_len: int) -> dict:
+    """One batch of greedy generation through `LLM.generate`: its tokens [B, N] and its timings,
+    from the requests' metrics and the engine's stats.
 
-    def _decode_step(self, tokens: np.ndarray, pos: int) -> StepBatch:
-        b = tokens.shape[0]
-        slots = self.tables[:, pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
-        return StepBatch(
-            token_ids=tokens.astype(np.int32), positions=np.full(b, pos, dtype=np.int32), slot_mapping=slots,
-            block_tables=self.tables, context_lens=np.full(b, pos + 1, dtype=np.int32),
-            cu_seqlens_q=np.arange(b + 1, dtype=np.int32), logits_indices=np.arange(b, dtype=np.int32),
-            is_decode=True)
+    ttft_s: the batch's arrival to the last of its first tokens; decode_s: from there to its last
+    token (every sequence decoding); itl_s: every inter-token latency of every request; steps,
+    forward_s: the engine's steps and model time in this run; wall_s: the generate call."""
+    stats = llm.engine.stats
+    steps0, forward0 = stats.steps, stats.forward_time
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = _generate(llm, prompts, params)
+    wall = time.perf_counter() - t0
+    metrics = [o.metrics for o in outs]
+    first = max(m.first_token_time for m in metrics)
+    return {
+        "tokens": np.array([o.token_ids for o in outs], dtype=np.int64),
+        "ttft_s": first - min(m.arrival_time for m in metrics),
+        "decode_s": max(m.last_token_time for m in metrics) - first,
+        "itl_s": [t for m in metrics for t in m.inter_token_latencies],
+        "steps": stats.steps - steps0,
+        "forward_s": stats.forward_time - forward0,
+        "wall_s": wall,
+    }
 
-    def generate(self, prompts: np.ndarray, output_len: int) -> dict:
-        """Greedy tokens [B, N], TTFT (s) and the wall time of each decode step (s)."""
-        b, n = prompts.shape
-        out = np.empty((b, output_len), dtype=np.int64)
-        t0 = measure.sync_clock(self.backend)
-        out[:, 0] = self.forward(self._prefill_step(prompts)).argmax(-1)
-        t_first = time.perf_counter()
-        steps = []
-        for j in range(1, output_len):
-            ts = time.perf_counter()
-            out[:, j] = self.forward(self._decode_step(out[:, j - 1], n + j - 1)).argmax(-1)
-            steps.append(time.perf_counter() - ts)
-        return {"tokens": out, "ttft_s": t_first - t0, "step_s": steps}
 
-    def score(self, tokens: np.ndarray, seq: int = 0) -> np.ndarray:
-        """Teacher-forced logits [T, vocab] of one sequence of tokens (one prefill step)."""
-        step = StepBatch.single_sequence(tokens, 0, self.tables[seq], self.block_size, all_logits=True)
-        return self.forward(step)
+@dataclass
+class CheckData:
+    """What the cross-check compares of one backend."""
+
+    greedy: np.ndarray  # [B, N] its greedy tokens (the timed runs)
+    scores: np.ndarray  # [B, L+N-1] log p of every token of prompt + the reference's greedy tokens (LLM.score)
+    path: np.ndarray  # [B, N] the greedy tokens of a run that also returned log-probs
+    top: list[list[dict[int, float]]]  # [B][N] that run's top-K log p after prompt + path[:j], most likely first
+
+
+def check_data(llm: Any, prompts: np.ndarray, greedy: np.ndarray, ref_greedy: np.ndarray, top_k: int) -> CheckData:
+    """Teacher-forced scores of prompts + `ref_greedy`, and one more greedy run with top-K log-probs
+    (the timed runs' shapes: nothing new to compile), on `llm`."""
+    seqs = np.concatenate([prompts, ref_greedy], axis=1).tolist()
+    scores = np.array([llm.score(s).logprobs for s in seqs], dtype=np.float64)
+    outs = _generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=greedy.shape[1], ignore_eos=True,
+                                                  logprobs=top_k))
+    return CheckData(greedy, scores, np.array([o.token_ids for o in outs], dtype=np.int64),
+                     [[entry["top"] for entry in o.outputs[0].logprobs] for o in outs])
 
 
 # ---------------------------------------------------------------------------------------------
 # the cross-check
 
 
-def cross_check(ref_logits: list[np.ndarray], logits: list[np.ndarray], ref_tokens: np.ndarray,
-                tokens: np.ndarray, prompt_len: int, thresholds: Thresholds) -> dict:
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    diff = np.nonzero(a != b)[0]
+    return int(diff[0]) if diff.size else len(a)
+
+
+def _shortfall(top: dict[int, float], token: int) -> float:
+    """How far `token` lies below the most likely token of `top` (log-probs, most likely first),
+    in log-prob units, i.e. logit units; inf when it is not in the top-K at all."""
+    return next(iter(top.values())) - top.get(token, -math.inf)
+
+
+def cross_check(ref: CheckData, got: CheckData, thresholds: Thresholds) -> dict:
     """Compare one backend with the reference.
 
-    ref_logits / logits: per sequence, teacher-forced logits [L+N, vocab] on the same ids (prompt +
-    the reference's greedy tokens). ref_tokens / tokens: greedy tokens [B, N] of each backend.
-    Greedy token j of sequence s is the argmax of the reference logits at row prompt_len - 1 + j.
+    Log-prob error: the teacher-forced scores, and the top-K next tokens of both log-prob runs
+    wherever they followed the same tokens. Greedy tokens: identical, or diverging first where the
+    reference's own log-prob run, after the same tokens, nearly tied the two candidates.
     """
     problems: list[str] = []
-    scale = max(float(np.max(np.abs(r))) for r in ref_logits)
-    max_abs = max(float(np.max(np.abs(x.astype(np.float64) - r))) for x, r in zip(logits, ref_logits))
+    scale = float(np.max(np.abs(ref.scores)))
+    diffs = [np.abs(got.scores - ref.scores).ravel()]
+    for s, (ref_row, got_row) in enumerate(zip(ref.top, got.top, strict=True)):
+        for j in range(min(_common_prefix(ref.path[s], got.path[s]) + 1, len(ref_row))):  # same path[:j]
+            r, g = ref_row[j], got_row[j]
+            diffs.append(np.array([abs(g[t] - r[t]) for t in r.keys() & g.keys()], dtype=np.float64))
+    max_abs = float(np.max(np.concatenate(diffs)))  # NaN propagates
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    if not rel <= thresholds.logits_rel_tol:  # catches NaN too
-        problems.append(f"logits differ by {max_abs:.3g} ({rel:.2%} of the logit range, tolerance "
-                        f"{thresholds.logits_rel_tol:.2%})")
+    if not rel <= thresholds.logprob_rel_tol:  # catches NaN too
+        problems.append(f"log-probs differ by {max_abs:.3g} ({rel:.2%} of the reference's largest |log p|, "
+                        f"tolerance {thresholds.logprob_rel_tol:.2%})")
     tie = thresholds.near_tie(max_abs, scale)
 
-    # top-1 agreement over every teacher-forced position
-    agree = total = decisive = 0
-    for x, r in zip(logits, ref_logits):
-        top_ref, top_x = r.argmax(-1), x.argmax(-1)
-        rows = np.arange(r.shape[0])
-        margin = r[rows, top_ref] - r[rows, top_x]  # >= 0; 0 where they agree
-        agree += int(np.sum(top_ref == top_x))
-        total += r.shape[0]
-        decisive += int(np.sum((top_ref != top_x) & ~(margin <= tie)))
-    top1 = agree / total
-    if decisive:
-        problems.append(f"top-1 differs at {decisive} position(s) where the reference is not near a tie")
-    if top1 < thresholds.min_top1_agreement:
-        problems.append(f"top-1 agreement {top1:.2%} is below {thresholds.min_top1_agreement:.2%}")
-
-    # greedy tokens: identical, or diverging first at a reference near-tie
+    n = ref.greedy.shape[1]
     match_len = []
-    for s in range(ref_tokens.shape[0]):
-        diff = np.nonzero(ref_tokens[s] != tokens[s])[0]
-        j = int(diff[0]) if diff.size else ref_tokens.shape[1]
+    for s in range(ref.greedy.shape[0]):
+        j = _common_prefix(ref.greedy[s], got.greedy[s])
         match_len.append(j)
-        if j < ref_tokens.shape[1] and s < len(ref_logits):
-            row = ref_logits[s][prompt_len - 1 + j]
-            margin = float(row[ref_tokens[s, j]] - row[tokens[s, j]])
+        if j < n:
+            # the reference's prediction after these j tokens, if its log-prob run followed them
+            same = _common_prefix(ref.path[s], ref.greedy[s]) >= j
+            margin = _shortfall(ref.top[s][j], int(got.greedy[s, j])) if same else math.inf
             if not margin <= tie:
                 problems.append(f"greedy sequence {s} diverges at token {j} (reference margin {margin:.3g} "
                                 f"> near-tie {tie:.3g})")
     return {
-        "logits_max_abs_diff": max_abs,
-        "logits_rel_diff": rel,
-        "logits_scale": scale,
-        "top1_agreement": top1,
-        "top1_decisive_mismatches": decisive,
-        "greedy_match_len": match_len,
-        "greedy_compared": int(ref_tokens.shape[1]),
+        "logprob_max_abs_diff": max_abs,
+        "logprob_rel_diff": rel,
+        "logprob_scale": scale,
         "near_tie_margin": tie,
+        "greedy_match_len": match_len,
+        "greedy_compared": n,
         "ok": not problems,
         "problems": problems,
     }
@@ -220,12 +239,6 @@ def cross_check(ref_logits: list[np.ndarray], logits: list[np.ndarray], ref_toke
 
 # ---------------------------------------------------------------------------------------------
 # the run
-
-
-def _load_model(path: str, backend: Any) -> Any:
-    from mojollm.models import load_model
-
-    return load_model(path, backend)
 
 
 def make_prompts(model: Any, prompt_len: int, batch: int) -> np.ndarray:
@@ -276,47 +289,51 @@ def _expand_backends(names: list[str]) -> list[str]:
     return out
 
 
-def run_backend(name: str, config: CompareConfig, path: str, progress: Callable[[str], None]) -> tuple[dict, dict]:
-    """Measure one backend. Returns (its JSON entry, private data for the cross-check)."""
+def run_backend(name: str, config: CompareConfig, path: str, reference: CheckData | None,
+                progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """Measure one backend and check it against `reference` (None: this backend is the reference,
+    or the reference has no results). Returns (its JSON entry, {"info", "prompts", "check_data"}
+    when it ran)."""
     from mojollm.backends.registry import get_backend, probe
+    from mojollm.llm import LLM
 
     p = probe(name)
     entry: dict[str, Any] = {"name": name, "available": p.available, "device": p.device, "reason": p.reason}
     if not p.available:
         return entry, {}
     progress(f"{name}: loading the model")
-    backend = get_backend(name)
-    model = runner = None
+    b, n, L = config.batch, config.output_len, config.prompt_len
     try:
+        backend = get_backend(name)
         with measure.PeakMemory(name) as mem:
             t0 = measure.sync_clock(backend)
-            model = _load_model(path, backend)
+            llm = LLM(path, backend=name, **engine_options(b, L, n, config.block_size))
             entry["load_s"] = measure.sync_clock(backend) - t0
-            info = model_info(model, path, config.block_size)
-            prompts = make_prompts(model, config.prompt_len, config.batch)
-            runner = ModelRunner(model, backend, config.batch, config.prompt_len + config.output_len,
-                                 config.block_size)
+            info = model_info(llm.model, path, config.block_size)
+            prompts = make_prompts(llm.model, L, b)
             progress(f"{name}: warm-up ({config.warmup} run(s))")
             for _ in range(config.warmup):
-                runner.generate(prompts, config.output_len)
+                greedy_run(llm, prompts, n)
             progress(f"{name}: {config.repeats} timed run(s)")
-            runs = []
             with measure.EnergyMeter(name) as energy:
-                for _ in range(config.repeats):
-                    runs.append(runner.generate(prompts, config.output_len))
-            tokens = runs[-1]["tokens"]
+                runs = [greedy_run(llm, prompts, n) for _ in range(config.repeats)]
+        tokens = runs[-1]["tokens"]
         if any(not np.array_equal(r["tokens"], tokens) for r in runs):
             entry.setdefault("warnings", []).append("greedy tokens differ between repeats (non-deterministic backend)")
-        b, n, L = config.batch, config.output_len, config.prompt_len
+        if any(r["steps"] != n for r in runs):
+            entry.setdefault("warnings", []).append(
+                f"the engine ran {runs[-1]['steps']} steps per run, not 1 prefill + {n - 1} decode steps: "
+                "TTFT and decode time overlap")
         ttft = float(np.median([r["ttft_s"] for r in runs]))
-        decode_s = [sum(r["step_s"]) for r in runs]
-        steps = [s for r in runs for s in r["step_s"]]
+        itls = [t for r in runs for t in r["itl_s"]]
         entry.update({
             "ttft_s": ttft,
             "prefill_tokens_per_s": b * L / ttft,
-            "decode_tokens_per_s": float(np.median([b * (n - 1) / d for d in decode_s])),
-            "itl_p50_s": measure.percentile(steps, 50),
-            "itl_p99_s": measure.percentile(steps, 99),
+            "decode_tokens_per_s": float(np.median([b * (n - 1) / r["decode_s"] for r in runs])),
+            "itl_p50_s": measure.percentile(itls, 50),
+            "itl_p99_s": measure.percentile(itls, 99),
+            "engine": {"steps_per_run": runs[-1]["steps"],
+                       "forward_fraction": sum(r["forward_s"] for r in runs) / sum(r["wall_s"] for r in runs)},
             "peak_memory": mem.result(),
         })
         gen_tokens = config.repeats * b * n
@@ -324,16 +341,33 @@ def run_backend(name: str, config: CompareConfig, path: str, progress: Callable[
         entry["energy"] = {**e, "joules_per_token": e["joules"] / gen_tokens if e["joules"] is not None else None,
                            "tokens": gen_tokens}
         progress(f"{name}: measuring memory bandwidth")
-        bw, how = measure.device_bandwidth_gbs(backend)
+        bw, how = measure.device_bandwidth(backend)
         bpt = measure.decode_bytes_per_token(info["weight_bytes"], info["kv_bytes_per_token"], L, n, b)
         entry["bandwidth"] = {"gbs": bw, "method": how}
         entry["roofline"] = measure.roofline_fraction(entry["decode_tokens_per_s"], bpt, bw)
         entry["greedy_tokens"] = tokens.tolist()
-        return entry, {"runner": runner, "model": model, "info": info, "prompts": prompts, "tokens": tokens}
     except Exception as e:  # one backend failing must not hide the others' results
         entry["error"] = f"{type(e).__name__}: {e}"
         entry["ok"] = False
         return entry, {}
+
+    is_reference = name == config.reference
+    data = None
+    if reference is None and not is_reference:
+        entry["check"] = {"reference": config.reference, "is_reference": False, "ok": None,
+                          "problems": [f"reference backend {config.reference!r} has no results to compare with"]}
+    else:
+        progress(f"{name}: teacher-forced log-probs for the cross-check")
+        try:
+            data = check_data(llm, prompts, tokens, tokens if is_reference else reference.greedy, config.check_top_k)
+            entry["check"] = ({"reference": name, "is_reference": True, "ok": True, "problems": []} if is_reference
+                              else {"reference": config.reference, "is_reference": False,
+                                    **cross_check(reference, data, config.thresholds)})
+        except Exception as e:
+            entry["check"] = {"reference": config.reference, "is_reference": is_reference, "ok": False,
+                              "problems": [f"cross-check failed: {type(e).__name__}: {e}"]}
+    entry["ok"] = entry["check"]["ok"] is not False
+    return entry, {"info": info, "prompts": prompts, "check_data": data}
 
 
 def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -343,11 +377,9 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
     config.validate()
     progress = progress or (lambda msg: None)
     names = _expand_backends(config.backends)
-    if config.reference not in names:
-        names.insert(0, config.reference)
-    else:  # the reference runs first so its greedy tokens define the checked sequence
+    if config.reference in names:  # the reference runs first: its greedy tokens are the checked path
         names.remove(config.reference)
-        names.insert(0, config.reference)
+    names.insert(0, config.reference)
     path = str(resolve_model_path(config.model, progress=progress))
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -359,36 +391,17 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
         "model": None,
         "backends": [],
     }
-    ref_logits: list[np.ndarray] | None = None
-    ref_tokens = None
+    reference: CheckData | None = None
     for name in names:
-        entry, data = run_backend(name, config, path, progress)
+        entry, extras = run_backend(name, config, path, reference, progress)
         doc["backends"].append(entry)
-        if not data:
+        if extras:
+            doc["model"] = doc["model"] or extras["info"]
+            doc.setdefault("prompt_tokens", extras["prompts"].tolist())
             if name == config.reference:
-                entry["check"] = None
-            continue
-        doc["model"] = doc["model"] or data["info"]
-        doc.setdefault("prompt_tokens", data["prompts"].tolist())
-        progress(f"{name}: teacher-forced logits for the cross-check")
-        try:
-            seq_tokens = (ref_tokens if ref_tokens is not None else data["tokens"])
-            full = np.concatenate([data["prompts"], seq_tokens.astype(np.int32)], axis=1)
-            logits = [data["runner"].score(full[s], s) for s in range(full.shape[0])]
-            if name == config.reference:
-                ref_logits, ref_tokens = logits, data["tokens"]
-                entry["check"] = {"reference": name, "is_reference": True, "ok": True, "problems": []}
-            elif ref_logits is None:
-                entry["check"] = {"reference": config.reference, "is_reference": False, "ok": None,
-                                  "problems": [f"reference backend {config.reference!r} did not run"]}
-            else:
-                chk = cross_check(ref_logits, logits, ref_tokens, data["tokens"], config.prompt_len, config.thresholds)
-                entry["check"] = {"reference": config.reference, "is_reference": False, **chk}
-        except Exception as e:
-            entry["check"] = {"reference": config.reference, "is_reference": name == config.reference,
-                              "ok": False, "problems": [f"cross-check failed: {type(e).__name__}: {e}"]}
-        entry["ok"] = entry["check"]["ok"] is not False
-        del data
+                reference = extras["check_data"]
+        elif name == config.reference:
+            entry["check"] = None
         gc.collect()  # free this backend's model before the next one loads (peak memory, RSS)
     ran = [b for b in doc["backends"] if b["available"]]
     doc["ok"] = all(b.get("ok", False) for b in ran) and bool(ran)
@@ -414,8 +427,7 @@ def json_safe(x):
 
 PERF_COLUMNS = ["backend", "device", "load s", "TTFT ms", "prefill tok/s", "decode tok/s",
                 "ITL p50/p99 ms", "peak MiB", "GB/s (roofline)", "J/token"]
-CHECK_COLUMNS = ["backend", "vs", "max Δlogit", "rel. to range", "top-1 agree", "decisive flips",
-                 "greedy match", "check"]
+CHECK_COLUMNS = ["backend", "vs", "max Δlog p", "rel. to max surprise", "near-tie margin", "greedy match", "check"]
 
 
 def _fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -467,13 +479,13 @@ def check_rows(doc: dict) -> list[tuple[list[str], str]]:
             continue
         chk = b.get("check") or {}
         if status == "reference":
-            cells = [b["name"], "–", "reference", "", "", "", "", "reference"]
-        elif "logits_rel_diff" in chk:
-            cells = [b["name"], chk["reference"], _fmt(chk["logits_max_abs_diff"], ".3g"),
-                     _fmt(chk["logits_rel_diff"], ".2e"), _fmt(chk["top1_agreement"], ".1%"), str(chk["top1_decisive_mismatches"]),
+            cells = [b["name"], "–", "reference", "", "", "", "reference"]
+        elif "logprob_rel_diff" in chk:
+            cells = [b["name"], chk["reference"], _fmt(chk["logprob_max_abs_diff"], ".3g"),
+                     _fmt(chk["logprob_rel_diff"], ".2e"), _fmt(chk["near_tie_margin"], ".3g"),
                      f"{min(chk['greedy_match_len'])}/{chk['greedy_compared']}", "ok" if chk["ok"] else "FAILED"]
         else:
-            cells = [b["name"], chk.get("reference", "–"), "–", "–", "–", "–", "–",
+            cells = [b["name"], chk.get("reference", "–"), "–", "–", "–", "–",
                      "FAILED" if status == "failed" else "unchecked"]
         rows.append((cells, status))
     return rows
@@ -492,9 +504,11 @@ def notes(doc: dict) -> list[tuple[str, str]]:
             out.append((f"{b['name']}: {w}", "warning"))
     for b in doc["backends"]:
         if b.get("bandwidth"):
-            out.append((f"{b['name']}: bandwidth by {b['bandwidth']['method']}; peak memory by "
-                        f"{b['peak_memory']['kind']}; energy: {b['energy']['source'] or 'not reported by the hardware'}",
-                        "dim"))
+            engine = b["engine"]
+            out.append((f"{b['name']}: bandwidth: {b['bandwidth']['method']}; peak memory: {b['peak_memory']['kind']}; "
+                        f"energy: {b['energy']['source'] or 'not reported by the hardware'}; engine: "
+                        f"{engine['steps_per_run']} steps per run, model forward {engine['forward_fraction']:.0%} "
+                        "of the generate time", "dim"))
     return out
 
 
@@ -514,7 +528,8 @@ def print_table(doc: dict, console=None) -> None:
         perf.add_column(c, justify="left" if c in ("backend", "device") else "right")
     for cells, status in perf_rows(doc):
         perf.add_row(*cells, style=styles.get(status))
-    check = Table(title=f"correctness against {cfg['reference']} (teacher-forced logits, greedy tokens)")
+    check = Table(title=f"correctness against {cfg['reference']} (teacher-forced log-probs, top-{cfg['check_top_k']} "
+                        "next-token log-probs, greedy tokens)")
     for c in CHECK_COLUMNS:
         check.add_column(c, justify="left" if c in ("backend", "vs", "check") else "right")
     for cells, status in check_rows(doc):

@@ -9,13 +9,15 @@ Rules every number we report follows:
   * energy comes from the hardware's own counter (NVML total energy, else NVML / nvidia-smi power
     samples integrated over time, else Intel RAPL); where none reports, we report None, never a guess;
   * the roofline a run is compared against is a bandwidth *measured on the same device in the
-    same process*, not a datasheet number.
+    same process*, not a datasheet number: `backend.memory_bandwidth_gbs()`, the one probe
+    (device_bandwidth below reads it).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
+import inspect
 import os
 import platform
 import subprocess
@@ -184,111 +186,19 @@ class PeakMemory:
 # memory bandwidth (the roofline's denominator)
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_read_bandwidth_gbs(size_mib: int = 256, repeats: int = 5) -> float:
-    """Host memory read bandwidth, GB/s (1e9 B/s): best of `repeats` streaming reductions over an
-    array far larger than the last-level cache, single-threaded and split over a thread pool.
-
-    A lower bound of what the cores can pull (numpy reductions mostly hold the GIL, so this is close
-    to one core's bandwidth); it is what a decode step that streams its weights can hope for."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    words = np.ones(size_mib * 2**20 // 8, dtype=np.uint64)
-    chunks = np.array_split(words, 4 * (os.cpu_count() or 1))
-    best = float("inf")
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        readers = [lambda: np.bitwise_or.reduce(words),
-                   lambda: list(pool.map(np.bitwise_or.reduce, chunks))]
-        for read in readers:
-            read()  # warm-up: page in, spin threads up
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                read()
-                best = min(best, time.perf_counter() - t0)
-    return words.nbytes / best / 1e9
-
-
-@functools.lru_cache(maxsize=None)
-def host_bandwidth_gbs() -> tuple[float, str]:
-    """(GB/s, method): the best of two lower bounds of host read bandwidth, the numpy streaming read
-    and the Mojo kernels' own thread pool streaming a buffer (kernels.attention.stream_read_gbs)."""
-    best, how = cpu_read_bandwidth_gbs(), "numpy streaming read of host memory"
+def device_bandwidth(backend: Any) -> tuple[float | None, str]:
+    """(GB/s, how) of the device `backend` computes on, from the one probe every roofline uses:
+    `backend.memory_bandwidth_gbs()`, whose docstring's first line says how it measures. A failed
+    measurement leaves the roofline blank (None), never the run dead."""
+    probe = getattr(backend, "memory_bandwidth_gbs", None)
     try:
-        from mojollm.kernels.attention import stream_read_gbs
-
-        mojo = stream_read_gbs(size_mib=256)
-        if mojo > best:
-            best, how = mojo, "Mojo multi-threaded streaming read of host memory"
-    except Exception:  # kernels not built or not loadable: the numpy figure stands
-        pass
-    return best, how
-
-
-def torch_copy_bandwidth_gbs(device: str = "cuda", size_mib: int = 512, repeats: int = 10) -> float:
-    """GPU memory bandwidth, GB/s: device-to-device copy moves 2 bytes (read + write) per byte
-    copied; median of `repeats` after a warm-up, timed with CUDA events."""
-    import torch
-
-    src = torch.empty(size_mib * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * size_mib * 2**20 / float(np.median(times)) / 1e9
-
-
-def jax_copy_bandwidth_gbs(size_mib: int = 512, repeats: int = 10) -> float:
-    """Memory bandwidth of the first JAX device, GB/s: a jitted elementwise op over a large array
-    (reads and writes every byte, counted as 2 bytes per byte, like torch_copy_bandwidth_gbs)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((size_mib * 2**20 // 4,), dtype=jnp.float32)
-    bump = jax.jit(lambda a: a + 1.0)
-    bump(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        bump(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * x.nbytes / float(np.median(times)) / 1e9
-
-
-@functools.lru_cache(maxsize=None)
-def jax_platform() -> str | None:
-    """'cpu' | 'gpu' | 'tpu' for JAX's first device (None without jax). Only called for the tpu backend."""
-    try:
-        import jax
-
-        return jax.devices()[0].platform
-    except Exception:
-        return None
-
-
-def device_bandwidth_gbs(backend: Any) -> tuple[float | None, str]:
-    """(GB/s, how it was measured) for the device `backend` runs on."""
-    name = getattr(backend, "name", "")
-    try:
-        if name == "cpu" or (name == "tpu" and jax_platform() == "cpu"):
-            return host_bandwidth_gbs()
-        if name in ("cuda", "rocm"):
-            return torch_copy_bandwidth_gbs(), "torch device-to-device copy (read+write bytes)"
-        own = backend.memory_bandwidth_gbs()
-        if own:  # e.g. a TPU's reported peak, or a backend registered by a plugin
-            return float(own), f"reported by the {name} backend"
-        if name == "tpu":
-            return jax_copy_bandwidth_gbs(), f"jax jitted elementwise op on {jax_platform()} (read+write bytes)"
-    except Exception as e:  # a failed measurement leaves the roofline blank, never the run dead
+        gbs = probe() if probe is not None else None
+    except Exception as e:
         return None, f"measurement failed: {type(e).__name__}: {e}"
-    return None, "no bandwidth measurement for this backend"
+    if not gbs:
+        return None, "no bandwidth measurement for this backend"
+    how = (inspect.getdoc(probe) or f"{backend.name}.memory_bandwidth_gbs()").splitlines()[0].rstrip(".")
+    return float(gbs), how
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +234,17 @@ def roofline_fraction(decode_tokens_per_s: float | None, bytes_per_token: float,
 
 # ---------------------------------------------------------------------------------------------
 # energy
+
+
+@functools.lru_cache(maxsize=None)
+def jax_platform() -> str | None:
+    """'cpu' | 'gpu' | 'tpu' for JAX's first device (None without jax). Only called for the tpu backend."""
+    try:
+        import jax
+
+        return jax.devices()[0].platform
+    except Exception:
+        return None
 
 
 def _cuda_nvml_handle(pynvml):
@@ -554,7 +475,7 @@ def _total_memory_bytes() -> int | None:
 # ---------------------------------------------------------------------------------------------
 # the JSON envelope of bench/ results (bench/SCHEMA.md)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of the mojollm.bench.* kinds (mojollm.compare has its own: compare.SCHEMA_VERSION)
 
 
 def bench_document(kind: str, config: dict, rows: list[dict], command: str | None = None) -> dict:

@@ -1,11 +1,12 @@
-"""Latency and throughput measurements: per request (TTFT, inter-token latency, tokens/s),
-per engine (steps, preemptions, prefix-cache hit rate), and the throughput workload used by
-`mojollm bench throughput` and bench/throughput.py.
+"""Latency and throughput measurements: per request (TTFT, inter-token latency, tokens/s), per
+engine (steps, token counts, time in the model), and their summary over the outputs of one run.
+
+The throughput benchmark that drives an engine with a workload is the `mojollm bench throughput`
+command's (mojollm.cli): this module only counts, so the engine can import it.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from mojollm.measure import percentile
@@ -107,124 +108,3 @@ def summarize(outputs, wall_time: float) -> dict:
         "itl_p99_s": r(percentile(itls, 99)),
         "errors": sum(1 for o in outputs if o.error),
     }
-
-
-# ---------------------------------------------------------------- throughput workload
-
-def make_workload(tokenizer, vocab_size: int, num_prompts: int, input_len: int, output_len: int,
-                  seed: int = 0, shared_prefix_len: int = 0, mixed: bool = True):
-    """Random-token prompts of mixed lengths (uniform in [len/2, 3 len/2] when `mixed`).
-
-    Returns [(prompt_token_ids, max_tokens)]. Token ids avoid the tokenizer's special tokens so
-    that no prompt ends early; a shared prefix (a "system prompt") opens every prompt when
-    shared_prefix_len > 0.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    special = set(getattr(tokenizer, "eos_token_ids", set()) or set())
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None:
-        special.add(bos)
-    low = min(1000, vocab_size // 2)  # ordinary tokens sit above the special ones in every BPE vocab
-
-    def tokens(n):
-        ids = rng.integers(low, vocab_size, size=n).tolist()
-        return [t if t not in special else low for t in ids]
-
-    prefix = tokens(shared_prefix_len)
-    work = []
-    for _ in range(num_prompts):
-        il = int(rng.integers(max(1, input_len // 2), input_len * 3 // 2 + 1)) if mixed else input_len
-        ol = int(rng.integers(max(1, output_len // 2), output_len * 3 // 2 + 1)) if mixed else output_len
-        work.append((prefix + tokens(il), ol))
-    return work
-
-
-def run_workload(engine, workload, sequential: bool = False) -> dict:
-    """Run `workload` on `engine` (all requests at once, or one at a time) and summarize it."""
-    from mojollm.sampling_params import SamplingParams
-
-    outputs = []
-    t0 = time.perf_counter()
-    if sequential:
-        for ids, max_tokens in workload:
-            engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-            while engine.has_unfinished():
-                outputs.extend(o for o in engine.step() if o.finished)
-    else:
-        for ids, max_tokens in workload:
-            engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-        while engine.has_unfinished():
-            outputs.extend(o for o in engine.step() if o.finished)
-    wall = time.perf_counter() - t0
-    summary = summarize(outputs, wall)
-    st = engine.stats
-    summary["prefix_cache_hit_rate"] = round(engine.block_manager.hit_rate, 4)
-    summary["preemptions"] = st.preemptions
-    summary["steps"] = st.steps
-    summary["mean_tokens_per_step"] = round((st.prefill_tokens + st.decode_tokens) / st.steps, 2) if st.steps else None
-    summary["forward_s"] = round(st.forward_time, 3)
-    summary["engine_overhead_s"] = round(wall - st.forward_time, 3)  # scheduling, sampling, detokenizing
-    weight_bytes = getattr(engine.model, "weight_bytes", 0) or 0
-    # every step streams all the weights once, however many sequences it carries
-    summary["weight_read_gbs"] = round(st.steps * weight_bytes / wall / 1e9, 3) if weight_bytes and wall > 0 else None
-    return summary
-
-
-def throughput_benchmark(model, num_prompts: int = 64, input_len: int = 64, output_len: int = 64,
-                         seed: int = 0, sequential_prompts: int | None = None, shared_prefix_len: int = 256,
-                         engine_kwargs: dict | None = None, progress=None) -> dict:
-    """Continuous batching vs one request at a time, and prefix cache on vs off.
-
-    The sequential run uses `sequential_prompts` of the same requests (default: all) so that a slow
-    machine can compare per-token rates without running the whole workload twice.
-    """
-    from mojollm.engine.engine import Engine
-
-    engine_kwargs = dict(engine_kwargs or {})
-    vocab = model.config.vocab_size
-    work = make_workload(model.tokenizer, vocab, num_prompts, input_len, output_len, seed)
-    result = {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len}
-
-    def note(msg):
-        if progress is not None:
-            progress(msg)
-
-    note(f"batched: {num_prompts} requests")
-    result["batched"] = run_workload(Engine(model, **engine_kwargs), work)
-    seq_work = work[: sequential_prompts or num_prompts]
-    note(f"sequential: {len(seq_work)} requests one at a time")
-    result["sequential"] = run_workload(Engine(model, **engine_kwargs), seq_work, sequential=True)
-    b, s = result["batched"]["output_tokens_per_s"], result["sequential"]["output_tokens_per_s"]
-    result["batched_over_sequential"] = round(b / s, 2) if b and s else None
-
-    if shared_prefix_len > 0:
-        shared = make_workload(model.tokenizer, vocab, num_prompts, max(1, input_len // 4), output_len // 2 or 1,
-                               seed + 1, shared_prefix_len=shared_prefix_len)
-        for flag in (True, False):
-            note(f"shared {shared_prefix_len}-token system prompt, prefix cache {'on' if flag else 'off'}")
-            kw = dict(engine_kwargs, enable_prefix_caching=flag)
-            result[f"shared_prefix_cache_{'on' if flag else 'off'}"] = run_workload(Engine(model, **kw), shared)
-        on = result["shared_prefix_cache_on"]["total_tokens_per_s"]
-        off = result["shared_prefix_cache_off"]["total_tokens_per_s"]
-        result["prefix_cache_speedup"] = round(on / off, 2) if on and off else None
-    return result
-
-
-def throughput_rows(result: dict, backend: str | None) -> list[dict]:
-    """Flat rows (bench/SCHEMA.md) of a throughput_benchmark result, one per run."""
-    rows = []
-    peers = {"batched": "sequential", "shared_prefix_cache_on": "shared_prefix_cache_off"}
-    for mode in ("batched", "sequential", "shared_prefix_cache_on", "shared_prefix_cache_off"):
-        if mode not in result:
-            continue
-        row = {"mode": mode, "backend": backend, **result[mode]}
-        peer = peers.get(mode)
-        if peer in result:
-            key = "output_tokens_per_s" if mode == "batched" else "total_tokens_per_s"
-            a, b = result[mode][key], result[peer][key]
-            row["vs_peer"] = round(a / b, 3) if a and b else None
-        row["ok"] = result[mode]["errors"] == 0
-        rows.append(row)
-    return rows
