@@ -296,10 +296,10 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    a = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
-    path = _minimal_gguf(tmp_path / "q5.gguf", tensors=[("token_embd.weight", a, None),
-                                                        ("blk.0.attn_q.weight", gguf.quants.quantize(a, Q.Q5_0), Q.Q5_0)])
-    with pytest.raises(ModelLoadError, match=r"blk\.0\.attn_q\.weight has type Q5_0"):
+    a = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    path = _minimal_gguf(tmp_path / "tq2.gguf", tensors=[("token_embd.weight", a, None),
+                                                         ("blk.0.attn_q.weight", gguf.quants.quantize(a, Q.TQ2_0), Q.TQ2_0)])
+    with pytest.raises(ModelLoadError, match=r"blk\.0\.attn_q\.weight has type TQ2_0"):
         load_gguf(path)
 
 

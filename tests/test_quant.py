@@ -401,7 +401,7 @@ def test_bad_dequantize_inputs():
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.dequantize(raw, "Q4_1", (4, 20))
     with pytest.raises(ValueError, match="unsupported type"):
-        quant.dequantize(raw, "Q2_K", (2, 64))
+        quant.dequantize(raw, "TQ2_0", (2, 64))
 
 
 def test_bad_embedding_ids():

@@ -300,6 +300,8 @@ class CudaBackend(Backend):
 
     def _prepare_linear(self, w: WeightTensor) -> Any:
         torch = self.torch
+        if w.is_quantized and w.qtype not in _QCODES:  # no kernel for it (Q5_*, k-quants): float32 at load
+            w = WeightTensor.from_float(w.name, w.to_float32())
         if w.is_quantized:
             qs, d, m = repack_gguf_blocks(w)
             up = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731

@@ -471,7 +471,7 @@ class TpuBackend(Backend):
         if len(w.shape) != 2:
             raise ValueError(f"prepare_linear: {w.name} has shape {w.shape}, expected [out, in]")
         jnp = self._jnp
-        if w.is_quantized and self.keep_quantized:
+        if w.qtype in self._ops.UNPACKED_TYPES and self.keep_quantized:
             q, s, m = self._ops.unpack_gguf(w)
             return QuantWeight(jnp.asarray(np.ascontiguousarray(q.T)), jnp.asarray(np.ascontiguousarray(s.T)),
                                None if m is None else jnp.asarray(np.ascontiguousarray(m.T)), w.qtype, tuple(w.shape))
@@ -481,7 +481,7 @@ class TpuBackend(Backend):
         if len(w.shape) != 2:
             raise ValueError(f"prepare_embedding: {w.name} has shape {w.shape}, expected [vocab, hidden]")
         jnp = self._jnp
-        if w.is_quantized and self.keep_quantized:
+        if w.qtype in self._ops.UNPACKED_TYPES and self.keep_quantized:
             q, s, m = self._ops.unpack_gguf(w)
             return QuantWeight(jnp.asarray(q), jnp.asarray(s), None if m is None else jnp.asarray(m),
                                w.qtype, tuple(w.shape))

@@ -21,6 +21,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ---- GGUF blocks -> int8 + group scales (numpy, prepare time) ----
+UNPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what unpack_gguf reads; other GGUF types widen at load
+
+
 def unpack_gguf(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GGUF-quantized [rows, K] -> (q int8 [rows, K], scales f32 [rows, K//32], mins f32 [rows, K//32] | None)
     with weight = q * scale (+ min). Q4_0 stores q - 8 (range -8..7), Q4_1 q (0..15), Q8_0 q (-128..127)."""

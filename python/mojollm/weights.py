@@ -3,8 +3,13 @@
 GGUF block layouts (ggml), 32 weights per block along the row (K) dimension:
     Q4_0: f16 d, 16 bytes of nibbles            w = (q - 8) * d      (18 bytes)
     Q4_1: f16 d, f16 m, 16 bytes of nibbles     w = q * d + m        (20 bytes)
+    Q5_0: f16 d, u32 high bits, 16 B nibbles    w = (q - 16) * d     (22 bytes)
+    Q5_1: f16 d, f16 m, u32 high bits, 16 B     w = q * d + m        (24 bytes)
     Q8_0: f16 d, 32 x int8                      w = q * d            (34 bytes)
 Nibble order: byte j holds element j (low 4 bits) and element j + 16 (high 4 bits).
+k-quants, 256 weights per super-block in groups of 16 or 32 with their own 4- to 8-bit scales
+(layouts in mojo/kquant.mojo): Q2_K 84 bytes, Q3_K 110, Q4_K 144, Q5_K 176, Q6_K 210. Rows
+(the last dimension) must be whole blocks, so k-quant rows are multiples of 256.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import numpy as np
 
 from mojollm.errors import ModelLoadError
 
-QK = 32  # weights per quantization block
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+QK = 32  # weights per block of the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+QK_K = 256  # weights per k-quant super-block
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34,
+               "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_SIZE = {qtype: QK_K if qtype.endswith("_K") else QK for qtype in BLOCK_BYTES}  # weights per block
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_TYPES = FLOAT_TYPES + tuple(BLOCK_BYTES)
 
@@ -53,11 +61,12 @@ class WeightTensor:
                                  for d in self.shape):
             raise ModelLoadError(f"tensor {self.name}: shape {self.shape} is not a list of positive sizes")
         if self.is_quantized:
-            k = self.shape[-1]
-            if k % QK:
-                raise ModelLoadError(f"tensor {self.name}: row length {k} is not a multiple of {QK}")
+            k, block = self.shape[-1], BLOCK_SIZE[self.qtype]
+            if k % block:
+                raise ModelLoadError(f"tensor {self.name}: row length {k} is not a multiple of {block} "
+                                     f"(the {self.qtype} block)")
             rows = math.prod(self.shape[:-1])  # Python ints: np.prod would wrap around on a forged shape
-            want = (rows, k // QK * BLOCK_BYTES[self.qtype])
+            want = (rows, k // block * BLOCK_BYTES[self.qtype])
             if self.data.dtype != np.uint8 or self.data.shape != want:
                 raise ModelLoadError(f"tensor {self.name}: {self.qtype} data has shape {self.data.shape}, expected {want}")
 

@@ -40,7 +40,7 @@ class CpuBackend(Backend):
     def load_kernels(self, progress=None) -> None:
         from mojollm.kernels.build import load_module
 
-        for name in ("attention", "linalg", "nn", "quant"):
+        for name in ("attention", "linalg", "nn", "quant", "kquant"):
             load_module(name, progress=progress)
 
     # ---- memory ----

@@ -1,36 +1,56 @@
 """GGUF block-quantized linear layers, (de)quantization and the embedding table (cpu backend).
 
-The Mojo kernels (mojo/quant.mojo) work directly on the GGUF blocks of Q4_0 / Q4_1 / Q8_0
-weights; a weight matrix is never expanded to float32. Every entry point here checks shapes,
-dtypes, contiguity and index ranges and raises a one-line ValueError before any buffer address
-reaches Mojo.
+The Mojo kernels work directly on the GGUF blocks (mojo/quant.mojo: Q4_0 / Q4_1 / Q8_0;
+mojo/kquant.mojo: Q5_0 / Q5_1 and the k-quants Q2_K .. Q6_K, large Q4_K / Q6_K layers through
+Modular's int8 kernels, see MODULAR_TYPES); a weight matrix is never expanded to float32. Every
+entry point here checks shapes, dtypes, contiguity and index ranges and raises a one-line
+ValueError before any buffer address reaches Mojo.
 
     QuantLinear(w).forward(x[T, K] f32)     -> [T, N] f32      y = x @ W.T, W [N, K] quantized
     QuantLinear.concat([a, b, ...])         -> one layer whose rows are a's, then b's, ...
-    quantize(x[..., K] f32, qtype)          -> uint8 [..., K/32 * block_bytes]  (== gguf.quants.quantize)
+    quantize(x[..., K] f32, qtype)          -> uint8 [..., K/32 * block_bytes]  (== gguf.quants.quantize;
+                                               Q4_0 / Q4_1 / Q8_0)
     dequantize(raw uint8, qtype, shape)     -> float32 of `shape`               (== gguf.quants.dequantize)
-    EmbeddingTable(w).lookup(ids[T] int)    -> [T, D] f32     rows of an F32/F16/BF16/Q4_0/Q4_1/Q8_0 table
+    EmbeddingTable(w).lookup(ids[T] int)    -> [T, D] f32     rows of a float or block-quantized table
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from mojollm.kernels.build import kernel_loader
 from mojollm.kernels.checks import check_array
-from mojollm.weights import BLOCK_BYTES, FLOAT_TYPES, QK, WeightTensor
+from mojollm.weights import BLOCK_BYTES, BLOCK_SIZE, FLOAT_TYPES, WeightTensor
 
 # ggml's GGMLQuantizationType values, the type codes the Mojo module expects.
-TYPE_CODES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
+TYPE_CODES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+              "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
 QUANT_TYPES = tuple(BLOCK_BYTES)
+QUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the types quantize() writes
+KQUANT_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # kernels in mojo/kquant.mojo
+# Q4_K / Q6_K layers of at least MODULAR_MIN_BYTES whose rows come in multiples of 32 are repacked
+# at load for Modular's int8 kernels (mojo/kquant.mojo's modular_matmul: activations quantized to
+# int8 per 256, as llama.cpp does), which beat the float32 kernels from a few MiB up
+# (bench/RESULTS.md, "CPU kernels: k-quants"). MOJOLLM_QUANT_DOT=float at load keeps every layer
+# on the float32 kernels.
+MODULAR_TYPES = ("Q4_K", "Q6_K")
+MODULAR_MIN_BYTES = 2 << 20
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 
 
 _kernels = kernel_loader("quant")
+_kquant_kernels = kernel_loader("kquant")
+
+
+def _module(qtype: str):
+    """The loader of the kernel module for a type: kquant for Q5_0 / Q5_1 and the k-quants (their
+    matmul ignores the dot-product code: activations stay float32), quant for the others."""
+    return _kquant_kernels if qtype in KQUANT_TYPES else _kernels
 
 
 def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
@@ -39,15 +59,15 @@ def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
     return qtype
 
 
-def _check_row_length(k: int, what: str) -> None:
-    if k <= 0 or k % QK:
-        raise ValueError(f"{what} must be a positive multiple of {QK} (the block size), got {k}")
+def _check_row_length(k: int, what: str, block: int) -> None:
+    if k <= 0 or k % block:
+        raise ValueError(f"{what} must be a positive multiple of {block} (the block size), got {k}")
 
 
 def _block_data(w: WeightTensor, rows: int, k: int) -> np.ndarray:
-    """The tensor's blocks as a C-contiguous uint8 [rows, k/32 * block_bytes] array (no copy
+    """The tensor's blocks as a C-contiguous uint8 [rows, k/block * block_bytes] array (no copy
     when the loader's view already is one, e.g. a slice of the memory-mapped GGUF file)."""
-    want = (rows, k // QK * BLOCK_BYTES[w.qtype])
+    want = (rows, k // BLOCK_SIZE[w.qtype] * BLOCK_BYTES[w.qtype])
     data = np.asarray(w.data)
     if data.dtype != np.uint8 or data.shape != want:
         raise ValueError(f"tensor {w.name}: {w.qtype} data must be uint8 of shape {want}, got {data.dtype} {data.shape}")
@@ -66,19 +86,32 @@ class QuantLinear:
         n, k = (int(s) for s in w.shape)
         if n <= 0:
             raise ValueError(f"tensor {w.name}: needs at least one output row, got shape {w.shape}")
-        _check_row_length(k, f"tensor {w.name}: row length (in_features)")
+        _check_row_length(k, f"tensor {w.name}: row length (in_features)", BLOCK_SIZE[self.qtype])
         self.name = w.name
         self.out_features = n
         self.in_features = k
         self._data = _block_data(w, n, k)
         self._addr = self._data.ctypes.data  # cached: .ctypes costs ~1 us per call
         self._code = TYPE_CODES[self.qtype]
+        self._kernels = _module(self.qtype)
+        self._packed = (self.qtype in MODULAR_TYPES and n % 32 == 0 and self._data.nbytes >= MODULAR_MIN_BYTES
+                        and os.environ.get("MOJOLLM_QUANT_DOT", "").strip() != "float")
+        if self._packed:  # Modular's layout replaces the GGUF blocks: only forward reads them from here on
+            packed = np.empty_like(self._data)
+            self._kernels().modular_pack(self._code, self._addr, packed.ctypes.data, packed.shape)
+            self._data, self._addr = packed, packed.ctypes.data
         self.parts: tuple[int, ...] = (n,)  # out_features of the layers fused into this one
+
+    def _blocks(self) -> np.ndarray:
+        if self._packed:
+            raise ValueError(f"{self.name}: its {self.qtype} blocks were repacked for Modular's int8 kernel at "
+                             "load; set MOJOLLM_QUANT_DOT=float before loading to keep them")
+        return self._data
 
     @property
     def data(self) -> np.ndarray:
-        """The blocks, uint8 [out_features, in_features/32 * block_bytes] (read-only view)."""
-        view = self._data.view()
+        """The blocks, uint8 [out_features, in_features/block * block_bytes] (read-only view)."""
+        view = self._blocks().view()
         view.flags.writeable = False
         return view
 
@@ -88,7 +121,7 @@ class QuantLinear:
 
     @property
     def weight(self) -> WeightTensor:
-        return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self._data)
+        return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self._blocks())
 
     def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
         """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
@@ -98,16 +131,19 @@ class QuantLinear:
         if k != self.in_features:
             raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")
         y = np.empty((t, self.out_features), dtype=np.float32)
-        if t:
-            _kernels().matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
-                              (t, self.out_features, k, max(0, int(max_threads))))
+        if t and self._packed:  # the per-call dot choice does not apply: the layout was chosen at load
+            self._kernels().modular_matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
+                                           (t, self.out_features, k))
+        elif t:
+            self._kernels().matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
+                                   (t, self.out_features, k, max(0, int(max_threads))))
         return y
 
     __call__ = forward
 
     def dequantize(self) -> np.ndarray:
         """The weights as float32 [out_features, in_features] (for references and debugging)."""
-        return dequantize(self._data, self.qtype, (self.out_features, self.in_features))
+        return dequantize(self._blocks(), self.qtype, (self.out_features, self.in_features))
 
     @classmethod
     def concat(cls, linears: Sequence["QuantLinear"], name: str | None = None) -> "QuantLinear":
@@ -123,7 +159,7 @@ class QuantLinear:
         ks = {l.in_features for l in linears}
         if len(ks) != 1:
             raise ValueError(f"concat needs one in_features, got {sorted(ks)}")
-        data = np.concatenate([l._data for l in linears], axis=0)
+        data = np.concatenate([l._blocks() for l in linears], axis=0)
         n = int(data.shape[0])
         fused = cls(WeightTensor(name or "+".join(l.name for l in linears), (n, ks.pop()), qtypes.pop(), data))
         fused.parts = tuple(p for l in linears for p in l.parts)
@@ -136,16 +172,16 @@ class QuantLinear:
 def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
     """float32 [..., K] -> uint8 [..., K/32 * block_bytes] GGUF blocks, bit-identical to
     gguf.quants.quantize for Q4_0, Q4_1 and Q8_0."""
-    _check_qtype(qtype)
+    _check_qtype(qtype, QUANTIZE_TYPES)
     check_array("x", x, np.float32)
     if x.ndim < 1:
         raise ValueError("x must have at least one dimension (the row)")
     k = int(x.shape[-1])
-    _check_row_length(k, "x's last axis")
+    _check_row_length(k, "x's last axis", BLOCK_SIZE[qtype])
     if not np.isfinite(x).all():
         raise ValueError("x must be finite: NaN or inf cannot be block-quantized")
     rows = x.size // k
-    out = np.empty(x.shape[:-1] + (k // QK * BLOCK_BYTES[qtype],), dtype=np.uint8)
+    out = np.empty(x.shape[:-1] + (k // BLOCK_SIZE[qtype] * BLOCK_BYTES[qtype],), dtype=np.uint8)
     if rows:
         _kernels().quantize(TYPE_CODES[qtype], x.ctypes.data, out.ctypes.data, (rows, k))
     return out
@@ -164,14 +200,14 @@ def dequantize(raw: np.ndarray, qtype: str, shape: Sequence[int]) -> np.ndarray:
     if not shape or any(s < 0 for s in shape):
         raise ValueError(f"shape must be a non-empty tuple of non-negative sizes, got {shape}")
     k = shape[-1]
-    _check_row_length(k, "shape's last axis")
+    _check_row_length(k, "shape's last axis", BLOCK_SIZE[qtype])
     rows = int(np.prod(shape[:-1], dtype=np.int64))
-    need = rows * (k // QK) * BLOCK_BYTES[qtype]
+    need = rows * (k // BLOCK_SIZE[qtype]) * BLOCK_BYTES[qtype]
     if raw.size != need:
         raise ValueError(f"{qtype} {shape} needs {need} bytes of blocks, raw has {raw.size}")
     out = np.empty(shape, dtype=np.float32)
     if rows:
-        _kernels().dequantize(TYPE_CODES[qtype], raw.ctypes.data, out.ctypes.data, (rows, k))
+        _module(qtype)().dequantize(TYPE_CODES[qtype], raw.ctypes.data, out.ctypes.data, (rows, k))
     return out
 
 
@@ -187,7 +223,7 @@ class EmbeddingTable:
         self.name = w.name
         self.vocab_size, self.dim = (int(s) for s in w.shape)
         if self.qtype in QUANT_TYPES:
-            _check_row_length(self.dim, f"tensor {w.name}: embedding dim")
+            _check_row_length(self.dim, f"tensor {w.name}: embedding dim", BLOCK_SIZE[self.qtype])
             self._data = _block_data(w, self.vocab_size, self.dim)
         else:
             data = np.asarray(w.data)
@@ -226,7 +262,7 @@ class EmbeddingTable:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for {self.name} (vocab size {self.vocab_size})")
         ids32 = np.ascontiguousarray(ids, dtype=np.int32)
-        _kernels().embedding(self._code, self._addr, ids32.ctypes.data, out.ctypes.data, (t, self.dim))
+        _module(self.qtype)().embedding(self._code, self._addr, ids32.ctypes.data, out.ctypes.data, (t, self.dim))
         return out
 
     __call__ = lookup
