@@ -331,64 +331,82 @@ def bench_attention(opts: Options) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# quant: GGUF Q4_1 / Q8_0 matmul on the blocks (mojo/quant.mojo) vs numpy f32 on the dequantized W
+# quant: GGUF Q4_0 / Q4_1 / Q8_0 matmul on the blocks (mojo/quant.mojo), float and int8 activations,
+# vs numpy f32 on the dequantized W
 
 
 def bench_quant(opts: Options) -> list[dict]:
-    """Decode GEMV (one token through [N, K]): GB/s of weight bytes as stored (20 B per 32
-    weights for Q4_1, 34 B for Q8_0) against numpy's f32 GEMV on the dequantized weight and
-    against the host read bandwidth (read_bw_gbs, the cpu backend's probe). A weight that fits in the caches
-    (576x1536: 0.55 MB) can beat that DRAM figure. Prefill (T = 64, 512 tokens): GFLOP/s
-    against numpy's f32 GEMM on the dequantized weight and the machine's FMA peak. ok: the
-    kernel matches float64 on the dequantized weight to 1e-5 of sum |x| |w|."""
+    """Q4_0 / Q4_1 / Q8_0 matmul on the blocks, per dot-product path (`dot`): "float" (float32
+    activations) and each int8-activation path this host's build has (int8_paths(), the default
+    first; "generic" is plain Mojo SIMD without x86 intrinsics).
+    Decode GEMV (one token through [N, K]): GB/s of weight bytes as stored (18 / 20 / 34 B per 32
+    weights) against numpy's f32 GEMV on the dequantized weight and against the host read
+    bandwidth (read_bw_gbs, the cpu backend's probe). A weight that fits in the caches (576x1536:
+    0.55 MB) can beat that DRAM figure. Prefill (T = 64, 512 tokens): GFLOP/s of "float" (the GEMM)
+    and "int8" (the GEMV on 8 rows at a time) against numpy's f32 GEMM on the dequantized weight
+    and the machine's FMA peak. max_rel_err: |y - float64 on the dequantized weight| / sum |x| |w|;
+    ok: float within 1e-5 of that; int8 within its activation-rounding bound
+    (sum_b dx_b / 2 * sum_j |w_j|, dx = the block's max |x| / 127) plus the same 1e-5."""
     from mojollm.backends import get_backend
     from mojollm.kernels import linalg
-    from mojollm.kernels.quant import QuantLinear, quantize
+    from mojollm.kernels.quant import QuantLinear, int8_paths, quantize
     from mojollm.kernels.quant import _kernels as quant_kernels
     from mojollm.weights import WeightTensor
 
     threads = int(quant_kernels().num_threads())
     peak = linalg.fma_peak_gflops()
     bw = get_backend("cpu").memory_bandwidth_gbs()
+    paths = int8_paths()
     common = {"section": "quant", "threads": threads, "peer": "numpy f32 (OpenBLAS) on dequantized W",
               "peer_threads": numpy_threads()}
     shapes = [(576, 1536), (4096, 4096)] if opts.quick else [(576, 1536), (4096, 4096), (4096, 14336)]
     tokens = (64,) if opts.quick else (64, 512)
+    gemv_dots = ["float", *(paths[:1] if opts.quick else paths)]
     rows: list[dict] = []
     for n, k in shapes:
         rng = _rng(4, n, k)
         w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
-        for qtype in ("Q4_1", "Q8_0"):
+        for qtype in ("Q4_0", "Q4_1", "Q8_0"):
             lin = QuantLinear(WeightTensor(f"w{n}x{k}", (n, k), qtype, quantize(w, qtype)))
             wd = lin.dequantize()  # the peer's weight: exactly what the blocks hold, as float32
             wd64 = wd.astype(np.float64)
+            wblock = np.abs(wd64).reshape(n, k // 32, 32).sum(-1)  # sum_j |w_j| per block
             for t_tok in (1, *tokens):
                 x = rng.standard_normal((t_tok, k), dtype=np.float32)
                 x64 = x.astype(np.float64)
-                err = float(np.max(np.abs(lin.forward(x) - x64 @ wd64.T) / (np.abs(x64) @ np.abs(wd64).T)))
+                ref, scale = x64 @ wd64.T, np.abs(x64) @ np.abs(wd64).T
+                dx = np.abs(x64).reshape(t_tok, k // 32, 32).max(-1) / 127
+                int8_bound = 0.5 * dx @ wblock.T + 1e-5 * scale
                 flops = 2.0 * t_tok * n * k
+                dots = gemv_dots if t_tok == 1 else ["float", "int8"]
+                fns = {d: (lambda d=d: lin.forward(x, dot=d)) for d in dots}
                 if t_tok == 1:
                     x1 = x[0].copy()
-                    fns = {"mojo": lambda: lin.forward(x), "numpy": lambda: wd @ x1}
+                    fns["numpy"] = lambda: wd @ x1
                     reps = max(5, min(200, int(2e9 / lin.nbytes)))
                     t = time_blocks(fns, opts.reps(reps), opts.rounds, pause_s=0.1)
                 else:
-                    fns = {"mojo": lambda: lin.forward(x), "numpy": lambda: x @ wd.T}
+                    fns["numpy"] = lambda: x @ wd.T
                     t = time_blocks(fns, opts.reps(max(2, min(20, int(5e9 / flops)))), opts.rounds)
-                med = t["mojo"]["median_s"]
-                row = {**common, "op": "quant_gemv" if t_tok == 1 else "quant_gemm",
-                       "shape": f"{t_tok}x{n}x{k}", "dtype": qtype, "weight_mib": lin.nbytes / 2**20,
-                       "median_s": med, "best_s": t["mojo"]["best_s"], "gflops": flops / med / 1e9,
-                       "peer_median_s": t["numpy"]["median_s"], "vs_peer": t["numpy"]["median_s"] / med}
-                if t_tok == 1:
-                    gbs = lin.nbytes / med / 1e9
-                    row.update({"gbs": gbs, "best_gbs": lin.nbytes / t["mojo"]["best_s"] / 1e9,
-                                "peer_gbs": wd.nbytes / t["numpy"]["median_s"] / 1e9,
-                                "read_bw_gbs": bw, "fraction_of_read_bw": gbs / bw})
-                else:
-                    row.update({"peer_gflops": flops / t["numpy"]["median_s"] / 1e9, "peak_gflops": peak,
-                                "fraction_of_peak": flops / med / 1e9 / peak})
-                rows.append({**row, "max_rel_err": err, "ok": err < 1e-5})
+                for dot in dots:
+                    diff = np.abs(lin.forward(x, dot=dot) - ref)
+                    err = float(np.max(diff / scale))
+                    ok = err < 1e-5 if dot == "float" else bool(np.all(diff <= int8_bound))
+                    med = t[dot]["median_s"]
+                    row = {**common, "op": "quant_gemv" if t_tok == 1 else "quant_gemm", "dot": dot,
+                           "shape": f"{t_tok}x{n}x{k}", "dtype": qtype, "weight_mib": lin.nbytes / 2**20,
+                           "median_s": med, "best_s": t[dot]["best_s"], "gflops": flops / med / 1e9,
+                           "vs_float": t["float"]["median_s"] / med,
+                           "peer_median_s": t["numpy"]["median_s"], "vs_peer": t["numpy"]["median_s"] / med}
+                    if t_tok == 1:
+                        gbs = lin.nbytes / med / 1e9
+                        row.update({"gbs": gbs, "best_gbs": lin.nbytes / t[dot]["best_s"] / 1e9,
+                                    "peer_gbs": wd.nbytes / t["numpy"]["median_s"] / 1e9,
+                                    "read_bw_gbs": bw, "fraction_of_read_bw": gbs / bw})
+                    else:
+                        row.update({"peer_gflops": flops / t["numpy"]["median_s"] / 1e9, "peak_gflops": peak,
+                                    "fraction_of_peak": flops / med / 1e9 / peak})
+                    rows.append({**row, "max_rel_err": err, "ok": ok})
     return rows
 
 

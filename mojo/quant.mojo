@@ -9,25 +9,31 @@
 # Every entry takes raw addresses and sizes from mojollm.kernels.quant, which has already
 # checked shapes, dtypes, contiguity and id ranges; nothing here re-validates.
 #
-# Y[T, N] = X[T, K] @ W[N, K]^T straight from the blocks, never a dequantized copy of W:
-#   * T <= 8 (decode, small batches): each row's blocks are streamed once and decoded in
-#     registers. One token: a block adds d * dot(q, x) + m * sum(x) (Q4_0: m = -8d), i.e. one
-#     nibble decode and three FMAs. Several tokens: the block is dequantized once in
-#     registers (q * d + m) and costs two FMAs per token; two rows share every x load.
-#     Rows are split over the cores in ONE parallel region.
-#   * T > 8 (prefill): a GEMM. X is packed transposed (k-major, 16 tokens per vector); each
+# Y[T, N] = X[T, K] @ W[N, K]^T straight from the blocks, never a dequantized copy of W. The
+# `path` argument picks the arithmetic (PATH_*; default: int8 for T <= 8, float above):
+#   * int8 activations (decode, T <= 8): the activations are quantized once per call, per
+#     32-block, to int8 with a float32 scale (dx = max|x| / 127, q = round-half-even(x * (1/dx)),
+#     Q8_0-style, plus the block's sum of codes); each weight block then takes integer dot
+#     products, 32 (weight code, activation code) products summed exactly in int32, scaled once
+#     per block by float32(dw * dx). The instruction set follows the compile host (see "int8
+#     paths" below). As llama.cpp's Q8 activations, this rounds each activation by <= dx/2.
+#   * float, T <= 8: each row's blocks are streamed once and decoded in registers. One token: a
+#     block adds d * dot(q, x) + m * sum(x) (Q4_0: m = -8d), i.e. one nibble decode and three
+#     FMAs. Several tokens: the block is dequantized once in registers (q * d + m) and costs two
+#     FMAs per token; two rows share every x load.
+#   * float, T > 8 (prefill): a GEMM. X is packed transposed (k-major, 16 tokens per vector); each
 #     core dequantizes MR rows x KC columns of W into an L1 tile and runs an MR x 32-token
 #     register microkernel over every token block, so each W block is decoded once per call
 #     and reused T times. The packed X chunk (T x KC) stays in L2 across row panels.
-# Activations stay float32 throughout (no int8 activation quantization): results match a
-# float64 product on the dequantized weights to float32 rounding.
+# GEMVs split rows over the cores in ONE parallel region. The float path keeps activations in
+# float32: its results match a float64 product on the dequantized weights to float32 rounding.
 
 from std.math import floor, trunc
 from std.memory import alloc, bitcast
 from std.os import abort
-from std.python import PythonObject
+from std.python import Python, PythonObject
 from std.python.bindings import PythonModuleBuilder
-from std.sys import llvm_intrinsic, num_physical_cores
+from std.sys import CompilationTarget, llvm_intrinsic, num_physical_cores
 from std.sys.intrinsics import PrefetchOptions, prefetch
 
 from max.algorithm import parallelize
@@ -101,9 +107,13 @@ def _codes[qt: Int](u8: U8Ptr, off: Int, mut lo: V16, mut hi: V16):
         var q = u8.unsafe_load[width=16](off + qs).cast[DType.int32]()
         # A table lookup (vpermps reads only the low 4 bits of each index) turns a nibble into
         # its float value in one shuffle, where masking and converting take two instructions.
-        comptime codes = V16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-        lo = llvm_intrinsic["llvm.x86.avx512.permvar.sf.512", V16](codes, q)
-        hi = llvm_intrinsic["llvm.x86.avx512.permvar.sf.512", V16](codes, q >> 4)
+        comptime if CompilationTarget.has_avx512f():
+            comptime codes = V16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+            lo = llvm_intrinsic["llvm.x86.avx512.permvar.sf.512", V16](codes, q)
+            hi = llvm_intrinsic["llvm.x86.avx512.permvar.sf.512", V16](codes, q >> 4)
+        else:  # other hosts (AVX2, Arm): mask and convert
+            lo = (q & 15).cast[DType.float32]()
+            hi = (q >> 4).cast[DType.float32]()
 
 
 @always_inline
@@ -282,6 +292,350 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
     _ = sums^
 
 
+# ---------------------------------------------------------------- GEMV with int8 activations
+#
+# y[t, r] = sum_b float32(dw_b * dx_tb) * idot_b + (Q4_1) m_b * sx_tb, where per 32-block b:
+#   idot_b = sum_j c_j * q_j exactly in int32: c the weight codes (Q4_0: nibble - 8, Q4_1: nibble,
+#            Q8_0: the int8), q the activation codes (|q| <= 127);
+#   sx_tb  = float32(dx_tb * sum_j q_j), the activation block's sum for Q4_1's offset m (Q8_1-style).
+# x86's byte dot products multiply UNSIGNED bytes by signed ones, so the VNNI paths feed offset
+# codes (Q4_0: the nibble 0..15, Q8_0: q + 128) and start each block's int32 sum from
+# -offset * sum_j q_j instead of zero (`corr`, computed with the activations); integer sums, so
+# this changes nothing in the result. The float work is one FMA per 8 int32 lanes.
+#
+# int8 paths (PATH_*): every path produces the same int32 block sums; only the float32
+# accumulation of the scaled lanes differs in rounding. A path is compiled only when the host's
+# compile target has its instructions (_path_ok); the others raise if asked for.
+
+comptime PATH_AUTO = -1  # int8 on the best path for T <= 8, float GEMM above
+comptime PATH_FLOAT = 0  # float32 activations (the reference)
+comptime PATH_GENERIC = 1  # portable SIMD: int16 products of sign-extended codes (any host)
+comptime PATH_AVX2 = 2  # vpmaddubsw + vpmaddwd on 32-byte vectors (Q8_0: vpsignb, no offset)
+comptime PATH_VNNI256 = 3  # vpdpbusd on 32-byte vectors (AVX-VNNI, or AVX512-VNNI + VL)
+comptime PATH_VNNI512 = 4  # vpdpbusd on 64-byte vectors, two blocks per instruction (AVX512-VNNI + BW)
+comptime N_PATHS = 5
+
+comptime I32x8 = SIMD[DType.int32, 8]
+comptime I32x16 = SIMD[DType.int32, 16]
+comptime U8x32 = SIMD[DType.uint8, 32]
+comptime U8x64 = SIMD[DType.uint8, 64]
+comptime I8x32 = SIMD[DType.int8, 32]
+comptime I8x64 = SIMD[DType.int8, 64]
+comptime F32x4 = SIMD[DType.float32, 4]
+comptime F32x8 = SIMD[DType.float32, 8]
+
+
+@always_inline
+def _path_ok[path: Int]() -> Bool:
+    """Whether the compile target (the host) has the instructions of int8 path `path`."""
+    comptime if path == PATH_FLOAT or path == PATH_GENERIC:
+        return True
+    elif path == PATH_AVX2:
+        return CompilationTarget.has_avx2()
+    elif path == PATH_VNNI256:
+        return CompilationTarget._has_feature["avxvnni"]() or (
+            CompilationTarget._has_feature["avx512vnni"]() and CompilationTarget._has_feature["avx512vl"]())
+    elif path == PATH_VNNI512:
+        return CompilationTarget._has_feature["avx512vnni"]() and CompilationTarget._has_feature["avx512bw"]()
+    else:
+        return False
+
+
+def _best_path() -> Int:
+    """The int8 path used by default: the widest the host has."""
+    comptime if _path_ok[PATH_VNNI512]():
+        return PATH_VNNI512
+    elif _path_ok[PATH_VNNI256]():
+        return PATH_VNNI256
+    elif _path_ok[PATH_AVX2]():
+        return PATH_AVX2
+    else:
+        return PATH_GENERIC
+
+
+@always_inline
+def _code_offset[qt: Int, path: Int]() -> Int:
+    """What the path's weight codes exceed the true codes by (folded into `corr`): the unsigned
+    x86 dot products need the nibble (Q4_0) and q + 128 (Q8_0, VNNI only: AVX2 multiplies |q| by
+    sign-adjusted activations instead, since vpmaddubsw saturates 255 * 127 * 2)."""
+    comptime if path == PATH_GENERIC or qt == Q4_1:
+        return 0
+    elif qt == Q4_0:
+        return 8
+    elif path == PATH_AVX2:
+        return 0
+    else:
+        return 128
+
+
+@always_inline
+def _block_codes[qt: Int, path: Int](u8: U8Ptr, off: Int) -> U8x32:
+    """The 32 weight codes of the block at byte `off`, in element order, as the path's dot takes
+    them (generic: the true signed codes as bytes; see _code_offset for the others)."""
+    comptime if qt == Q8_0:
+        var q = u8.unsafe_load[width=32](off + 2)
+        comptime if _code_offset[qt, path]() == 128:
+            return q ^ 0x80
+        return q
+    else:
+        comptime qs = 2 if qt == Q4_0 else 4
+        var v = u8.unsafe_load[width=16](off + qs)
+        var c = (v & 15).join(v >> 4)
+        comptime if path == PATH_GENERIC and qt == Q4_0:
+            return c - 8  # wraps to the int8 bit pattern of c - 8
+        return c
+
+
+@always_inline
+def _pair_codes[qt: Int, path: Int, p: Int](u8: U8Ptr, goff: Int) -> U8x64:
+    """Codes of blocks 2p and 2p + 1 of the four-block group at byte `goff`, the first block's in
+    bytes 0..31 (as _block_codes gives them)."""
+    comptime BB = _block_bytes[qt]()
+    var off = goff + 2 * p * BB
+    comptime if path == PATH_VNNI512 and qt != Q8_0:
+        # Wanted: [a, a, c, c] (a, c: the blocks' 16 nibble bytes), the odd 16-byte lanes then
+        # shifted right by 4 with one variable shift, and masked. With AVX512-VBMI one byte
+        # permute of a 64-byte load that stays inside the group builds it; else two loads and
+        # lane shuffles.
+        comptime qs = 2 if qt == Q4_0 else 4
+        var w: U8x64
+        comptime if CompilationTarget._has_feature["avx512vbmi"]():
+            comptime base = 0 if p == 0 else 4 * BB - 64  # pair 1: the group's last 64 bytes
+            comptime a0 = 2 * p * BB + qs - base
+            comptime c0 = a0 + BB
+            var idx = U8x64(0)
+            comptime for i in range(16):
+                idx[i] = UInt8(a0 + i)
+                idx[16 + i] = UInt8(a0 + i)
+                idx[32 + i] = UInt8(c0 + i)
+                idx[48 + i] = UInt8(c0 + i)
+            w = llvm_intrinsic["llvm.x86.avx512.permvar.qi.512", U8x64](u8.unsafe_load[width=64](goff + base), idx)
+        else:
+            var a = u8.unsafe_load[width=16](off + qs)
+            var c = u8.unsafe_load[width=16](off + BB + qs)
+            w = a.join(a).join(c.join(c))
+        comptime shifts = SIMD[DType.uint16, 32](0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
+                                                 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)
+        return bitcast[DType.uint8, 64](bitcast[DType.uint16, 32](w) >> shifts) & 15
+    else:
+        return _block_codes[qt, path](u8, off).join(_block_codes[qt, path](u8, off + BB))
+
+
+@always_inline
+def _block_dot[qt: Int, path: Int](w: U8x32, x: I8x32, corr: I32x8) -> I32x8:
+    """Eight int32 lanes summing to corr + sum_j w_j * x_j over one block (w as _block_codes gives
+    it; corr is used only where _code_offset is not 0)."""
+    comptime if path == PATH_VNNI256 or path == PATH_VNNI512:
+        return llvm_intrinsic["llvm.x86.avx512.vpdpbusd.256", I32x8](corr, w, x)
+    elif path == PATH_AVX2:
+        var p16: SIMD[DType.int16, 16]
+        comptime if qt == Q8_0:
+            var ws = bitcast[DType.int8, 32](w)
+            var xs = llvm_intrinsic["llvm.x86.avx2.psign.b", I8x32](x, ws)
+            p16 = llvm_intrinsic["llvm.x86.avx2.pmadd.ub.sw", SIMD[DType.int16, 16]](bitcast[DType.uint8, 32](abs(ws)), xs)
+        else:
+            p16 = llvm_intrinsic["llvm.x86.avx2.pmadd.ub.sw", SIMD[DType.int16, 16]](w, x)
+        var s = llvm_intrinsic["llvm.x86.avx2.pmadd.wd", I32x8](p16, SIMD[DType.int16, 16](1))
+        comptime if _code_offset[qt, path]() != 0:
+            s += corr
+        return s
+    else:
+        # Products widened to int32 (LLVM multiplies them as 16-bit lanes: x86 vpmaddwd), then
+        # halves added: which lanes hold which products does not matter, only their sum.
+        var prod = bitcast[DType.int8, 32](w).cast[DType.int32]() * x.cast[DType.int32]()
+        var s16 = prod.slice[16, offset=0]() + prod.slice[16, offset=16]()
+        return s16.slice[8, offset=0]() + s16.slice[8, offset=8]()
+
+
+@always_inline
+def _pair_dot[qt: Int, path: Int](w: U8x64, x: I8x64, corr: I32x16) -> I32x16:
+    """_block_dot of two blocks at once: lanes 0..7 the first, 8..15 the second."""
+    comptime if path == PATH_VNNI512:
+        return llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](corr, w, x)
+    else:
+        var lo = _block_dot[qt, path](w.slice[32, offset=0](), x.slice[32, offset=0](), corr.slice[8, offset=0]())
+        var hi = _block_dot[qt, path](w.slice[32, offset=32](), x.slice[32, offset=32](), corr.slice[8, offset=8]())
+        return lo.join(hi)
+
+
+@always_inline
+def _pair_scale[p: Int](s4: F32x4) -> V16:
+    """[s4[2p] x 8, s4[2p + 1] x 8]: one lane shuffle."""
+    var s = s4.join(s4).join(s4.join(s4))
+    comptime if p == 0:
+        return s.shuffle[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]()
+    else:
+        return s.shuffle[2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3]()
+
+
+comptime I8U = Pointer[Int8, MutUntrackedOrigin]
+comptime I32U = Pointer[Int32, MutUntrackedOrigin]
+comptime F32U = Pointer[Float32, MutUntrackedOrigin]
+
+
+@fieldwise_init
+struct Acts(ImplicitlyCopyable, Movable):
+    """Activations quantized for the int8 GEMV, T rows of nb blocks, row-major:
+    q int8 [T, K] (element order), d float32 [T, nb] (the scales dx), sx float32 [T, nb]
+    (dx * sum q, Q4_1's offset term), corr int32 [T, nb, 8] (lane 0: -offset * sum q, the rest 0)."""
+
+    var q: I8U
+    var d: F32U
+    var sx: F32U
+    var corr: I32U
+    var k: Int
+    var nb: Int
+
+    def rows(self, t0: Int) -> Self:
+        """The same activations from row t0 on."""
+        return Self(self.q.unsafe_offset(t0 * self.k), self.d.unsafe_offset(t0 * self.nb),
+                    self.sx.unsafe_offset(t0 * self.nb), self.corr.unsafe_offset(t0 * self.nb * 8), self.k, self.nb)
+
+
+def _quantize_acts(x: F32Ptr, t: Int, a: Acts, offset: Int):
+    """Q8-style quantization of x[T, K], per 32-block: dx = max|x| / 127, q = round-half-even(x * (1/dx))
+    (|q| <= 127), computed in float32 exactly as tests/test_quant_int8.py repeats it. A block with
+    max|x| < 1e-30 gets dx = 0 (1/dx would overflow); one holding NaN or inf gets dx = NaN and
+    q = 0, so the outputs it reaches are NaN as on the float path."""
+    for row in range(t):
+        for b in range(a.nb):
+            var i = row * a.nb + b
+            var v = x.unsafe_load[width=32](row * a.k + b * QK)
+            var amax = abs(v).reduce_max()
+            var d: Float32 = 0
+            var id: Float32 = 0
+            # NaN or inf (all exponent bits set; max() may skip a NaN): d = NaN, q = 0
+            var bad = (bitcast[DType.uint32, 32](v) & 0x7F800000).eq(0x7F800000).reduce_or()
+            if bad:
+                d = bitcast[DType.float32, 1](UInt32(0x7FC00000))
+            elif amax >= 1e-30:
+                d = amax / 127
+                id = 1 / d
+            var q = SIMD[DType.int32, 32](0)
+            if id != 0:
+                q = round(v * id).cast[DType.int32]()
+            a.q.unsafe_store(row * a.k + b * QK, q.cast[DType.int8]())
+            var qsum = q.reduce_add()
+            a.d[unsafe_offset=i] = d
+            a.sx[unsafe_offset=i] = d * qsum.cast[DType.float32]()
+            var c = I32x8(0)
+            c[0] = Int32(-offset) * qsum
+            a.corr.unsafe_store(i * 8, c)
+
+
+@always_inline
+def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Acts, y: F32Ptr, n: Int, r: Int):
+    """y[t, r] for TT activation rows, streaming W's row r once: blocks four at a time (their
+    scales decoded together), two blocks per 16-lane step, each decoded once for all TT rows."""
+    comptime BB = _block_bytes[qt]()
+    comptime HB = BB // 2
+    comptime G = 4
+    var nb = a.nb
+    var k = a.k
+    var u8 = U8Ptr(unsafe_from_address=w_addr + r * row_bytes)
+    var h = F16Ptr(unsafe_from_address=w_addr + r * row_bytes)
+    var acc = Array[V16, 2 * TT](fill=0)  # two chains per row (the pair's parity) for FMA latency
+    var accm = Array[F32x4, TT](fill=0)
+    var b = 0
+    while b + G <= nb:
+        comptime for line in range(0, G * BB, 64):
+            prefetch[PrefetchOptions().for_read().medium_locality().to_data_cache()](
+                u8.unsafe_offset(b * BB + line + PF_BYTES))
+        var sc = _group_scales[qt](h, b * HB)
+        var dw = sc.slice[4, offset=0]()
+        var s4 = Array[F32x4, TT](fill=0)
+        comptime for t in range(TT):
+            s4[t] = dw * a.d.unsafe_load[width=4](t * nb + b)
+        comptime for p in range(2):
+            var bb = b + 2 * p
+            var w = _pair_codes[qt, path, p](u8, b * BB)
+            comptime for t in range(TT):
+                var corr = I32x16(0)
+                comptime if _code_offset[qt, path]() != 0:
+                    corr = a.corr.unsafe_load[width=16]((t * nb + bb) * 8)
+                var dot = _pair_dot[qt, path](w, a.q.unsafe_load[width=64](t * k + bb * QK), corr)
+                acc[2 * t + p] = dot.cast[DType.float32]().fma(_pair_scale[p](s4[t]), acc[2 * t + p])
+        comptime if qt == Q4_1:
+            var m = sc.slice[4, offset=4]()
+            comptime for t in range(TT):
+                accm[t] = m.fma(a.sx.unsafe_load[width=4](t * nb + b), accm[t])
+        b += G
+    var tail = Array[F32x8, TT](fill=0)
+    var tailm = Array[Float32, TT](fill=0)
+    while b < nb:
+        var dw = _scale(h, b * HB)
+        var w = _block_codes[qt, path](u8, b * BB)
+        comptime for t in range(TT):
+            var corr = I32x8(0)
+            comptime if _code_offset[qt, path]() != 0:
+                corr = a.corr.unsafe_load[width=8]((t * nb + b) * 8)
+            var dot = _block_dot[qt, path](w, a.q.unsafe_load[width=32](t * k + b * QK), corr)
+            tail[t] = dot.cast[DType.float32]().fma(F32x8(dw * a.d[unsafe_offset=t * nb + b]), tail[t])
+            comptime if qt == Q4_1:
+                tailm[t] += _scale(h, b * HB + 1) * a.sx[unsafe_offset=t * nb + b]
+        b += 1
+    comptime for t in range(TT):
+        var total = acc[2 * t] + acc[2 * t + 1]
+        var s = total.reduce_add() + tail[t].reduce_add()
+        comptime if qt == Q4_1:
+            s += accm[t].reduce_add() + tailm[t]
+        y[unsafe_offset=t * n + r] = s
+
+
+def _gemv_i8_rows[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Acts, y: F32Ptr, n: Int, r0: Int, r1: Int):
+    for r in range(r0, r1):
+        _gemv_i8_row[qt, path, TT](w_addr, row_bytes, a, y, n, r)
+
+
+def _gemv_i8[qt: Int, path: Int, TT: Int](w_addr: Int, a: Acts, y: F32Ptr, n: Int, max_items: Int) raises:
+    comptime BB = _block_bytes[qt]()
+    var row_bytes = a.nb * BB
+    var items = _work_items(n, row_bytes * TT, 16, GEMV_PARALLEL_MIN_BYTES)
+    if max_items > 0:
+        items = min(items, max_items)
+    if items == 1:
+        _gemv_i8_rows[qt, path, TT](w_addr, row_bytes, a, y, n, 0, n)
+    else:
+        def work(i: Int) {imm w_addr, imm row_bytes, imm a, imm y, imm n, imm items}:
+            _gemv_i8_rows[qt, path, TT](w_addr, row_bytes, a, y, n, i * n // items, (i + 1) * n // items)
+        parallelize(work, items)
+
+
+def _matmul_i8[qt: Int, path: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+    """Quantize the T activation rows once, then run the GEMV on them eight rows at a time (more
+    than eight only when int8 is forced: the weights are then streamed once per eight rows)."""
+    var nb = k // QK
+    var q_buf = List[Int8](length=t * k, fill=0)
+    var f_buf = List[Float32](length=2 * t * nb, fill=0)
+    var c_buf = List[Int32](length=8 * t * nb, fill=0)
+    var f = F32U(unsafe_from_address=Int(f_buf.unsafe_ptr()))
+    var a = Acts(I8U(unsafe_from_address=Int(q_buf.unsafe_ptr())), f, f.unsafe_offset(t * nb),
+                 I32U(unsafe_from_address=Int(c_buf.unsafe_ptr())), k, nb)
+    _quantize_acts(F32Ptr(unsafe_from_address=x_addr), t, a, _code_offset[qt, path]())
+    var t0 = 0
+    while t0 < t:
+        var tt = min(SMALL_T, t - t0)
+        var y = F32Ptr(unsafe_from_address=y_addr + t0 * n * 4)
+        comptime for c in range(1, SMALL_T + 1):  # one GEMV instance per row count
+            if tt == c:
+                _gemv_i8[qt, path, c](w_addr, a.rows(t0), y, n, max_items)
+        t0 += tt
+    _ = q_buf^
+    _ = f_buf^
+    _ = c_buf^
+
+
+def _matmul_path[qt: Int](path: Int, w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+    comptime for p in range(PATH_GENERIC, N_PATHS):
+        if path == p:
+            comptime if _path_ok[p]():
+                _matmul_i8[qt, p](w_addr, x_addr, y_addr, t, n, k, max_items)
+                return
+            else:
+                raise Error("matmul: int8 path ", p, " needs instructions this host's build does not have")
+    raise Error("matmul: unknown path code ", path)
+
+
 # ---------------------------------------------------------------- GEMM (prefill)
 
 
@@ -423,7 +777,10 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     xp_buf.free()
 
 
-def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int, path: Int) raises:
+    if path != PATH_FLOAT and (path != PATH_AUTO or t <= SMALL_T):
+        _matmul_path[qt](_best_path() if path == PATH_AUTO else path, w_addr, x_addr, y_addr, t, n, k, max_items)
+        return
     if t > SMALL_T:
         _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
         return
@@ -433,8 +790,9 @@ def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: I
 
 
 def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObject, dims: PythonObject) raises -> PythonObject:
-    """Compute y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K, max_work_items)
-    where max_work_items 0 lets the kernel choose and 1 keeps it on the calling thread."""
+    """Compute y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K, max_work_items,
+    path) where max_work_items 0 lets the kernel choose and 1 keeps it on the calling thread, and
+    path is a PATH_* code: -1 (auto: int8 for T <= 8, float above), 0 (float), or an int8 path."""
     var qt = Int(py=qtype)
     var w_addr = Int(py=w)
     var x_addr = Int(py=x)
@@ -443,12 +801,13 @@ def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObjec
     var n = Int(py=dims[1])
     var k = Int(py=dims[2])
     var max_items = Int(py=dims[3])
+    var path = Int(py=dims[4])
     if qt == Q4_0:
-        _matmul[Q4_0](w_addr, x_addr, y_addr, t, n, k, max_items)
+        _matmul[Q4_0](w_addr, x_addr, y_addr, t, n, k, max_items, path)
     elif qt == Q4_1:
-        _matmul[Q4_1](w_addr, x_addr, y_addr, t, n, k, max_items)
+        _matmul[Q4_1](w_addr, x_addr, y_addr, t, n, k, max_items, path)
     elif qt == Q8_0:
-        _matmul[Q8_0](w_addr, x_addr, y_addr, t, n, k, max_items)
+        _matmul[Q8_0](w_addr, x_addr, y_addr, t, n, k, max_items, path)
     else:
         raise Error("matmul: unsupported type code ", qt)
     return PythonObject(None)
@@ -693,6 +1052,18 @@ def num_threads() raises -> PythonObject:
     return PythonObject(num_physical_cores())
 
 
+def int8_paths() raises -> PythonObject:
+    """The int8 path codes this build has, the default (best) first."""
+    var best = _best_path()
+    var out = Python.list()
+    out.append(best)
+    comptime for p in range(N_PATHS - 1, PATH_GENERIC - 1, -1):
+        comptime if _path_ok[p]():
+            if p != best:
+                out.append(p)
+    return out
+
+
 @export
 def PyInit_quant() abi("C") -> PythonObject:
     try:
@@ -702,6 +1073,7 @@ def PyInit_quant() abi("C") -> PythonObject:
         m.def_function[quantize]("quantize", docstring="float32 -> GGUF blocks: (qtype, src, dst, (rows, K))")
         m.def_function[embedding]("embedding", docstring="row gather: (qtype, table, ids, out, (T, D))")
         m.def_function[num_threads]("num_threads")
+        m.def_function[int8_paths]("int8_paths", docstring="int8 path codes of this build, the default first")
         return m.finalize()
     except e:
         abort(String("failed to create the quant module: ", e))

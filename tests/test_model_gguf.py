@@ -204,9 +204,20 @@ TINY_TYPES = {"token_embd": "Q8_0", "output": "Q4_1", "attn_q": "Q4_0", "attn_k"
 UNIFORM_TYPES = {k: "Q4_1" for k in TINY_TYPES}
 
 
+@pytest.fixture
+def float_activations():
+    """Quantized layers on the float path (the float32 bounds below; by default decode-sized
+    calls quantize activations to int8, tested in test_quant_int8)."""
+    from mojollm.kernels import quant
+
+    previous = quant.set_default_dot("float")
+    yield
+    quant.set_default_dot(previous)
+
+
 @pytest.mark.parametrize("arch,types", [("llama", TINY_TYPES), ("llama", UNIFORM_TYPES), ("qwen2", UNIFORM_TYPES)],
                          ids=["llama_mixed_types", "llama_uniform_q4_1", "qwen2_bias_q4_1"])
-def test_tiny_gguf_matches_transformers(make_hf_model, cpu_backend, tmp_path, arch, types):
+def test_tiny_gguf_matches_transformers(make_hf_model, cpu_backend, tmp_path, arch, types, float_activations):
     from transformers import AutoModelForCausalLM
 
     hf_dir, torch_model = make_hf_model(arch, num_key_value_heads=2, intermediate_size=96)

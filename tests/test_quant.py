@@ -3,7 +3,8 @@
 References, all independent of the code under test:
   * quantize / dequantize: gguf.quants.quantize / dequantize, compared byte for byte
     (bit-exact: our kernels repeat numpy's float32 operations in the same order);
-  * matmul: float64 numpy on gguf's dequantized weights. float32 bound, per output:
+  * matmul (the float path, dot="float"; the int8-activation path is tests/test_quant_int8.py):
+    float64 numpy on gguf's dequantized weights. float32 bound, per output:
         |y - ref| <= 1e-5 * sum_k |x_k| |w_k|
     (float32 accumulation over <= 1536 terms in SIMD partial sums; a wrong block, scale or
     nibble order gives errors of order 1 in these units);
@@ -194,7 +195,7 @@ def test_matmul_vs_float64(qtype, t, n, k):
     rng = rng_for("mm", qtype, t, n, k)
     lin, w = quant_linear(rng, qtype, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    assert_matmul_close(lin.forward(x), x, w)
+    assert_matmul_close(lin.forward(x, dot="float"), x, w)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -209,7 +210,7 @@ def test_matmul_paths(qtype, t, n, k):
     rng = rng_for("paths", qtype, t, n, k)
     lin, w = quant_linear(rng, qtype, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    assert_matmul_close(lin.forward(x), x, w)
+    assert_matmul_close(lin.forward(x, dot="float"), x, w)
 
 
 @pytest.mark.parametrize("t", [1, 5, 40])
@@ -220,8 +221,8 @@ def test_matmul_threads_agree(t):
     rng = rng_for("threads", t)
     lin, w = quant_linear(rng, "Q4_1", 2201, 1536)
     x = rng.standard_normal((t, 1536)).astype(np.float32)
-    y = lin.forward(x)
-    np.testing.assert_array_equal(y, lin.forward(x, max_threads=1))
+    y = lin.forward(x, dot="float")
+    np.testing.assert_array_equal(y, lin.forward(x, max_threads=1, dot="float"))
     assert_matmul_close(y, x, w)
 
 
@@ -246,7 +247,7 @@ def test_concat_fuses_along_n(qtype, t):
     assert fused.parts == (9, 3, 3) and fused.out_features == 15 and fused.in_features == 96
     assert fused.nbytes == sum(p[0].nbytes for p in parts)
     x = rng.standard_normal((t, 96)).astype(np.float32)
-    assert_matmul_close(fused.forward(x), x, np.concatenate([p[1] for p in parts]))
+    assert_matmul_close(fused.forward(x, dot="float"), x, np.concatenate([p[1] for p in parts]))
 
 
 def test_concat_rejects_mixed_layers():
@@ -335,7 +336,7 @@ def test_model_tied_lm_head(gguf_tensors, t):
     lm_head = QuantLinear(w)
     rng = rng_for("lm_head", t)
     x = rng.standard_normal((t, 576)).astype(np.float32)
-    y = lm_head.forward(x)
+    y = lm_head.forward(x, dot="float")
     assert y.shape == (t, 49152)
     rows = np.sort(rng.choice(49152, size=1500, replace=False))  # a reference for a sample of vocab rows
     rows[-1] = 49151
@@ -348,7 +349,7 @@ def test_model_q4_1_layer(gguf_tensors, name, t):
     w = model_weight(gguf_tensors, name)
     assert w.qtype == "Q4_1"
     x = rng_for("layer", name, t).standard_normal((t, w.shape[1])).astype(np.float32)
-    assert_matmul_close(QuantLinear(w).forward(x), x, ref_dequantize(w.data, "Q4_1"))
+    assert_matmul_close(QuantLinear(w).forward(x, dot="float"), x, ref_dequantize(w.data, "Q4_1"))
 
 
 # ---------------------------------------------------------------- bad input

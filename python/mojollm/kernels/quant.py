@@ -7,11 +7,23 @@ entry point here checks shapes, dtypes, contiguity and index ranges and raises a
 ValueError before any buffer address reaches Mojo.
 
     QuantLinear(w).forward(x[T, K] f32)     -> [T, N] f32      y = x @ W.T, W [N, K] quantized
+        forward(x, dot=...) picks the arithmetic: "auto" (default), "float", "int8" or an int8 path
     QuantLinear.concat([a, b, ...])         -> one layer whose rows are a's, then b's, ...
     quantize(x[..., K] f32, qtype)          -> uint8 [..., K/32 * block_bytes]  (== gguf.quants.quantize;
                                                Q4_0 / Q4_1 / Q8_0)
     dequantize(raw uint8, qtype, shape)     -> float32 of `shape`               (== gguf.quants.dequantize)
     EmbeddingTable(w).lookup(ids[T] int)    -> [T, D] f32     rows of a float or block-quantized table
+
+Dot products (QuantLinear.forward's `dot`, default from MOJOLLM_QUANT_DOT, else "auto"):
+    "float"   activations stay float32 (the reference; every T)
+    "int8"    activations quantized per 32-block to int8 + a float32 scale, once per call, and
+              integer dot products on the host's best int8 path (every T: above 8 rows the
+              weights are streamed once per 8 rows)
+    a path    "vnni512" | "vnni256" | "avx2" | "generic": int8 on that instruction set (those
+              this build has: int8_paths(); for tests and measurements)
+    "auto"    int8 for T <= 8 (decode), float for the GEMM above (prefill)
+The int8 paths differ from float by the activations' rounding (per block, at most dx/2 per
+element), as llama.cpp's Q8_0/Q8_1 activations do.
 """
 
 from __future__ import annotations
@@ -51,6 +63,56 @@ def _module(qtype: str):
     """The loader of the kernel module for a type: kquant for Q5_0 / Q5_1 and the k-quants (their
     matmul ignores the dot-product code: activations stay float32), quant for the others."""
     return _kquant_kernels if qtype in KQUANT_TYPES else _kernels
+
+# mojo/quant.mojo's PATH_* codes.
+DOT_CODES = {"auto": -1, "float": 0, "generic": 1, "avx2": 2, "vnni256": 3, "vnni512": 4}
+_DOT_NAMES = {v: k for k, v in DOT_CODES.items()}
+DOT_ENV = "MOJOLLM_QUANT_DOT"
+_default_dot_code: int | None = None
+_default_dot_set: str | None = None
+
+
+def int8_paths() -> list[str]:
+    """The int8 dot-product paths this host's build of the kernels has, the default first."""
+    return [_DOT_NAMES[int(c)] for c in _kernels().int8_paths()]
+
+
+def dot_code(dot: str) -> int:
+    """The kernel's code for `dot` ("auto", "float", "int8" or a path of int8_paths())."""
+    if dot == "int8":
+        return DOT_CODES[int8_paths()[0]]
+    if dot in ("auto", "float"):
+        return DOT_CODES[dot]
+    paths = int8_paths()
+    if dot not in paths:
+        known = ", ".join(["auto", "float", "int8", *paths])
+        why = " (not built for this host's instruction set)" if dot in DOT_CODES else ""
+        raise ValueError(f"unknown dot product {dot!r}{why}: expected one of {known}")
+    return DOT_CODES[dot]
+
+
+def default_dot() -> int:
+    """The code of the process-wide default: set_default_dot's, else MOJOLLM_QUANT_DOT's (read
+    once), else auto."""
+    global _default_dot_code
+    if _default_dot_code is None:
+        value = os.environ.get(DOT_ENV, "").strip() or "auto"
+        try:
+            _default_dot_code = dot_code(value)
+        except ValueError as e:
+            raise ValueError(f"{DOT_ENV}: {e}") from None
+    return _default_dot_code
+
+
+def set_default_dot(dot: str | None) -> str | None:
+    """Make `dot` the default of every QuantLinear.forward without its own `dot` (None: back to
+    MOJOLLM_QUANT_DOT / auto); returns the previous setting's name (None if it came from there).
+    For tests and measurements that must run a whole model one way."""
+    global _default_dot_code, _default_dot_set
+    previous = _default_dot_set
+    _default_dot_code = None if dot is None else dot_code(dot)
+    _default_dot_set = dot
+    return previous
 
 
 def _check_qtype(qtype: str, allowed: Sequence[str] = QUANT_TYPES) -> str:
@@ -123,20 +185,22 @@ class QuantLinear:
     def weight(self) -> WeightTensor:
         return WeightTensor(self.name, (self.out_features, self.in_features), self.qtype, self._blocks())
 
-    def forward(self, x: np.ndarray, max_threads: int = 0) -> np.ndarray:
+    def forward(self, x: np.ndarray, max_threads: int = 0, dot: str | None = None) -> np.ndarray:
         """x float32 [T, in_features] (C-contiguous) -> float32 [T, out_features].
-        max_threads > 0 caps the work items (1 = the calling thread only; for measurements)."""
+        max_threads > 0 caps the work items (1 = the calling thread only; for measurements).
+        dot: "auto" | "float" | "int8" | an int8 path (module docstring); None: default_dot()."""
         check_array("x", x, np.float32, ndim=2)
         t, k = x.shape
         if k != self.in_features:
             raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")
+        code = default_dot() if dot is None else dot_code(dot)
         y = np.empty((t, self.out_features), dtype=np.float32)
         if t and self._packed:  # the per-call dot choice does not apply: the layout was chosen at load
             self._kernels().modular_matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
                                            (t, self.out_features, k))
         elif t:
             self._kernels().matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
-                                   (t, self.out_features, k, max(0, int(max_threads))))
+                                   (t, self.out_features, k, max(0, int(max_threads)), code))
         return y
 
     __call__ = forward
