@@ -197,20 +197,7 @@ class CudaRunner(ModelRunner):
 
     # ---------------------------------------------------------------- eager steps
     def _eager(self, batch: StepBatch, plan: SamplePlan):
-        be, m = self.be, self.model
-        m._check_batch(batch)
-        rows = batch.logits_indices
-        if rows.shape[0] == 0:
-            rows_t = None
-        elif rows.shape[0] == batch.num_tokens and batch.is_decode:
-            rows_t = ...
-        else:
-            rows_t = be.asarray(rows, "int64")
-        logits = m.compute_logits(
-            be.asarray(batch.token_ids, "int32"), be.asarray(batch.positions, "int32"),
-            be.asarray(batch.slot_mapping, "int64"), be.asarray(batch.block_tables, "int32"),
-            be.asarray(batch.context_lens, "int32"), be.asarray(batch.cu_seqlens_q, "int32"),
-            batch.is_decode, rows_t)
+        logits = self.model.device_logits(batch)
         if logits is None:
             return None, None
         if logits.shape[0] > self.max_num_seqs:  # more rows than sampler rows: all go to the host

@@ -141,23 +141,27 @@ class LlamaModel:
     # ---- forward ----
     def forward(self, batch: StepBatch) -> np.ndarray:
         """Run one step; returns float32 logits [len(batch.logits_indices), vocab] on the host."""
+        logits = self.device_logits(batch)
+        if logits is None:  # a step of prefill chunks that all stop short of their last token
+            return np.zeros((0, self.config.vocab_size), dtype=np.float32)
+        return self.backend.to_numpy(logits)
+
+    def device_logits(self, batch: StepBatch):
+        """forward's logits left on the backend (None when no row wants logits)."""
         self._check_batch(batch)
         b = self.backend
         rows = batch.logits_indices
-        if rows.shape[0] == 0:  # a step of prefill chunks that all stop short of their last token
+        if rows.shape[0] == 0:
             rows_t = None
         elif rows.shape[0] == batch.num_tokens and np.array_equal(rows, np.arange(batch.num_tokens)):
             rows_t = ...  # every row
         else:
             rows_t = b.asarray(rows, "int64")
-        logits = self.compute_logits(
+        return self.compute_logits(
             b.asarray(batch.token_ids, "int32"), b.asarray(batch.positions, "int32"),
             b.asarray(batch.slot_mapping, "int64"), b.asarray(batch.block_tables, "int32"),
             b.asarray(batch.context_lens, "int32"), b.asarray(batch.cu_seqlens_q, "int32"),
             batch.is_decode, rows_t)
-        if logits is None:
-            return np.zeros((0, self.config.vocab_size), dtype=np.float32)
-        return b.to_numpy(logits)
 
     def compute_logits(self, ids, positions, slots, block_tables, context_lens, cu_seqlens_q, is_decode: bool,
                        logits_rows):
