@@ -13,7 +13,8 @@ of --output-len greedy tokens for --batch prompts of --prompt-len random tokens,
 `mojollm compare` does it (compare.engine_options and greedy_run: one prefill step, then one decode
 step per token). The first run of each path (compilation) is reported apart; then the timed runs
 alternate between the paths (old, new, old, new, ...) so that both see the same machine load, and
-the median and best of --repeats are reported. The two paths' greedy tokens must be equal.
+the median and best of --repeats are reported, with the process CPU time of a run (less sensitive to
+other processes on a shared machine than wall time). The two paths' greedy tokens must be equal.
 
 The old backend is read from git (`git show <commit>:backends/tpu/backend.py`) or --old-backend FILE,
 and imported beside the current one (it uses the current xla_ops / pallas_kernels).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -82,11 +84,16 @@ def measure(args, batch: int) -> dict:
         first[name] = greedy_run(llm, prompts, args.output_len)
         first[name]["first_run_s"] = time.perf_counter() - t0
         runs[name] = []
+    loadavg = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for name, llm in llms.items():
+            cpu0 = time.process_time()
             runs[name].append(greedy_run(llm, prompts, args.output_len))
+            runs[name][-1]["cpu_s"] = time.process_time() - cpu0
+        loadavg.append(os.getloadavg()[0])
     same = all(np.array_equal(r["tokens"], first["old"]["tokens"]) for rs in runs.values() for r in rs)
-    out = {"batch": batch, "device": backends["new"].device_name, "greedy_tokens_equal": bool(same)}
+    out = {"batch": batch, "device": backends["new"].device_name, "greedy_tokens_equal": bool(same),
+           "load_average_1min": [min(loadavg), max(loadavg)]}
     steps = args.output_len - 1
     for name, rs in runs.items():
         dec = [1e3 * r["decode_s"] / steps for r in rs]
@@ -94,7 +101,8 @@ def measure(args, batch: int) -> dict:
         out[name] = {"runner": runner[name], "first_run_s": first[name]["first_run_s"],
                      "decode_ms_per_step": statistics.median(dec), "decode_ms_per_step_best": min(dec),
                      "decode_tokens_per_s": 1e3 * batch / statistics.median(dec),
-                     "ttft_ms": statistics.median(ttft), "ttft_ms_best": min(ttft)}
+                     "ttft_ms": statistics.median(ttft), "ttft_ms_best": min(ttft),
+                     "cpu_s_per_run": statistics.median(r["cpu_s"] for r in rs)}
     if hasattr(llms["new"].engine.runner, "num_compilations"):
         out["new"]["compilations"] = llms["new"].engine.runner.num_compilations()
     return out
@@ -123,12 +131,14 @@ def main(argv=None):
     for batch in (int(b) for b in args.batch.split(",")):
         r = measure(args, batch)
         results.append(r)
-        print(f"batch {batch} on {r['device']}: greedy tokens equal {r['greedy_tokens_equal']}")
+        print(f"batch {batch} on {r['device']}: greedy tokens equal {r['greedy_tokens_equal']}, "
+              f"load average {r['load_average_1min'][0]:.1f}-{r['load_average_1min'][1]:.1f}")
         for name in ("old", "new"):
             x = r[name]
             print(f"  {name} ({x['runner']}): decode {x['decode_tokens_per_s']:.1f} tok/s "
                   f"({x['decode_ms_per_step']:.1f} ms/step, best {x['decode_ms_per_step_best']:.1f}), "
-                  f"TTFT {x['ttft_ms']:.1f} ms (best {x['ttft_ms_best']:.1f}), first run {x['first_run_s']:.1f} s"
+                  f"TTFT {x['ttft_ms']:.1f} ms (best {x['ttft_ms_best']:.1f}), process CPU {x['cpu_s_per_run']:.2f} s/run, "
+                  f"first run {x['first_run_s']:.1f} s"
                   + (f", {x['compilations']} compilations" if "compilations" in x else ""))
         print(f"  new/old decode speed {r['old']['decode_ms_per_step'] / r['new']['decode_ms_per_step']:.2f}, "
               f"TTFT {r['old']['ttft_ms'] / r['new']['ttft_ms']:.2f}")
