@@ -468,6 +468,34 @@ def _pair_scale[p: Int](s4: F32x4) -> V16:
         return s.shuffle[2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3]()
 
 
+@always_inline
+def _grouped[qt: Int, path: Int]() -> Bool:
+    """Whether the path takes a whole four-block group of nibbles per 64-byte vector (VNNI512 on
+    Q4_*): the low nibbles of the four blocks in one vector, the high ones in another, each
+    multiplied with the matching activation halves, so a group costs one nibble gather, two
+    vpdpbusd and one scaled FMA. The activations of a full group are then stored grouped too:
+    [x_b[0:16] for the 4 blocks | x_b[16:32] for the 4 blocks] (_quantize_acts)."""
+    return path == PATH_VNNI512 and qt != Q8_0
+
+
+@always_inline
+def _group_nibbles[qt: Int](u8: U8Ptr, goff: Int) -> U8x64:
+    """The 16 nibble bytes of each block of the four-block group at byte `goff`, in block order:
+    two 64-byte loads that stay inside the group and one two-source 16-bit permute (nibble arrays
+    start at even offsets)."""
+    comptime BB = _block_bytes[qt]()
+    var a = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff))
+    var b = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff + 4 * BB - 64))
+    comptime if qt == Q4_1:  # nibbles at bytes 4, 24 (a) and 44, 64 (b = bytes 16..79)
+        return bitcast[DType.uint8, 64](a.shuffle[
+            2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,
+            46, 47, 48, 49, 50, 51, 52, 53, 56, 57, 58, 59, 60, 61, 62, 63](b))
+    else:  # Q4_0: at bytes 2, 20 (a) and 38, 56 (b = bytes 8..71)
+        return bitcast[DType.uint8, 64](a.shuffle[
+            1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,
+            47, 48, 49, 50, 51, 52, 53, 54, 56, 57, 58, 59, 60, 61, 62, 63](b))
+
+
 comptime I8U = Pointer[Int8, MutUntrackedOrigin]
 comptime I32U = Pointer[Int32, MutUntrackedOrigin]
 comptime F32U = Pointer[Float32, MutUntrackedOrigin]
@@ -492,11 +520,13 @@ struct Acts(ImplicitlyCopyable, Movable):
                     self.sx.unsafe_offset(t0 * self.nb), self.corr.unsafe_offset(t0 * self.nb * 8), self.k, self.nb)
 
 
-def _quantize_acts(x: F32Ptr, t: Int, a: Acts, offset: Int):
+def _quantize_acts[grouped: Bool](x: F32Ptr, t: Int, a: Acts, offset: Int):
     """Q8-style quantization of x[T, K], per 32-block: dx = max|x| / 127, q = round-half-even(x * (1/dx))
     (|q| <= 127), computed in float32 exactly as tests/test_quant_int8.py repeats it. A block with
     max|x| < 1e-30 gets dx = 0 (1/dx would overflow); one holding NaN or inf gets dx = NaN and
-    q = 0, so the outputs it reaches are NaN as on the float path."""
+    q = 0, so the outputs it reaches are NaN as on the float path. `grouped` (see _grouped): the
+    codes and corr of each full four-block group in the grouped layout, 4 corr lanes per block."""
+    var full = (a.nb // 4) * 4
     for row in range(t):
         for b in range(a.nb):
             var i = row * a.nb + b
@@ -514,10 +544,19 @@ def _quantize_acts(x: F32Ptr, t: Int, a: Acts, offset: Int):
             var q = SIMD[DType.int32, 32](0)
             if id != 0:
                 q = round(v * id).cast[DType.int32]()
-            a.q.unsafe_store(row * a.k + b * QK, q.cast[DType.int8]())
+            var q8 = q.cast[DType.int8]()
             var qsum = q.reduce_add()
             a.d[unsafe_offset=i] = d
             a.sx[unsafe_offset=i] = d * qsum.cast[DType.float32]()
+            comptime if grouped:
+                if b < full:
+                    var g0 = b - b % 4  # the group's first block
+                    var base = row * a.k + g0 * QK
+                    a.q.unsafe_store(base + (b % 4) * 16, q8.slice[16, offset=0]())
+                    a.q.unsafe_store(base + 64 + (b % 4) * 16, q8.slice[16, offset=16]())
+                    a.corr[unsafe_offset=(row * a.nb + g0) * 8 + (b % 4) * 4] = Int32(-offset) * qsum
+                    continue
+            a.q.unsafe_store(row * a.k + b * QK, q8)
             var c = I32x8(0)
             c[0] = Int32(-offset) * qsum
             a.corr.unsafe_store(i * 8, c)
@@ -546,15 +585,30 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
         var s4 = Array[F32x4, TT](fill=0)
         comptime for t in range(TT):
             s4[t] = dw * a.d.unsafe_load[width=4](t * nb + b)
-        comptime for p in range(2):
-            var bb = b + 2 * p
-            var w = _pair_codes[qt, path, p](u8, b * BB)
+        comptime if _grouped[qt, path]():
+            var nib = _group_nibbles[qt](u8, b * BB)
+            var lo = nib & 15
+            var hi = nib >> 4
             comptime for t in range(TT):
                 var corr = I32x16(0)
                 comptime if _code_offset[qt, path]() != 0:
-                    corr = a.corr.unsafe_load[width=16]((t * nb + bb) * 8)
-                var dot = _pair_dot[qt, path](w, a.q.unsafe_load[width=64](t * k + bb * QK), corr)
-                acc[2 * t + p] = dot.cast[DType.float32]().fma(_pair_scale[p](s4[t]), acc[2 * t + p])
+                    corr = a.corr.unsafe_load[width=16]((t * nb + b) * 8)
+                var xo = t * k + b * QK
+                var dot = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](corr, lo, a.q.unsafe_load[width=64](xo))
+                dot = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](dot, hi, a.q.unsafe_load[width=64](xo + 64))
+                var s16 = s4[t].join(s4[t]).join(s4[t].join(s4[t]))
+                var sl = s16.shuffle[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]()
+                acc[2 * t] = dot.cast[DType.float32]().fma(sl, acc[2 * t])
+        else:
+            comptime for p in range(2):
+                var bb = b + 2 * p
+                var w = _pair_codes[qt, path, p](u8, b * BB)
+                comptime for t in range(TT):
+                    var corr = I32x16(0)
+                    comptime if _code_offset[qt, path]() != 0:
+                        corr = a.corr.unsafe_load[width=16]((t * nb + bb) * 8)
+                    var dot = _pair_dot[qt, path](w, a.q.unsafe_load[width=64](t * k + bb * QK), corr)
+                    acc[2 * t + p] = dot.cast[DType.float32]().fma(_pair_scale[p](s4[t]), acc[2 * t + p])
         comptime if qt == Q4_1:
             var m = sc.slice[4, offset=4]()
             comptime for t in range(TT):
@@ -611,7 +665,7 @@ def _matmul_i8[qt: Int, path: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int
     var f = F32U(unsafe_from_address=Int(f_buf.unsafe_ptr()))
     var a = Acts(I8U(unsafe_from_address=Int(q_buf.unsafe_ptr())), f, f.unsafe_offset(t * nb),
                  I32U(unsafe_from_address=Int(c_buf.unsafe_ptr())), k, nb)
-    _quantize_acts(F32Ptr(unsafe_from_address=x_addr), t, a, _code_offset[qt, path]())
+    _quantize_acts[_grouped[qt, path]()](F32Ptr(unsafe_from_address=x_addr), t, a, _code_offset[qt, path]())
     var t0 = 0
     while t0 < t:
         var tt = min(SMALL_T, t - t0)

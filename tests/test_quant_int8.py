@@ -303,3 +303,37 @@ def test_model_q4_1_layer_int8(model_layer, t):
     lin = linear(raw, "Q4_1", n, k)
     x = activations(rng_for("model8", t), t, k)
     assert_int8_close(lin.forward(x, dot="int8"), raw.reshape(n, -1), "Q4_1", x)
+
+
+@pytest.mark.slow
+def test_default_model_perplexity_int8_within_half_percent(default_gguf, cpu_backend):
+    # The model-level check: teacher-forced over a few hundred tokens, every quantized layer on
+    # int8 activations (forced: the kernel takes the 128-token chunks eight rows at a time, the
+    # arithmetic of decode steps), perplexity within 0.5% of the float path's.
+    from test_model_gguf import TEXT, _log_softmax
+
+    from mojollm.engine.step import StepBatch
+    from mojollm.models import load_model
+
+    model = load_model(default_gguf, cpu_backend)
+    ids = model.tokenizer.encode(TEXT)
+    n_blocks = -(-len(ids) // 16)
+    model.allocate_kv_cache(n_blocks, 16)
+    table = list(range(n_blocks))
+    targets = np.array(ids[1:])
+
+    def perplexity(dot: str) -> float:
+        previous = quant.set_default_dot(dot)
+        try:
+            logits = np.concatenate([
+                model.forward(StepBatch.single_sequence(ids[s:s + 128], s, table, 16, all_logits=True))
+                for s in range(0, len(ids), 128)])
+        finally:
+            quant.set_default_dot(previous)
+        return float(np.exp(-_log_softmax(logits[:-1])[np.arange(len(targets)), targets].mean()))
+
+    ppl_float, ppl_int8 = perplexity("float"), perplexity("int8")
+    print(f"\n{len(ids)} tokens: perplexity float {ppl_float:.4f}, int8 {ppl_int8:.4f} "
+          f"({100 * (ppl_int8 / ppl_float - 1):+.3f}%)")
+    assert ppl_int8 != ppl_float
+    assert abs(ppl_int8 / ppl_float - 1) <= 0.005
