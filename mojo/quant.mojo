@@ -387,38 +387,11 @@ def _block_codes[qt: Int, path: Int](u8: U8Ptr, off: Int) -> U8x32:
 
 
 @always_inline
-def _pair_codes[qt: Int, path: Int, p: Int](u8: U8Ptr, goff: Int) -> U8x64:
-    """Codes of blocks 2p and 2p + 1 of the four-block group at byte `goff`, the first block's in
-    bytes 0..31 (as _block_codes gives them)."""
+def _pair_codes[qt: Int, path: Int](u8: U8Ptr, off: Int) -> U8x64:
+    """Codes of the blocks at byte `off` and `off + block_bytes`, the first block's in bytes 0..31
+    (Q8_0, and Q4_* on the generic path; the x86 paths take Q4_* by groups, _group_codes)."""
     comptime BB = _block_bytes[qt]()
-    var off = goff + 2 * p * BB
-    comptime if path == PATH_VNNI512 and qt != Q8_0:
-        # Wanted: [a, a, c, c] (a, c: the blocks' 16 nibble bytes), the odd 16-byte lanes then
-        # shifted right by 4 with one variable shift, and masked. With AVX512-VBMI one byte
-        # permute of a 64-byte load that stays inside the group builds it; else two loads and
-        # lane shuffles.
-        comptime qs = 2 if qt == Q4_0 else 4
-        var w: U8x64
-        comptime if CompilationTarget._has_feature["avx512vbmi"]():
-            comptime base = 0 if p == 0 else 4 * BB - 64  # pair 1: the group's last 64 bytes
-            comptime a0 = 2 * p * BB + qs - base
-            comptime c0 = a0 + BB
-            var idx = U8x64(0)
-            comptime for i in range(16):
-                idx[i] = UInt8(a0 + i)
-                idx[16 + i] = UInt8(a0 + i)
-                idx[32 + i] = UInt8(c0 + i)
-                idx[48 + i] = UInt8(c0 + i)
-            w = llvm_intrinsic["llvm.x86.avx512.permvar.qi.512", U8x64](u8.unsafe_load[width=64](goff + base), idx)
-        else:
-            var a = u8.unsafe_load[width=16](off + qs)
-            var c = u8.unsafe_load[width=16](off + BB + qs)
-            w = a.join(a).join(c.join(c))
-        comptime shifts = SIMD[DType.uint16, 32](0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
-                                                 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)
-        return bitcast[DType.uint8, 64](bitcast[DType.uint16, 32](w) >> shifts) & 15
-    else:
-        return _block_codes[qt, path](u8, off).join(_block_codes[qt, path](u8, off + BB))
+    return _block_codes[qt, path](u8, off).join(_block_codes[qt, path](u8, off + BB))
 
 
 @always_inline
@@ -470,30 +443,63 @@ def _pair_scale[p: Int](s4: F32x4) -> V16:
 
 @always_inline
 def _grouped[qt: Int, path: Int]() -> Bool:
-    """Whether the path takes a whole four-block group of nibbles per 64-byte vector (VNNI512 on
-    Q4_*): the low nibbles of the four blocks in one vector, the high ones in another, each
-    multiplied with the matching activation halves, so a group costs one nibble gather, two
-    vpdpbusd and one scaled FMA. The activations of a full group are then stored grouped too:
-    [x_b[0:16] for the 4 blocks | x_b[16:32] for the 4 blocks] (_quantize_acts)."""
-    return path == PATH_VNNI512 and qt != Q8_0
+    """Whether the path takes Q4_* weights a four-block group at a time (the x86 paths): the low
+    nibbles of the four blocks in one 64-byte vector, the high ones in another, each multiplied
+    with the matching activation halves, so a group costs one nibble gather, two byte dot
+    products per 64 bytes and one scaled FMA. The activations of a full group are then stored
+    grouped too: [x_b[0:16] for the 4 blocks | x_b[16:32] for the 4 blocks] (_quantize_acts),
+    which the 32-byte paths take in halves (blocks 0-1, then 2-3)."""
+    return qt != Q8_0 and path != PATH_GENERIC
 
 
 @always_inline
-def _group_nibbles[qt: Int](u8: U8Ptr, goff: Int) -> U8x64:
-    """The 16 nibble bytes of each block of the four-block group at byte `goff`, in block order:
-    two 64-byte loads that stay inside the group and one two-source 16-bit permute (nibble arrays
-    start at even offsets)."""
+def _group_codes[qt: Int, path: Int](u8: U8Ptr, goff: Int) -> U8x64:
+    """The 16 nibble bytes of each block of the four-block group at byte `goff`, in block order.
+    VNNI512: two 64-byte loads that stay inside the group and one two-source 16-bit permute
+    (nibble arrays start at even offsets); else four 16-byte loads."""
     comptime BB = _block_bytes[qt]()
-    var a = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff))
-    var b = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff + 4 * BB - 64))
-    comptime if qt == Q4_1:  # nibbles at bytes 4, 24 (a) and 44, 64 (b = bytes 16..79)
-        return bitcast[DType.uint8, 64](a.shuffle[
-            2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,
-            46, 47, 48, 49, 50, 51, 52, 53, 56, 57, 58, 59, 60, 61, 62, 63](b))
-    else:  # Q4_0: at bytes 2, 20 (a) and 38, 56 (b = bytes 8..71)
-        return bitcast[DType.uint8, 64](a.shuffle[
-            1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,
-            47, 48, 49, 50, 51, 52, 53, 54, 56, 57, 58, 59, 60, 61, 62, 63](b))
+    comptime qs = 2 if qt == Q4_0 else 4
+    comptime if path == PATH_VNNI512:
+        var a = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff))
+        var b = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff + 4 * BB - 64))
+        comptime if qt == Q4_1:  # nibbles at bytes 4, 24 (a) and 44, 64 (b = bytes 16..79)
+            return bitcast[DType.uint8, 64](a.shuffle[
+                2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,
+                46, 47, 48, 49, 50, 51, 52, 53, 56, 57, 58, 59, 60, 61, 62, 63](b))
+        else:  # Q4_0: at bytes 2, 20 (a) and 38, 56 (b = bytes 8..71)
+            return bitcast[DType.uint8, 64](a.shuffle[
+                1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,
+                47, 48, 49, 50, 51, 52, 53, 54, 56, 57, 58, 59, 60, 61, 62, 63](b))
+    else:
+        var b01 = u8.unsafe_load[width=16](goff + qs).join(u8.unsafe_load[width=16](goff + BB + qs))
+        var b23 = u8.unsafe_load[width=16](goff + 2 * BB + qs).join(u8.unsafe_load[width=16](goff + 3 * BB + qs))
+        return b01.join(b23)
+
+
+@always_inline
+def _group_dot[path: Int, use_corr: Bool](lo: U8x64, hi: U8x64, xlo: I8x64, xhi: I8x64, corr: I32x16) -> I32x16:
+    """Four lanes per block (lanes 4i..4i+3: block i of the group) summing to corr + the block's
+    dot product, from its low nibbles (lo, against xlo) and high nibbles (hi, against xhi)."""
+    comptime if path == PATH_VNNI512:
+        var d = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](corr, lo, xlo)
+        return llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](d, hi, xhi)
+    else:
+        var out = Array[I32x8, 2](fill=0)
+        comptime for h in range(2):  # blocks 2h, 2h + 1
+            var l = lo.slice[32, offset=32 * h]()
+            var u = hi.slice[32, offset=32 * h]()
+            var xl = xlo.slice[32, offset=32 * h]()
+            var xu = xhi.slice[32, offset=32 * h]()
+            comptime if path == PATH_VNNI256:
+                var d = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.256", I32x8](corr.slice[8, offset=8 * h](), l, xl)
+                out[h] = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.256", I32x8](d, u, xu)
+            else:  # AVX2: 16-bit pair sums of both halves (<= 4 * 15 * 127) added before widening
+                var p = llvm_intrinsic["llvm.x86.avx2.pmadd.ub.sw", SIMD[DType.int16, 16]](l, xl) + llvm_intrinsic[
+                    "llvm.x86.avx2.pmadd.ub.sw", SIMD[DType.int16, 16]](u, xu)
+                out[h] = llvm_intrinsic["llvm.x86.avx2.pmadd.wd", I32x8](p, SIMD[DType.int16, 16](1))
+                comptime if use_corr:
+                    out[h] += corr.slice[8, offset=8 * h]()
+        return out[0].join(out[1])
 
 
 comptime I8U = Pointer[Int8, MutUntrackedOrigin]
@@ -565,7 +571,8 @@ def _quantize_acts[grouped: Bool](x: F32Ptr, t: Int, a: Acts, offset: Int):
 @always_inline
 def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Acts, y: F32Ptr, n: Int, r: Int):
     """y[t, r] for TT activation rows, streaming W's row r once: blocks four at a time (their
-    scales decoded together), two blocks per 16-lane step, each decoded once for all TT rows."""
+    scales decoded together), as one group (Q4_* on x86, _grouped) or two blocks per 16-lane
+    step, the weights decoded once for all TT rows."""
     comptime BB = _block_bytes[qt]()
     comptime HB = BB // 2
     comptime G = 4
@@ -573,7 +580,7 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
     var k = a.k
     var u8 = U8Ptr(unsafe_from_address=w_addr + r * row_bytes)
     var h = F16Ptr(unsafe_from_address=w_addr + r * row_bytes)
-    var acc = Array[V16, 2 * TT](fill=0)  # two chains per row (the pair's parity) for FMA latency
+    var acc = Array[V16, 2 * TT](fill=0)  # pairs: one chain per parity, for FMA latency
     var accm = Array[F32x4, TT](fill=0)
     var b = 0
     while b + G <= nb:
@@ -586,23 +593,24 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
         comptime for t in range(TT):
             s4[t] = dw * a.d.unsafe_load[width=4](t * nb + b)
         comptime if _grouped[qt, path]():
-            var nib = _group_nibbles[qt](u8, b * BB)
+            comptime use_corr = _code_offset[qt, path]() != 0
+            var nib = _group_codes[qt, path](u8, b * BB)
             var lo = nib & 15
             var hi = nib >> 4
             comptime for t in range(TT):
                 var corr = I32x16(0)
-                comptime if _code_offset[qt, path]() != 0:
+                comptime if use_corr:
                     corr = a.corr.unsafe_load[width=16]((t * nb + b) * 8)
                 var xo = t * k + b * QK
-                var dot = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](corr, lo, a.q.unsafe_load[width=64](xo))
-                dot = llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", I32x16](dot, hi, a.q.unsafe_load[width=64](xo + 64))
+                var dot = _group_dot[path, use_corr](lo, hi, a.q.unsafe_load[width=64](xo),
+                                                     a.q.unsafe_load[width=64](xo + 64), corr)
                 var s16 = s4[t].join(s4[t]).join(s4[t].join(s4[t]))
                 var sl = s16.shuffle[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]()
                 acc[2 * t] = dot.cast[DType.float32]().fma(sl, acc[2 * t])
         else:
             comptime for p in range(2):
                 var bb = b + 2 * p
-                var w = _pair_codes[qt, path, p](u8, b * BB)
+                var w = _pair_codes[qt, path](u8, bb * BB)
                 comptime for t in range(TT):
                     var corr = I32x16(0)
                     comptime if _code_offset[qt, path]() != 0:
