@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the device sampler is written in torch (a test extra)")
 
 from fake_model import FakeModel, reference_greedy  # noqa: E402
-from mojollm.backends.cuda.runner import batch_buckets, bucket_for, pack_sampling_rows, width_buckets  # noqa: E402
+from mojollm.backends.cuda.runner import pack_sampling_rows  # noqa: E402
+from mojollm.engine.runner import batch_buckets, bucket_for, width_buckets  # noqa: E402
 from mojollm.backends.cuda.sampler import DeviceSampler  # noqa: E402
 from mojollm.engine.engine import Engine  # noqa: E402
 from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, ModelRunner, StepOutput  # noqa: E402
@@ -186,5 +187,6 @@ def test_buckets():
     assert width_buckets(512, 16) == [16, 32, 64, 128, 256, 512]
     assert width_buckets(300, 16) == [16, 32, 64, 128, 256, 300]
     assert width_buckets(5, 16) == [5]
-    assert width_buckets(100, 1) == [100]          # 256 tokens of 1-token blocks exceed the context
+    assert width_buckets(100, 256) == [100]        # the smallest width exceeds the context
+    assert width_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert bucket_for(3, [1, 2, 4]) == 4 and bucket_for(5, [1, 2, 4]) is None and bucket_for(1, [1]) == 1

@@ -18,7 +18,8 @@ jax = pytest.importorskip("jax", reason="jax not installed")
 
 from fake_model import FakeTokenizer  # noqa: E402
 from mojollm.backends.tpu.backend import DenseWeight, TpuBackend  # noqa: E402
-from mojollm.backends.tpu.runner import TpuRunner, batch_buckets, bucket, width_buckets  # noqa: E402
+from mojollm.backends.tpu.runner import TpuRunner, bucket  # noqa: E402
+from mojollm.engine.runner import batch_buckets, width_buckets  # noqa: E402
 from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, ModelRunner  # noqa: E402
 from mojollm.engine.step import StepBatch  # noqa: E402
 from mojollm.llm import LLM  # noqa: E402

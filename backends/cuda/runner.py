@@ -28,35 +28,12 @@ import time
 
 import numpy as np
 
-from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, ModelRunner, StepOutput
+from mojollm.engine.runner import (TOKEN_HOST, TOKEN_NOT_FINITE, ModelRunner, StepOutput, batch_buckets, bucket_for,
+                                   width_buckets)
 from mojollm.engine.step import StepBatch
 from mojollm.backends.cuda.sampler import DeviceSampler, SamplePlan, rng_key
 
 _MIN_WIDTH_TOKENS = 256
-
-
-def batch_buckets(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, 16, 32, ... below max_num_seqs, then max_num_seqs itself."""
-    out = [b for b in (2 ** i for i in range(16)) if b < max_num_seqs]
-    return out + [max_num_seqs]
-
-
-def width_buckets(max_blocks: int, block_size: int) -> list[int]:
-    """Block-table widths: powers of two of blocks from _MIN_WIDTH_TOKENS tokens up, then max_blocks."""
-    first = max(1, math.ceil(_MIN_WIDTH_TOKENS / block_size))
-    out = []
-    w = 1 << max(0, (first - 1).bit_length())
-    while w < max_blocks:
-        out.append(w)
-        w *= 2
-    return out + [max_blocks]
-
-
-def bucket_for(n: int, buckets: list[int]) -> int | None:
-    for b in buckets:
-        if b >= n:
-            return b
-    return None
 
 
 def pack_sampling_rows(rows, vocab_size: int, fparams: np.ndarray, iparams: np.ndarray,
@@ -125,7 +102,7 @@ class CudaRunner(ModelRunner):
         self.scratch_block = num_blocks  # padding rows of a graph write here and nowhere else
         self.max_blocks = max(1, math.ceil(self.max_model_len / block_size))
         self.batch_buckets = batch_buckets(self.max_num_seqs)
-        self.width_buckets = width_buckets(self.max_blocks, block_size)
+        self.width_buckets = width_buckets(self.max_blocks, math.ceil(_MIN_WIDTH_TOKENS / block_size))
         S, dev = self.max_num_seqs, self.be.device
         # the graphs' static inputs: decode steps are copied into these, then replayed
         # rows of one int32 buffer (token ids, positions, context lengths): one copy fills all three

@@ -39,7 +39,8 @@ from functools import partial
 import numpy as np
 
 from mojollm.backends.tpu.backend import CacheTensor, CuSeqlens, check_step, prefill_window
-from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, ModelRunner, StepOutput
+from mojollm.engine.runner import (TOKEN_HOST, TOKEN_NOT_FINITE, ModelRunner, StepOutput, batch_buckets, bucket_for,
+                                   width_buckets)
 from mojollm.engine.step import StepBatch
 
 _MIN_TOKENS = 16          # smallest token bucket of a prefill step
@@ -49,26 +50,9 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def batch_buckets(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, ... below max_num_seqs, then max_num_seqs itself."""
-    return [b for b in (2 ** i for i in range(16)) if b < max_num_seqs] + [max_num_seqs]
-
-
-def width_buckets(max_blocks: int) -> list[int]:
-    """Block-table widths: powers of two of blocks below max_blocks, then max_blocks."""
-    w, out = 1, []
-    while w < max_blocks:
-        out.append(w)
-        w *= 2
-    return out + [max_blocks]
-
-
 def bucket(n: int, buckets: list[int]) -> int:
     """The smallest bucket >= n; past the last one, the next power of two."""
-    for b in buckets:
-        if b >= n:
-            return b
-    return _pow2(n)
+    return bucket_for(n, buckets) or _pow2(n)
 
 
 class TpuRunner(ModelRunner):

@@ -54,6 +54,31 @@ class ModelRunner:
         return StepOutput(tokens=None, logits=np.asarray(self.model.forward(batch)))
 
 
+# ---- shape buckets of runners that compile or capture per shape (cuda graphs, jax.jit)
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, ... below max_num_seqs, then max_num_seqs itself."""
+    return [b for b in (2 ** i for i in range(16)) if b < max_num_seqs] + [max_num_seqs]
+
+
+def width_buckets(max_blocks: int, min_blocks: int = 1) -> list[int]:
+    """Block-table widths: powers of two of blocks from min_blocks (rounded up to a power of
+    two) below max_blocks, then max_blocks."""
+    w, out = 1 << max(0, min_blocks - 1).bit_length(), []
+    while w < max_blocks:
+        out.append(w)
+        w *= 2
+    return out + [max_blocks]
+
+
+def bucket_for(n: int, buckets: list[int]) -> int | None:
+    """The smallest bucket >= n (None past the last)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
 def create_runner(model, max_num_seqs: int, max_model_len: int) -> ModelRunner:
     """The model's backend's runner where it has one, else the base runner."""
     factory = getattr(getattr(model, "backend", None), "create_runner", None)
