@@ -614,13 +614,18 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
     up to ROWS group heads). With n_splits > 1 each sequence's keys are cut into n_splits
     chunks (flash-decoding) whose partial softmaxes are merged at the end; partial holds
     S * n_splits * units slots of ROWS * (D + 2) floats."""
-    var meta = I64Ptr(unsafe_from_address=Int(py=meta_addr))
+    decode_attention(I64Ptr(unsafe_from_address=Int(py=meta_addr)), Float32(py=scale))
+    return PythonObject(None)
+
+
+def decode_attention(meta: I64Ptr, scale: Float32) raises:
+    """attention_decode on a meta array (the entry for other Mojo modules: mojo/decode.mojo)."""
     var h = Int(meta[unsafe_offset=9])
     var kvh_n = Int(meta[unsafe_offset=10])
     var d = Int(meta[unsafe_offset=11])
     var a = Attn(_f32(meta[unsafe_offset=0]), _f32(meta[unsafe_offset=1]), _f32(meta[unsafe_offset=2]),
                  _i32(meta[unsafe_offset=3]), h, kvh_n, h // kvh_n, d, Int(meta[unsafe_offset=12]),
-                 Int(meta[unsafe_offset=13]), Float32(py=scale))
+                 Int(meta[unsafe_offset=13]), scale)
     var ctx_lens = _i32(meta[unsafe_offset=4])
     var out = _f32(meta[unsafe_offset=5])
     var scratch = Int(meta[unsafe_offset=6])
@@ -701,7 +706,6 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
 
     if n_splits > 1:
         _merge_splits(a, out, part, n_seqs, n_splits, units, row_tiles, slot)
-    return PythonObject(None)
 
 
 def _merge_splits(a: Attn, dst_buf: F32Ptr, part: Int, n_seqs: Int, n_splits: Int, units: Int,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mojollm.backends.base import Backend, Probe
+from mojollm.engine.runner import ModelRunner, StepOutput
 from mojollm.weights import WeightTensor
 
 _DTYPES = {None: np.float32, "float32": np.float32, "int32": np.int32, "int64": np.int64}
@@ -40,7 +41,7 @@ class CpuBackend(Backend):
     def load_kernels(self, progress=None) -> None:
         from mojollm.kernels.build import load_module
 
-        for name in ("attention", "linalg", "nn", "quant", "kquant"):
+        for name in ("attention", "linalg", "nn", "quant", "kquant", "decode"):
             load_module(name, progress=progress)
 
     # ---- memory ----
@@ -52,6 +53,9 @@ class CpuBackend(Backend):
 
     def zeros(self, shape, dtype: str = "float32") -> np.ndarray:
         return np.zeros(shape, dtype=_DTYPES[dtype])
+
+    def create_runner(self, model, max_num_seqs: int, max_model_len: int):
+        return CpuRunner(model, max_num_seqs, max_model_len)
 
     # ---- weights ----
     def prepare_linear(self, w: WeightTensor) -> Any:
@@ -126,3 +130,27 @@ class CpuBackend(Backend):
                 pass
             self._bandwidth_gbs = gbs
         return self._bandwidth_gbs
+
+
+class CpuRunner(ModelRunner):
+    """Decode steps run every layer in one Mojo call (mojollm.kernels.decode) when the model's
+    layers allow it; prefill, mixed steps and other models run the per-op forward. Sampling
+    stays on the host (numpy), so every logits row comes back."""
+
+    def __init__(self, model, max_num_seqs: int, max_model_len: int):
+        super().__init__(model, max_num_seqs, max_model_len)
+        self.program = None
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, progress=None) -> None:
+        from mojollm.kernels.decode import DecodeProgram
+
+        super().allocate_kv_cache(num_blocks, block_size, progress)
+        if os.environ.get("MOJOLLM_CPU_FUSED_DECODE", "1") != "0" and hasattr(self.model, "layers"):
+            self.program = DecodeProgram.for_model(self.model, self.max_num_seqs)
+
+    def execute(self, batch, device_rows=None) -> StepOutput:
+        if self.program is None or not batch.is_decode or batch.num_seqs > self.program.max_seqs:
+            return super().execute(batch, device_rows)
+        m = self.model
+        x = self.program.run(batch)
+        return StepOutput(tokens=None, logits=m.backend.linear(x, m.lm_head))

@@ -1,0 +1,120 @@
+"""Every layer of a decode step in one Mojo call (mojo/decode.mojo), for the cpu backend.
+
+    program = DecodeProgram.for_model(model)     # None when the model has no fused path (reason logged)
+    hidden = program.run(batch)                  # final-normed hidden states [S, hidden]
+
+Between per-op calls from Python the Mojo workers fall asleep and waking them costs 200-400 us,
+so the per-op path keeps small matrices on one core; one call per step keeps every core busy
+and drops the Python glue between ops. The embedding lookup, the first norm and the LM head
+stay per-op calls (one each, the LM head large enough to use every core anyway).
+
+Supported: Llama-family layers whose projections are GGUF blocks (Q4_0 / Q4_1 / Q8_0 / Q5_0 /
+Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel) with the fused
+qkv and gate/up rows LlamaModel builds, no attention bias, float32 KV cache. Anything else runs
+the per-op path (`unsupported_reason` says why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mojollm.engine.step import StepBatch
+from mojollm.kernels import attention
+from mojollm.kernels.build import kernel_loader
+from mojollm.kernels.quant import TYPE_CODES, QuantLinear
+
+_kernels = kernel_loader("decode")
+# the block formats decode.mojo dispatches (quant.mojo's and kquant.mojo's matmuls)
+_CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+_HEADER = 13
+_LAYER_FIELDS = 12
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `model` cannot take the fused decode step (None when it can)."""
+    c = model.config
+    if getattr(model.backend, "name", None) != "cpu":
+        return "not on the cpu backend"
+    if c.attention_bias:
+        return "attention bias"
+    if model.kv_dtype != "float32":
+        return f"{model.kv_dtype} KV cache"
+    for i, layer in enumerate(model.layers):
+        for name in ("qkv", "o_proj", "gate_up", "down"):
+            w = getattr(layer, name)
+            if not isinstance(w, QuantLinear) or w.qtype not in _CODES:
+                kind = type(w).__name__ if not isinstance(w, QuantLinear) else w.qtype
+                return f"layer {i} {name} is {kind} (fused decode takes {', '.join(_CODES)})"
+            if w._packed:
+                return f"layer {i} {name} is repacked for Modular's int8 kernel (per-op only)"
+    return None
+
+
+class DecodeProgram:
+    def __init__(self, model, max_seqs: int):
+        c = model.config
+        self.model = model
+        self.max_seqs = max_seqs
+        self.hidden, self.h, self.kvh, self.d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.f = c.intermediate_size
+        self.eps, self.scale = float(c.rms_norm_eps), float(model.scale)
+        self._arrays = []  # everything whose address the program holds stays alive here
+        rot = int(np.asarray(model.cos_sin).shape[1])
+        table = [len(model.layers), self.hidden, self.h, self.kvh, self.d, self.f, rot, int(c.rope_neox),
+                 # GEMV work items: the kernels' own choice (splitting matrices under 2 MiB measured
+                 # slower on 2 shared cores even with the workers awake: 80 vs 113 tok/s)
+                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0, -1]
+        for i, layer in enumerate(model.layers):
+            k_cache, v_cache = model.kv_caches[i]
+            table += [self._addr(layer.attn_norm), layer.qkv._addr, _CODES[layer.qkv.qtype],
+                      layer.o_proj._addr, _CODES[layer.o_proj.qtype], self._addr(layer.mlp_norm),
+                      layer.gate_up._addr, _CODES[layer.gate_up.qtype], layer.down._addr,
+                      _CODES[layer.down.qtype], self._addr(k_cache), self._addr(v_cache)]
+        self.table = np.array(table, dtype=np.int64)
+        # step buffers, sized once for max_seqs rows
+        S, row = max_seqs, (self.h + 2 * self.kvh) * self.d
+        self.buffers = {name: np.empty((S, n), np.float32) for name, n in (
+            ("x", self.hidden), ("residual", self.hidden), ("qkv", row), ("q", self.h * self.d),
+            ("attn", self.h * self.d), ("hbuf", self.hidden), ("gate_up", 2 * self.f), ("act", self.f))}
+
+    def _addr(self, a) -> int:
+        a = np.ascontiguousarray(a)
+        self._arrays.append(a)
+        return a.ctypes.data
+
+    @classmethod
+    def for_model(cls, model, max_seqs: int) -> "DecodeProgram | None":
+        return None if unsupported_reason(model) else cls(model, max_seqs)
+
+    def run(self, batch: StepBatch) -> np.ndarray:
+        """The final-normed hidden states [S, hidden] of a decode step (KV caches written)."""
+        m, b = self.model, self.model.backend
+        S = batch.num_seqs
+        if not batch.is_decode or S > self.max_seqs:
+            raise ValueError(f"the fused step runs decode steps of at most {self.max_seqs} sequences")
+        m._check_batch(batch)
+        nb = m.kv_caches[0][0].shape[0]
+        attention._check_tables(batch.block_tables, batch.context_lens, S, nb, m.block_size)
+        if int(batch.slot_mapping.min()) < 0 or int(batch.slot_mapping.max()) >= nb * m.block_size:
+            raise ValueError("a slot in slot_mapping lies outside the KV cache")
+        buf = {k: v[:S] for k, v in self.buffers.items()}
+        residual = b.embedding(m.embed, batch.token_ids)
+        buf["residual"][...] = residual
+        buf["x"][...] = b.rms_norm(residual, m.layers[0].attn_norm, m.config.rms_norm_eps)
+        positions = np.ascontiguousarray(batch.positions, np.int32)
+        slots = np.ascontiguousarray(batch.slot_mapping, np.int64)
+        tables = np.ascontiguousarray(batch.block_tables, np.int32)
+        lens = np.ascontiguousarray(batch.context_lens, np.int32)
+        workers = attention._workers()
+        splits = attention.decode_splits(S, int(lens.max()), workers)
+        rows = attention._info["rows"]
+        units = self.kvh * -(-(self.h // self.kvh) // rows)
+        partial = attention._buffer("partial", S * splits * units * rows * (self.d + 2) if splits > 1 else 1)
+        scratch = attention._scratch(self.d, units)
+        step = np.array([S, buf["x"].ctypes.data, buf["residual"].ctypes.data, positions.ctypes.data,
+                         slots.ctypes.data, tables.ctypes.data, tables.shape[1], lens.ctypes.data,
+                         buf["qkv"].ctypes.data, buf["q"].ctypes.data, buf["attn"].ctypes.data,
+                         buf["hbuf"].ctypes.data, buf["gate_up"].ctypes.data, buf["act"].ctypes.data,
+                         scratch.ctypes.data, partial.ctypes.data, splits, workers], dtype=np.int64)
+        _kernels().decode_step(self.table.ctypes.data, step.ctypes.data, self.eps, self.scale)
+        return buf["x"]
