@@ -149,7 +149,9 @@ class CpuRunner(ModelRunner):
             self.program = DecodeProgram.for_model(self.model, self.max_num_seqs)
 
     def execute(self, batch, device_rows=None) -> StepOutput:
-        if self.program is None or not batch.is_decode or batch.num_seqs > self.program.max_seqs:
+        S = batch.num_seqs
+        if (self.program is None or not batch.is_decode or S > self.program.max_seqs
+                or not np.array_equal(batch.logits_indices, np.arange(S))):
             return super().execute(batch, device_rows)
         m = self.model
         x = self.program.run(batch)
