@@ -9,11 +9,15 @@ Rows per (type, shape, T):
     totalling >= 256 MiB, as a decode step reads each matrix once. gbs = weight bytes as stored /
     time, against read_bw_gbs (the cpu backend's read-bandwidth probe).
   * GEMM (T = 64): gflops against numpy's f32 GEMM on the dequantized weight.
+  * one_core (T = 1, 4, 8): a 64 x 4096 weight (L2-resident) on one thread, best of 300 calls:
+    the kernel's own decode-and-FMA rate, which bounds the GEMV when memory is not the limit
+    (least disturbed by other load on a shared machine).
 Implementations, alternating block by block (bench/kernels.py time_blocks), medians quoted:
-  float32   mojollm's float32-activation kernels on the GGUF blocks (QuantLinear with
-            MOJOLLM_QUANT_DOT=float at load)
+  float32   mojollm's float32-activation kernels on the GGUF blocks (QuantLinear loaded with a
+            float default dot product)
   modular   Modular's Q4_K / Q6_K int8 kernels (quantization.qmatmul_k, weights repacked once);
-            what QuantLinear uses for those types from 2 MiB (MODULAR_MIN_BYTES)
+            what QuantLinear uses for those types from 2 MiB (MODULAR_MIN_BYTES), and below that
+            from 4 rows (MODULAR_MIN_ROWS); quantlinear_uses says which one a default layer runs
   numpy     f32 x @ W.T on the weight dequantized once (OpenBLAS); T = 1 also reports numpy_deq:
             gguf.quants.dequantize + matmul per call, what a numpy user without kernels pays
 err columns: max |y - y64| / (|x| @ |W|^T) against float64 on the dequantized weight.
@@ -53,17 +57,13 @@ def random_blocks(rng, qtype: str, rows: int, k: int) -> np.ndarray:
 
 def float32_layer(w):
     """A QuantLinear on the float32-activation kernels whatever its size."""
-    from mojollm.kernels.quant import QuantLinear
+    from mojollm.kernels.quant import QuantLinear, set_default_dot
 
-    saved = os.environ.get("MOJOLLM_QUANT_DOT")
-    os.environ["MOJOLLM_QUANT_DOT"] = "float"
+    previous = set_default_dot("float")  # read at load: Q4_K / Q6_K then keep the GGUF blocks only
     try:
         return QuantLinear(w)
     finally:
-        if saved is None:
-            del os.environ["MOJOLLM_QUANT_DOT"]
-        else:
-            os.environ["MOJOLLM_QUANT_DOT"] = saved
+        set_default_dot(previous)
 
 
 def rel_err(y, x64, w64) -> float:
@@ -75,7 +75,7 @@ def bench(types, shapes, rounds: int) -> list[dict]:
     from gguf.quants import dequantize as gguf_dequantize
 
     from mojollm.backends import get_backend
-    from mojollm.kernels.quant import MODULAR_TYPES, QuantLinear, _kquant_kernels
+    from mojollm.kernels.quant import MODULAR_MIN_ROWS, MODULAR_TYPES, QuantLinear, _kquant_kernels
     from mojollm.weights import WeightTensor
 
     bw = get_backend("cpu").memory_bandwidth_gbs()
@@ -140,9 +140,32 @@ def bench(types, shapes, rounds: int) -> list[dict]:
                     row["numpy_deq_s"] = time.perf_counter() - t0
                     row.update({"read_bw_gbs": bw, "fraction_of_read_bw": row["gbs"] / bw})
                 default = QuantLinear(WeightTensor("w", (n, k), qtype, raw))
-                row["quantlinear_uses"] = "modular" if default._packed else "float32"
+                uses_modular = default._modular is not None and (default._packed or t >= MODULAR_MIN_ROWS)
+                row["quantlinear_uses"] = "modular" if uses_modular else "float32"
                 rows.append(row)
             del ours, modular, np_copies
+        rows += one_core_rows(qtype)
+    return rows
+
+
+def one_core_rows(qtype: str) -> list[dict]:
+    from mojollm.weights import WeightTensor
+
+    n, k = 64, 4096
+    rng = np.random.default_rng([n, k, len(qtype), 1])
+    lin = float32_layer(WeightTensor("w", (n, k), qtype, random_blocks(rng, qtype, n, k)))
+    rows = []
+    for t in (1, 4, 8):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        lin.forward(x, max_threads=1)
+        best = float("inf")
+        for _ in range(300):
+            t0 = time.perf_counter()
+            lin.forward(x, max_threads=1)
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"section": "kquant", "op": "one_core", "shape": f"{t}x{n}x{k}", "dtype": qtype,
+                     "weight_mib": lin.nbytes / 2**20, "threads": 1, "best_s": best, "gbs": lin.nbytes / best / 1e9,
+                     "ns_per_256_weights": best * 1e9 / (n * k / 256)})
     return rows
 
 
@@ -165,8 +188,9 @@ def main(argv=None) -> int:
     rows = bench(types, shapes, args.rounds)
     threads = os.cpu_count()
     for r in rows:
-        r["threads"] = threads
-        r["peer_threads"] = numpy_threads()
+        if r["op"] != "one_core":
+            r["threads"] = threads
+            r["peer_threads"] = numpy_threads()
     print_table(rows, title="kquant")
     if args.json_path:
         from mojollm.measure import bench_document

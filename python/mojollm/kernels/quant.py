@@ -43,13 +43,17 @@ TYPE_CODES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q
 QUANT_TYPES = tuple(BLOCK_BYTES)
 QUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the types quantize() writes
 KQUANT_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # kernels in mojo/kquant.mojo
-# Q4_K / Q6_K layers of at least MODULAR_MIN_BYTES whose rows come in multiples of 32 are repacked
-# at load for Modular's int8 kernels (mojo/kquant.mojo's modular_matmul: activations quantized to
-# int8 per 256, as llama.cpp does), which beat the float32 kernels from a few MiB up
-# (bench/RESULTS.md, "CPU kernels: k-quants"). MOJOLLM_QUANT_DOT=float at load keeps every layer
-# on the float32 kernels.
+# Q4_K / Q6_K layers whose rows come in multiples of 32 are also repacked at load for Modular's
+# int8 kernels (mojo/kquant.mojo's modular_matmul: activations quantized to int8 per 256, as
+# llama.cpp does), which beat the float32 kernels (bench/RESULTS.md, "CPU kernels: k-quants") on
+# layers of a few MiB at every T, and on small layers from 4 rows (prefill, batches: a single row
+# on a small layer is faster on one core than Modular's kernel, which always wakes every core).
+# Layers from MODULAR_MIN_BYTES keep only Modular's layout; smaller ones keep both. A float
+# default_dot() at load (MOJOLLM_QUANT_DOT=float, set_default_dot) keeps every layer on the float32
+# kernels.
 MODULAR_TYPES = ("Q4_K", "Q6_K")
 MODULAR_MIN_BYTES = 2 << 20
+MODULAR_MIN_ROWS = 4
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
@@ -156,18 +160,21 @@ class QuantLinear:
         self._addr = self._data.ctypes.data  # cached: .ctypes costs ~1 us per call
         self._code = TYPE_CODES[self.qtype]
         self._kernels = _module(self.qtype)
-        self._packed = (self.qtype in MODULAR_TYPES and n % 32 == 0 and self._data.nbytes >= MODULAR_MIN_BYTES
-                        and os.environ.get("MOJOLLM_QUANT_DOT", "").strip() != "float")
-        if self._packed:  # Modular's layout replaces the GGUF blocks: only forward reads them from here on
-            packed = np.empty_like(self._data)
-            self._kernels().modular_pack(self._code, self._addr, packed.ctypes.data, packed.shape)
-            self._data, self._addr = packed, packed.ctypes.data
+        self._modular = None  # the blocks in Modular's layout, when its kernel runs this layer
+        self._packed = False  # True: only Modular's layout is kept (no GGUF blocks to read)
+        if self.qtype in MODULAR_TYPES and n % 32 == 0 and default_dot() != DOT_CODES["float"]:
+            self._modular = np.empty_like(self._data)
+            self._kernels().modular_pack(self._code, self._addr, self._modular.ctypes.data, self._modular.shape)
+            self._modular_addr = self._modular.ctypes.data
+            if self._modular.nbytes >= MODULAR_MIN_BYTES:  # only forward reads them from here on
+                self._data = self._addr = None
+                self._packed = True
         self.parts: tuple[int, ...] = (n,)  # out_features of the layers fused into this one
 
     def _blocks(self) -> np.ndarray:
         if self._packed:
             raise ValueError(f"{self.name}: its {self.qtype} blocks were repacked for Modular's int8 kernel at "
-                             "load; set MOJOLLM_QUANT_DOT=float before loading to keep them")
+                             f"load; load with {DOT_ENV}=float (or set_default_dot('float')) to keep them")
         return self._data
 
     @property
@@ -179,7 +186,7 @@ class QuantLinear:
 
     @property
     def nbytes(self) -> int:
-        return int(self._data.nbytes)
+        return int((self._modular if self._packed else self._data).nbytes)
 
     @property
     def weight(self) -> WeightTensor:
@@ -195,8 +202,9 @@ class QuantLinear:
             raise ValueError(f"x has {k} features but {self.name} expects {self.in_features}")
         code = default_dot() if dot is None else dot_code(dot)
         y = np.empty((t, self.out_features), dtype=np.float32)
-        if t and self._packed:  # the per-call dot choice does not apply: the layout was chosen at load
-            self._kernels().modular_matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
+        if t and self._modular is not None and (self._packed or t >= MODULAR_MIN_ROWS):
+            # Modular's int8 kernel (the per-call dot choice does not apply: chosen at load)
+            self._kernels().modular_matmul(self._code, self._modular_addr, x.ctypes.data, y.ctypes.data,
                                            (t, self.out_features, k))
         elif t:
             self._kernels().matmul(self._code, self._addr, x.ctypes.data, y.ctypes.data,
