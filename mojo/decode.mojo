@@ -20,10 +20,13 @@
 # Layout of the int64 `model` array (built once per model):
 #     [0] layers [1] hidden [2] H [3] KVH [4] D [5] F [6] rot_dim [7] neox [8] final_norm
 #     [9] cos_sin [10] block_size [11] GEMV work items (0: the kernel's own choice)
-#     [12] matmul path (quant.PATH_*: -1 = int8 activations where the kernel prefers them)
+#     [12] matmul path (quant.PATH_*: -1 = int8 activations where the kernel prefers them; the
+#     per-op path's choice, mojollm.kernels.quant.default_dot)
 #     then per layer, LAYER_FIELDS values:
 #     attn_norm, qkv_w, qkv_qtype, o_w, o_qtype, mlp_norm, gu_w, gu_qtype, down_w, down_qtype,
-#     k_cache, v_cache
+#     k_cache, v_cache, k_w, k_qtype, v_w, v_qtype
+#     (k_w = 0: qkv_w holds the fused q | k | v rows; else q, k and v are separate weights, as in
+#     GGUF files whose q/k/v tensors have different types, e.g. llama.cpp's Q4_K_M)
 # Layout of the int64 `step` array (per call):
 #     [0] T [1] x [2] residual [3] positions (int32) [4] slots (int64) [5] block_tables (int32)
 #     [6] M (table width) [7] context_lens (int32) [8] qkv buf [9] q buf [10] attn buf
@@ -47,7 +50,7 @@ comptime AttnMeta = Pointer[Int64, MutUntrackedOrigin]
 comptime W = simd_width_of[DType.float32]()
 comptime Vec = SIMD[DType.float32, W]
 comptime HEADER = 13
-comptime LAYER_FIELDS = 12
+comptime LAYER_FIELDS = 16
 
 
 @always_inline
@@ -190,7 +193,22 @@ def decode_step(model_addr: PythonObject, step_addr: PythonObject, eps_py: Pytho
     for layer in range(layers):
         var L = HEADER + layer * LAYER_FIELDS
         # -- attention --
-        _linear(Int(m[unsafe_offset=L + 2]), m[unsafe_offset=L + 1], x, qkv, t, row, hidden, items, path)
+        if m[unsafe_offset=L + 12] == 0:
+            _linear(Int(m[unsafe_offset=L + 2]), m[unsafe_offset=L + 1], x, qkv, t, row, hidden, items, path)
+        else:  # q, k, v into their own rows (gate_up's buffer is free here), then the fused layout
+            var kvd = kvh * d
+            _linear(Int(m[unsafe_offset=L + 2]), m[unsafe_offset=L + 1], x, gu, t, h * d, hidden, items, path)
+            _linear(Int(m[unsafe_offset=L + 13]), m[unsafe_offset=L + 12], x, gu + 4 * t * h * d, t, kvd, hidden,
+                    items, path)
+            _linear(Int(m[unsafe_offset=L + 15]), m[unsafe_offset=L + 14], x, gu + 4 * t * (h * d + kvd), t, kvd,
+                    hidden, items, path)
+            var gp = _f32(Int64(gu))
+            for tok in range(t):
+                for i in range(h * d):
+                    qkvp[unsafe_offset=tok * row + i] = gp[unsafe_offset=tok * h * d + i]
+                for i in range(kvd):
+                    qkvp[unsafe_offset=tok * row + h * d + i] = gp[unsafe_offset=t * h * d + tok * kvd + i]
+                    qkvp[unsafe_offset=tok * row + h * d + kvd + i] = gp[unsafe_offset=t * (h * d + kvd) + tok * kvd + i]
         var kc = _f32(m[unsafe_offset=L + 10])
         var vc = _f32(m[unsafe_offset=L + 11])
         for tok in range(t):

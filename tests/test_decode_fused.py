@@ -25,12 +25,22 @@ def _quantize(dense, qt):
     return gguf_quantize(dense.astype(np.float32), GGMLQuantizationType[qt])
 
 
-def _quantized(model, qtypes):
-    """Replace every projection by its `qtype` quantization (cycling through `qtypes`)."""
+def _quantized(model, qtypes, split_qkv=False):
+    """Replace every projection by its `qtype` quantization (cycling through `qtypes`); with
+    split_qkv, q, k and v become separate weights of different types (as in a Q4_K_M file)."""
     k = 0
     for layer in model.layers:
+        if split_qkv:
+            dense = np.asarray(layer.qkv.w) if hasattr(layer.qkv, "w") else layer.qkv.weight.to_float32()
+            c = model.config
+            parts = np.split(dense, [c.q_size, c.q_size + c.kv_size])
+            layer.q_k_v = tuple(QuantLinear(WeightTensor(n, p.shape, qt, _quantize(p, qt)))
+                                for n, p, qt in zip("qkv", parts, ("Q5_0", "Q8_0", "Q4_1"))) + (None, None, None)
+            layer.qkv = None
         for name in ("qkv", "o_proj", "gate_up", "down"):
             w = getattr(layer, name)
+            if w is None:
+                continue
             dense = w.weight.to_float32() if hasattr(w, "weight") else np.asarray(w.w)
             qt = qtypes[k % len(qtypes)]
             k += 1
@@ -60,10 +70,12 @@ def tiny(make_hf_model, cpu_backend):
     return lambda: load_model(str(path), cpu_backend)
 
 
-@pytest.mark.parametrize("qtypes", [("Q4_0",), ("Q4_1",), ("Q8_0",), ("Q4_0", "Q8_0", "Q4_1"), ("Q5_0", "Q5_1", "Q8_0")])
+@pytest.mark.parametrize("qtypes, split_qkv", [(("Q4_0",), False), (("Q4_1",), False), (("Q8_0",), False),
+                                               (("Q4_0", "Q8_0", "Q4_1"), False), (("Q5_0", "Q5_1", "Q8_0"), False),
+                                               (("Q4_1",), True)])
 @pytest.mark.parametrize("lens", [[0], [5, 17, 0], [700], [3, 400, 9, 1, 64, 2, 31, 8, 100, 5, 6, 250]])
-def test_fused_decode_step_equals_the_per_op_forward(tiny, qtypes, lens):
-    model = _quantized(tiny(), qtypes)
+def test_fused_decode_step_equals_the_per_op_forward(tiny, qtypes, split_qkv, lens):
+    model = _quantized(tiny(), qtypes, split_qkv)
     B, nblocks = 16, 200
     model.allocate_kv_cache(nblocks, B)
     assert unsupported_reason(model) is None

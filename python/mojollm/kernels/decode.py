@@ -9,8 +9,8 @@ and drops the Python glue between ops. The embedding lookup, the first norm and 
 stay per-op calls (one each, the LM head large enough to use every core anyway).
 
 Supported: Llama-family layers whose projections are GGUF blocks (Q4_0 / Q4_1 / Q8_0 / Q5_0 /
-Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel) with the fused
-qkv and gate/up rows LlamaModel builds, no attention bias, float32 KV cache. Anything else runs
+Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel), q/k/v fused or apart, gate/up fused (as
+LlamaModel builds them), no attention bias, float32 KV cache. Anything else runs
 the per-op path (`unsupported_reason` says why).
 """
 
@@ -21,13 +21,13 @@ import numpy as np
 from mojollm.engine.step import StepBatch
 from mojollm.kernels import attention
 from mojollm.kernels.build import kernel_loader
-from mojollm.kernels.quant import TYPE_CODES, QuantLinear
+from mojollm.kernels.quant import TYPE_CODES, QuantLinear, default_dot
 
 _kernels = kernel_loader("decode")
 # the block formats decode.mojo dispatches (quant.mojo's and kquant.mojo's matmuls)
 _CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 _HEADER = 13
-_LAYER_FIELDS = 12
+_LAYER_FIELDS = 16
 
 
 def unsupported_reason(model) -> str | None:
@@ -40,8 +40,10 @@ def unsupported_reason(model) -> str | None:
     if model.kv_dtype != "float32":
         return f"{model.kv_dtype} KV cache"
     for i, layer in enumerate(model.layers):
-        for name in ("qkv", "o_proj", "gate_up", "down"):
-            w = getattr(layer, name)
+        projections = [(name, getattr(layer, name)) for name in ("qkv", "o_proj", "gate_up", "down")]
+        if layer.qkv is None:  # q, k, v kept apart (their types differ)
+            projections[0:1] = [("q", layer.q_k_v[0]), ("k", layer.q_k_v[1]), ("v", layer.q_k_v[2])]
+        for name, w in projections:
             if not isinstance(w, QuantLinear) or w.qtype not in _CODES:
                 kind = type(w).__name__ if not isinstance(w, QuantLinear) else w.qtype
                 return f"layer {i} {name} is {kind} (fused decode takes {', '.join(_CODES)})"
@@ -63,13 +65,16 @@ class DecodeProgram:
         table = [len(model.layers), self.hidden, self.h, self.kvh, self.d, self.f, rot, int(c.rope_neox),
                  # GEMV work items: the kernels' own choice (splitting matrices under 2 MiB measured
                  # slower on 2 shared cores even with the workers awake: 80 vs 113 tok/s)
-                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0, -1]
+                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0, default_dot()]
         for i, layer in enumerate(model.layers):
             k_cache, v_cache = model.kv_caches[i]
-            table += [self._addr(layer.attn_norm), layer.qkv._addr, _CODES[layer.qkv.qtype],
+            q, k, v = (layer.qkv, None, None) if layer.qkv is not None else layer.q_k_v[:3]
+            table += [self._addr(layer.attn_norm), q._addr, _CODES[q.qtype],
                       layer.o_proj._addr, _CODES[layer.o_proj.qtype], self._addr(layer.mlp_norm),
                       layer.gate_up._addr, _CODES[layer.gate_up.qtype], layer.down._addr,
-                      _CODES[layer.down.qtype], self._addr(k_cache), self._addr(v_cache)]
+                      _CODES[layer.down.qtype], self._addr(k_cache), self._addr(v_cache),
+                      k._addr if k is not None else 0, _CODES[k.qtype] if k is not None else 0,
+                      v._addr if v is not None else 0, _CODES[v.qtype] if v is not None else 0]
         self.table = np.array(table, dtype=np.int64)
         # step buffers, sized once for max_seqs rows
         S, row = max_seqs, (self.h + 2 * self.kvh) * self.d
