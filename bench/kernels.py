@@ -341,8 +341,8 @@ def bench_quant(opts: Options) -> list[dict]:
     first; "generic" is plain Mojo SIMD without x86 intrinsics).
     Decode GEMV (one token through [N, K]): GB/s of weight bytes as stored (18 / 20 / 34 B per 32
     weights) against numpy's f32 GEMV on the dequantized weight and against the host read
-    bandwidth (read_bw_gbs, the cpu backend's probe). A weight that fits in the caches (576x1536:
-    0.55 MB) can beat that DRAM figure. Prefill (T = 64, 512 tokens): GFLOP/s of "float" (the GEMM)
+    bandwidth (read_bw_gbs, the cpu backend's probe); gbs_1core: the same on one core. A weight
+    that fits in the caches (576x1536: 0.55 MB) can beat that DRAM figure. Prefill (T = 64, 512 tokens): GFLOP/s of "float" (the GEMM)
     and "int8" (the GEMV on 8 rows at a time) against numpy's f32 GEMM on the dequantized weight
     and the machine's FMA peak. max_rel_err: |y - float64 on the dequantized weight| / sum |x| |w|;
     ok: float within 1e-5 of that; int8 within its activation-rounding bound
@@ -383,6 +383,8 @@ def bench_quant(opts: Options) -> list[dict]:
                 if t_tok == 1:
                     x1 = x[0].copy()
                     fns["numpy"] = lambda: wd @ x1
+                    # and each dot on one core: per-core speed, and less exposed to a busy neighbour
+                    fns.update({f"{d}/1": (lambda d=d: lin.forward(x, 1, dot=d)) for d in dots})
                     reps = max(5, min(200, int(2e9 / lin.nbytes)))
                     t = time_blocks(fns, opts.reps(reps), opts.rounds, pause_s=0.1)
                 else:
@@ -401,6 +403,7 @@ def bench_quant(opts: Options) -> list[dict]:
                     if t_tok == 1:
                         gbs = lin.nbytes / med / 1e9
                         row.update({"gbs": gbs, "best_gbs": lin.nbytes / t[dot]["best_s"] / 1e9,
+                                    "gbs_1core": lin.nbytes / t[f"{dot}/1"]["median_s"] / 1e9,
                                     "peer_gbs": wd.nbytes / t["numpy"]["median_s"] / 1e9,
                                     "read_bw_gbs": bw, "fraction_of_read_bw": gbs / bw})
                     else:
