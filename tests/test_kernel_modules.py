@@ -239,3 +239,17 @@ def test_build_out_rebuilds_a_module_from_older_sources(cache, tmp_path):
     build_module("nn", out_dir=out)
     assert len(cache) == 2
     verify_module(out / "nn.so", "nn", HOST)
+
+
+def test_host_modules_are_cached_per_cpu(monkeypatch):
+    """A cache that outlives a move to another CPU (an AVX-512 Xeon one day, an AVX2 EPYC the
+    next) must not serve modules compiled for the first: the host key follows the CPU's flags,
+    while cross-compiled GPU modules do not depend on the host."""
+    import mojollm.kernels.build as build
+
+    src = build._source_roots()["cpu"] / "nn.mojo"
+    gpu = build.Target("cuda", "sm_90")
+    here_host, here_gpu = build._source_key(src, build.HOST, "v"), build._source_key(src, gpu, "v")
+    monkeypatch.setattr(build, "_host_cpu", lambda: "model name : AMD EPYC\nflags : fpu sse2 avx2 fma\n")
+    assert build._source_key(src, build.HOST, "v") != here_host
+    assert build._source_key(src, gpu, "v") == here_gpu

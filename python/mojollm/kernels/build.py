@@ -139,10 +139,27 @@ def _include_dirs() -> list[Path]:
     return [_source_roots()["cpu"]]
 
 
+def _host_cpu() -> str:
+    """The host CPU's model and instruction-set flags. Host modules are compiled for the CPU they
+    are built on (AVX-512/VNNI paths chosen at compile time), so a cache that outlives a move to
+    another CPU (this VM kind is an AVX-512 Xeon one day, an AVX2 EPYC the next) must not serve
+    them there: they would die of an illegal instruction."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(dict.fromkeys(lines))  # one copy of each distinct line (every core repeats them)
+    except OSError:
+        import platform
+
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def _source_key(src: Path, target: Target, version: str) -> str:
     h = hashlib.sha256()
     h.update(version.encode())
     h.update(str(target).encode())
+    if target.kind == "host":
+        h.update(_host_cpu().encode())
     # Hash every .mojo file the module could import: its own folder and the include dirs.
     files = sorted({*src.parent.glob("*.mojo"), *(p for d in _include_dirs() for p in d.glob("*.mojo"))})
     for f in files:
