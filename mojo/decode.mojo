@@ -83,6 +83,8 @@ def _linear(qt: Int, w: Int64, x: Int, y: Int, t: Int, n: Int, k: Int, items: In
         raise Error("decode_step: unsupported weight type code ", qt)
 
 
+# The row ops below repeat mojo/nn.mojo's few lines on purpose: `from nn import ...` resolves to
+# Modular's own `nn` package (in the max wheel), which shadows ours on the import path.
 @always_inline
 def _add_rms_norm(x: F32Ptr, res: F32Ptr, w: F32Ptr, dst: F32Ptr, rows: Int, n: Int, eps: Float32):
     """res += x; dst = res / sqrt(mean(res^2) + eps) * w, row by row (decode rows are short)."""

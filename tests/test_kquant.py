@@ -32,10 +32,10 @@ from gguf.quants import quantize as gguf_quantize
 from mojollm.kernels import quant
 from mojollm.kernels.quant import EmbeddingTable, QuantLinear
 from mojollm.weights import BLOCK_BYTES, BLOCK_SIZE, WeightTensor
+from test_quant import MATMUL_RTOL, assert_matmul_close
 
 QTYPES = ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-MATMUL_RTOL = 1e-5
 # Byte offsets of the float16 fields (d, and dmin / m where the format has one) in each block.
 F16_FIELDS = {"Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2),
               "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -66,16 +66,6 @@ def assert_bit_exact(got: np.ndarray, want: np.ndarray) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype == np.float32
     bad = np.argwhere(got.view(np.uint32) != want.view(np.uint32))
     assert not len(bad), f"{len(bad)} values differ, first at {tuple(bad[0])}: {got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}"
-
-
-def assert_matmul_close(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-    x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    ref = x64 @ w64.T
-    bound = MATMUL_RTOL * (np.abs(x64) @ np.abs(w64).T)
-    assert y.shape == ref.shape and y.dtype == np.float32
-    excess = np.abs(y.astype(np.float64) - ref) - bound
-    worst = np.unravel_index(np.argmax(excess), excess.shape)
-    assert excess.max() <= 0, f"output {worst}: got {y[worst]!r}, want {ref[worst]!r} (allowed {bound[worst]:.3g})"
 
 
 # ---------------------------------------------------------------- a small k-quant quantizer

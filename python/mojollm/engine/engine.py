@@ -236,8 +236,9 @@ class Engine:
         try:
             out = self.runner.execute(plan.batch, device_rows)
             logits = np.asarray(out.logits)
-            num_host = (plan.batch.logits_indices.shape[0] if out.tokens is None
-                        else int((out.tokens == TOKEN_HOST).sum()))
+            tokens = out.tokens
+            is_host = None if tokens is None else tokens == TOKEN_HOST
+            num_host = plan.batch.logits_indices.shape[0] if tokens is None else int(is_host.sum())
             if logits.shape != (num_host, self.vocab_size):
                 raise ValueError(f"model returned logits of shape {logits.shape}, expected {(num_host, self.vocab_size)}")
         except Exception as e:  # every request of the batch is affected; the engine goes on
@@ -253,9 +254,8 @@ class Engine:
         touched: dict[str, Request] = {}
         # NaN or +inf anywhere in a row makes its max NaN or +inf (one pass over the logits)
         bad_rows = ~(logits.max(axis=1) < np.inf) if logits.size else None
-        tokens = out.tokens
         # logits row r of the batch -> its row in `logits` (host rows only, in order)
-        host_row = None if tokens is None else np.cumsum(tokens == TOKEN_HOST) - 1
+        host_row = None if tokens is None else np.cumsum(is_host) - 1
         for s in plan.scheduled:
             seq, req = s.seq, s.seq.request
             if s.num_logits == 0 or req.finished or seq.is_finished:
