@@ -618,12 +618,15 @@ class CudaBackend(Backend):
         return out
 
     def decode_splits(self, num_seqs: int, kv_heads: int, max_context: int) -> tuple[int, int]:
-        """(splits, keys per split) of the split-K decode: about 8 blocks per SM (several resident
-        at once, and a short last wave), at least 256 keys per split, splits on 32-key tiles."""
+        """(splits, keys per split) of the split-K decode: about 8 blocks (sequence, kv head, split)
+        per SM, 2-3 of which are resident at once (shared memory), so a few waves with a short last
+        one; at least 256 keys per split; splits on 64 keys (a block deals 16-key tiles round-robin
+        to its 2-4 warps). The context bound is the block table's capacity, not the device-side
+        lengths, so the launch does not depend on them (CUDA graphs)."""
         base = max(1, num_seqs * kv_heads)
         want = 1 if base >= 8 * self.num_sms else math.ceil(8 * self.num_sms / base)
         splits = max(1, min(want, math.ceil(max_context / 256)))
-        chunk = max(32, math.ceil(math.ceil(max_context / splits) / 32) * 32)
+        chunk = max(64, math.ceil(math.ceil(max_context / splits) / 64) * 64)
         return max(1, math.ceil(max_context / chunk)), chunk
 
     def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -640,6 +643,8 @@ class CudaBackend(Backend):
         G = H // KVH
         if G > 16:
             raise ValueError(f"{G} query heads per kv head exceed the supported 16")
+        if NB * B >= 2 ** 31:
+            raise ValueError(f"a KV cache of {NB} x {B} token slots exceeds the decode kernel's 2^31")
         out = self._empty(tuple(q.shape), q.dtype)
         if S == 0:
             return out

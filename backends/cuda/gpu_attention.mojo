@@ -9,12 +9,13 @@
 # K/V tile is read from memory once for all of them. A block's query "rows" are (position, head)
 # pairs r = i * G + g.
 
-from std.math import ceildiv, exp, exp2, log
+from std.math import ceildiv, exp, exp2, log, log2
 from std.memory import stack_allocation
 from std.sys import size_of, is_nvidia_gpu
+from std.sys.info import _accelerator_arch
 from std.utils.numerics import neg_inf
 from max.gpu import thread_idx, block_idx, block_dim, lane_id, WARP_SIZE
-from max.gpu.sync import barrier
+from max.gpu.sync import barrier, syncwarp
 from max.gpu.primitives import warp
 from max.gpu.memory import (
     AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory,
@@ -389,73 +390,147 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
 
 
 # ---- decode: one query per sequence, split-K over the context ---------------------------------
-# Block (kv head, sequence, split) = 4 warps. K/V tiles of DEC_TK keys stream through shared
-# memory with cp.async, two stages deep (the next tile loads while this one is used), as 16-byte
-# chunks (each chunk's cache address is looked up once). Scores: one thread per (head, key), with
-# 16-byte shared reads along the key row (rows padded by 16 bytes). Output: each thread owns
-# (head, 4 features) accumulators in registers.
-comptime DEC_TK = 32  # keys per tile: one per lane in the softmax
-comptime DEC_THREADS = 128
+# Block (kv head, sequence, split) = NW warps. Each warp streams its own 16-key tiles (tile t of
+# the split goes to warp t % NW) through its own two shared-memory stages with cp.async (16-byte
+# chunks, a key row's chunks coalesced), so the main loop has no block-wide barrier: tile t + 1
+# loads while tile t is used. With a bf16 cache, 3 blocks of 4 warps fit an SM (G <= 4), ~150 KB
+# in flight per SM. Every K/V byte is read from memory once for all G query heads of the kv head.
+#   scores: WARP_SIZE / 16 lanes per key (2 on 32-wide warps), each over interleaved 16-byte
+#     chunks of the key row (rows padded so a quarter-warp hits 8 distinct bank groups), q
+#     broadcast from shared memory, one xor-shuffle to finish the dot products;
+#   softmax: base 2, float32, running max and sum per head in registers (the tile's max by a
+#     4-step butterfly);
+#   values: each lane owns 4 features of every head; the probabilities [key][head] go through
+#     shared memory (broadcast reads).
+# The block-table entry for the next tile to issue is loaded one tile ahead, so its latency hides
+# behind the math. At the end the warps' (max, sum, output) are merged through shared memory; one
+# split writes the output, several write a normalised partial output and its log-sum-exp for
+# attn_combine_kernel. Out-of-range block ids are flagged and their keys skipped (never read).
+comptime DEC_TK = 16  # keys per warp tile
+comptime DEC_STAGES = 2  # cp.async stages per warp
 comptime DEC_MAX_G = 16
-comptime DEC_MAX_OWN = 4  # (head, 4-feature) chunks per thread: G * D / 4 <= 4 * 128
+comptime LN2: Float32 = 0.6931471805599453
+comptime _DEC_NVIDIA = _accelerator_arch().startswith("sm_") or "nvidia" in _accelerator_arch()
 
 
 def prefill_mma_smem_bytes[D: Int]() -> Int:
     return 4 * FA_TK * (D + 8) * 2
 
 
-def decode_smem_bytes[cdt: DType, D: Int](G: Int) -> Int:
-    comptime VW = 16 // size_of[cdt]()
-    comptime LD = D + VW
-    return 2 * 2 * DEC_TK * LD * size_of[cdt]() + (G * D + G * DEC_TK + 3 * G) * 4 + 16
+def decode_warps[cdt: DType]() -> Int:
+    """Warps per decode block: 4 (bf16 cache) or 2 (f32) on NVIDIA, sized so 3 blocks fit an SM's
+    228 KB of shared memory at G <= 4; 1 elsewhere (64 KB of LDS per workgroup)."""
+    comptime if _DEC_NVIDIA:
+        return 4 if size_of[cdt]() <= 2 else 2
+    return 1
+
+
+def _ilog2(n: Int) -> Int:
+    var r = 0
+    while (2 << r) <= n:
+        r += 1
+    return r
+
+
+def _dec_ldk[cdt: DType, D: Int]() -> Int:
+    """K row stride in elements: padded so that a row is 8 banks (mod 32) after the previous one."""
+    comptime W = D * size_of[cdt]() // 4
+    comptime PADW = (8 - W % 32 + 32) % 32
+    return D + PADW * 4 // size_of[cdt]()
+
+
+def _dec_stage_elems[cdt: DType, D: Int]() -> Int:
+    """One stage, in cache elements: K [TK][LDK], V [TK][D], then TK int32 key-valid flags."""
+    return DEC_TK * (_dec_ldk[cdt, D]() + D) + DEC_TK * 4 // size_of[cdt]()
+
+
+def _dec_warp_elems[cdt: DType, D: Int, GM: Int]() -> Int:
+    """A warp's region, in cache elements: its stages, then probabilities [TK][GM] float32."""
+    return DEC_STAGES * _dec_stage_elems[cdt, D]() + DEC_TK * GM * 4 // size_of[cdt]()
+
+
+def decode_smem_bytes[cdt: DType, D: Int, GM: Int]() -> Int:
+    """Per block: NW warp regions, then the scaled query [GM][D] float32."""
+    return decode_warps[cdt]() * _dec_warp_elems[cdt, D, GM]() * size_of[cdt]() + GM * D * 4
 
 
 @always_inline
-def _dec_load_tile[cdt: DType, D: Int](
-    kc: Ptr[cdt], vc: Ptr[cdt], ks: SharedPtr[cdt], vs: SharedPtr[cdt], bt: I32P, err: I32P,
-    s: Int, m_: Int, b_: Int, nb: Int, kvh: Int, h: Int, k0: Int, k_hi: Int,
+def _dec_fetch(bt: I32P, s: Int, m_: Int, b_: Int, key: Int, k_hi: Int, mut blk: Int32, mut off: Int32):
+    """Start loading the block id of `key` (used one tile later): blk = table entry, off = row in block."""
+    if key < k_hi:
+        var kb = UInt32(key) // UInt32(b_)
+        blk = bt[unsafe_offset=s * m_ + Int(kb)]
+        off = Int32(key) - Int32(kb) * Int32(b_)
+
+
+@always_inline
+def _dec_issue[cdt: DType, D: Int](
+    kc: Ptr[cdt], vc: Ptr[cdt], st: SharedPtr[cdt], err: I32P, lane: Int,
+    key: Int, blk: Int32, off: Int32, k_hi: Int, nb: Int, b_: Int, kvh: Int, h: Int,
 ):
-    comptime VW = 16 // size_of[cdt]()
-    comptime LD = D + VW
-    comptime CPK = D // VW
-    for c in range(thread_idx.x, DEC_TK * CPK, DEC_THREADS):
-        var j = c // CPK
+    """cp.async one tile into stage `st`. Lane l holds key (tile start + l % TK) with its block id;
+    keys past the split or in an out-of-range block are zero-filled and marked invalid."""
+    comptime SZ = size_of[cdt]()
+    comptime VW = 16 // SZ
+    comptime CPK = D // VW  # 16-byte chunks per row
+    comptime LDK = _dec_ldk[cdt, D]()
+    comptime NCHUNK = DEC_TK * CPK
+    var row: Int32 = -1  # cache row (block * B + offset), -1: no key
+    if key < k_hi:
+        if Int(blk) < 0 or Int(blk) >= nb:
+            flag(err, ERR_BLOCK)
+        else:
+            row = blk * Int32(b_) + off
+    if lane < DEC_TK:
+        st.unsafe_offset(DEC_TK * (LDK + D)).unsafe_bitcast[Int32]()[unsafe_offset=lane] = Int32(1 if row >= 0 else 0)
+    comptime for i in range(ceildiv(NCHUNK, WARP_SIZE)):
+        var c = i * WARP_SIZE + lane
+        var j = min(c // CPK, DEC_TK - 1)
         var part = c % CPK
-        var key = k0 + j
-        var ok = key < k_hi
-        var src = 0
-        if ok:
-            var blk = Int(bt[unsafe_offset=s * m_ + key // b_])
-            if blk < 0 or blk >= nb:
-                flag(err, ERR_BLOCK)
-                ok = False
-            else:
-                src = ((blk * b_ + key % b_) * kvh + h) * D + part * VW
-        async_copy[16, fill=Scalar[cdt](0)](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
-                       ks.unsafe_offset(j * LD + part * VW), src_size=Int32(16 if ok else 0))
-        async_copy[16, fill=Scalar[cdt](0)](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
-                       vs.unsafe_offset(j * LD + part * VW), src_size=Int32(16 if ok else 0))
+        var rj = warp.shuffle_idx(row, UInt32(j))
+        var inside = True
+        comptime if NCHUNK % WARP_SIZE != 0:
+            inside = c < NCHUNK
+        if inside:
+            var ok = rj >= 0
+            var src = (Int(rj) * kvh + h) * D + part * VW if ok else 0
+            var n = Int32(16 if ok else 0)
+            async_copy[16, fill=Scalar[cdt](0)](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                                                st.unsafe_offset(j * LDK + part * VW), src_size=n)
+            async_copy[16, fill=Scalar[cdt](0)](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                                                st.unsafe_offset(DEC_TK * LDK + j * D + part * VW), src_size=n)
 
 
-def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
+def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
     q: Ptr[qdt], kc: Ptr[cdt], vc: Ptr[cdt], dst: Ptr[qdt], part_o: F32P, part_lse: F32P,
     bt: I32P, cl: I32P, err: I32P, H: Int64, KVH: Int64, M: Int64, B: Int64, NB: Int64,
     splits: Int64, chunk: Int64, scale: Float32,
 ):
-    """Block (kv head h, sequence s, split sp) attends the G query heads of h over keys
-    [sp * chunk, min(ctx, (sp + 1) * chunk)). With one split it writes the output directly,
-    else a normalised partial output and its log-sum-exp for attn_combine_kernel."""
-    comptime VW = 16 // size_of[cdt]()
-    comptime LD = D + VW
-    comptime TILE = DEC_TK * LD
-    comptime D4 = D // 4
+    """Block (kv head h, sequence s, split sp) of NW warps attends the G <= GM query heads of h over
+    keys [sp * chunk, min(ctx, (sp + 1) * chunk)). With one split it writes the output directly,
+    else a normalised partial output and its log-sum-exp (natural log) for attn_combine_kernel."""
+    comptime SZ = size_of[cdt]()
+    comptime VW = 16 // SZ
+    comptime CPK = D // VW
+    comptime LDK = _dec_ldk[cdt, D]()
+    comptime LPK = WARP_SIZE // DEC_TK  # lanes per key in the scores
+    comptime NCH = ceildiv(CPK, LPK)  # chunks per lane per key row
+    comptime D4 = D // 4  # lanes owning 4 output features each
+    comptime STE = _dec_stage_elems[cdt, D]()
+    comptime WE = _dec_warp_elems[cdt, D, GM]()
+    comptime NT = NW * WARP_SIZE
+    comptime NEG = neg_inf[DType.float32]()
+    comptime REC_M = GM * D  # a warp's record at the start of its region: o [GM][D], m [GM], l [GM]
+    comptime assert GM % 4 == 0 and GM <= DEC_MAX_G, "GM: 4, 8 or 16"
+    comptime assert D % 16 == 0 and D4 <= WARP_SIZE, "head dim: a multiple of 16, at most 4 * WARP_SIZE"
+    comptime assert WARP_SIZE % DEC_TK == 0 and WARP_SIZE // DEC_TK <= 4
+    comptime assert (GM * D + 2 * GM) * 4 <= DEC_STAGES * STE * SZ, "the merge record must fit the stages"
     var h = block_idx.x
     var s = block_idx.y
     var sp = block_idx.z
     var tid = thread_idx.x
-    var lane = lane_id()
-    var warp_id = tid // WARP_SIZE
-    comptime NWARPS = DEC_THREADS // WARP_SIZE
+    var lane = Int(lane_id())
+    var w = tid // WARP_SIZE
     var hh = Int(H)
     var kvh = Int(KVH)
     var G = hh // kvh
@@ -464,15 +539,10 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
     var nb = Int(NB)
     var nsp = Int(splits)
 
-    var kv_smem = external_memory[Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
-    var Kb = kv_smem  # [2][TK][LD]
-    var Vb = kv_smem.unsafe_offset(2 * TILE)  # [2][TK][LD]
-    var fbase = kv_smem.unsafe_offset(4 * TILE).unsafe_bitcast[Float32]()
-    var Qs = fbase  # [G][D] scaled query
-    var Ss = fbase.unsafe_offset(G * D)  # [G][TK] scores, then probabilities
-    var Ms = Ss.unsafe_offset(G * DEC_TK)  # [G] running max
-    var Ls = Ms.unsafe_offset(G)  # [G] running sum
-    var As = Ls.unsafe_offset(G)  # [G] this tile's rescale factor
+    var smem = external_memory[Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
+    var wbase = smem.unsafe_offset(w * WE)  # this warp's stages, then its probabilities
+    var Ps = wbase.unsafe_offset(DEC_STAGES * STE).unsafe_bitcast[Float32]()  # [TK][GM]
+    var Qs = smem.unsafe_offset(NW * WE).unsafe_bitcast[Float32]()  # [GM][D], scaled by scale * log2(e)
 
     var ctx = Int(cl[unsafe_offset=s])
     if ctx < 0 or ctx > m_ * b_:
@@ -482,92 +552,142 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int](
     var k_lo = sp * Int(chunk)
     var k_hi = min(ctx, k_lo + Int(chunk))
     var n_tiles = ceildiv(k_hi - k_lo, DEC_TK) if k_hi > k_lo else 0
+    var my_n = ceildiv(n_tiles - w, NW) if n_tiles > w else 0  # this warp's tiles: w, w + NW, ...
 
-    if n_tiles > 0:
-        _dec_load_tile[cdt, D](kc, vc, Kb, Vb, bt, err, s, m_, b_, nb, kvh, h, k_lo, k_hi)
-    async_copy_commit_group()
-    for e in range(tid, G * D, DEC_THREADS):
-        Qs[unsafe_offset=e] = q[unsafe_offset=(s * hh + h * G) * D + e].cast[DType.float32]() * scale
-    for g in range(tid, G, DEC_THREADS):
-        Ms[unsafe_offset=g] = neg_inf[DType.float32]()
-        Ls[unsafe_offset=g] = 0
+    # Prologue: tiles 0 .. STAGES-2 in flight, then the block id for the next one.
+    var pk = k_lo + w * DEC_TK + lane % DEC_TK  # this lane's key in the warp's next tile to issue
+    var pblk: Int32 = 0
+    var poff: Int32 = 0
+    _dec_fetch(bt, s, m_, b_, pk, k_hi, pblk, poff)
+    comptime for i in range(DEC_STAGES - 1):
+        if i < my_n:
+            _dec_issue[cdt, D](kc, vc, wbase.unsafe_offset(i * STE), err, lane, pk, pblk, poff, k_hi, nb, b_, kvh, h)
+        async_copy_commit_group()
+        pk += NW * DEC_TK
+        _dec_fetch(bt, s, m_, b_, pk, k_hi, pblk, poff)
 
-    var acc = Array[SIMD[DType.float32, 4], DEC_MAX_OWN](fill=SIMD[DType.float32, 4](0))
-    var n_own = G * D4
+    for e in range(tid, GM * D, NT):
+        var v: Float32 = 0
+        if e < G * D:
+            v = q[unsafe_offset=(s * hh + h * G) * D + e].cast[DType.float32]() * (scale * LOG2E)
+        Qs[unsafe_offset=e] = v
+    barrier()
 
-    for t in range(n_tiles):
-        var st = t % 2
-        if t + 1 < n_tiles:
-            var nx = (t + 1) % 2
-            _dec_load_tile[cdt, D](kc, vc, Kb.unsafe_offset(nx * TILE), Vb.unsafe_offset(nx * TILE), bt, err,
-                                   s, m_, b_, nb, kvh, h, k_lo + (t + 1) * DEC_TK, k_hi)
-            async_copy_commit_group()
-            async_copy_wait_group(1)
+    var kj = lane // LPK  # the key this lane scores
+    var kh = lane % LPK  # which interleaved chunks of it
+    var m_run = SIMD[DType.float32, GM](NEG)
+    var l_run = SIMD[DType.float32, GM](0)  # per-lane partial sums (lanes kh == 0)
+    var acc = Array[SIMD[DType.float32, 4], GM](fill=SIMD[DType.float32, 4](0))  # features 4 lane ..
+
+    for t in range(my_n):
+        var nx = t + DEC_STAGES - 1
+        if nx < my_n:
+            _dec_issue[cdt, D](kc, vc, wbase.unsafe_offset((nx % DEC_STAGES) * STE), err, lane, pk, pblk, poff,
+                               k_hi, nb, b_, kvh, h)
+        async_copy_commit_group()
+        pk += NW * DEC_TK
+        _dec_fetch(bt, s, m_, b_, pk, k_hi, pblk, poff)
+        async_copy_wait_group(Int32(DEC_STAGES - 1))  # tile t has landed (for this lane)
+        syncwarp()  # ... and for the whole warp
+        var Kt = wbase.unsafe_offset((t % DEC_STAGES) * STE)
+        var Vt = Kt.unsafe_offset(DEC_TK * LDK)
+        var valid = Kt.unsafe_offset(DEC_TK * (LDK + D)).unsafe_bitcast[Int32]()[unsafe_offset=kj] != 0
+
+        # Scores of key kj for the heads, four at a time.
+        var sc = SIMD[DType.float32, GM](0)
+        comptime for g4 in range(GM // 4):
+            if g4 * 4 < G:
+                var part = Array[SIMD[DType.float32, VW], 4](fill=SIMD[DType.float32, VW](0))
+                comptime for c in range(NCH):
+                    var cc = c * LPK + kh
+                    var inside = True
+                    comptime if CPK % LPK != 0:
+                        inside = cc < CPK
+                    if inside:
+                        var kv = Kt.unsafe_load[width=VW, alignment=16](kj * LDK + cc * VW).cast[DType.float32]()
+                        comptime for e in range(4):
+                            var qv = Qs.unsafe_load[width=VW, alignment=16]((g4 * 4 + e) * D + cc * VW)
+                            part[e] = kv.fma(qv, part[e])
+                comptime for e in range(4):
+                    var v = part[e].reduce_add()
+                    comptime for x in range(_ilog2(LPK)):
+                        v += warp.shuffle_xor(v, UInt32(1 << x))
+                    sc[g4 * 4 + e] = v
+
+        # Online softmax (base 2) over the tile; probabilities -> Ps[key][head].
+        comptime for g4 in range(GM // 4):
+            if g4 * 4 < G:
+                var pv = SIMD[DType.float32, 4](0)
+                comptime for e in range(4):
+                    comptime g = g4 * 4 + e
+                    var x = sc[g] if valid else NEG
+                    var mt = x
+                    comptime for k in range(_ilog2(DEC_TK)):
+                        mt = max(mt, warp.shuffle_xor(mt, UInt32(LPK << k)))
+                    var mn = max(m_run[g], mt)
+                    var sh = mn if mn != NEG else 0  # no valid key yet: exp2 gives 0, not NaN
+                    var al = exp2(m_run[g] - sh)
+                    var p = exp2(x - sh)
+                    m_run[g] = mn
+                    l_run[g] = l_run[g] * al + (p if kh == 0 else 0)
+                    acc[g] = acc[g] * al
+                    pv[e] = p
+                if kh == 0:
+                    Ps.unsafe_store[alignment=16](kj * GM + g4 * 4, pv)
+        syncwarp()
+
+        # Values: acc[g] += sum over keys of p[key][g] * V[key][4 lane ..].
+        if lane < D4:
+            comptime for g4 in range(GM // 4):
+                if g4 * 4 < G:
+                    comptime for j in range(DEC_TK):
+                        var vv = Vt.unsafe_load[width=4, alignment=4 * SZ](j * D + lane * 4).cast[DType.float32]()
+                        var pp = Ps.unsafe_load[width=4, alignment=16](j * GM + g4 * 4)
+                        comptime for e in range(4):
+                            acc[g4 * 4 + e] = vv.fma(SIMD[DType.float32, 4](pp[e]), acc[g4 * 4 + e])
+        syncwarp()  # the stage and Ps are rewritten next iteration
+
+    # This warp's record over its own (now idle) stages: o, m, l per head.
+    async_copy_wait_group(0)
+    syncwarp()
+    var R = wbase.unsafe_bitcast[Float32]()
+    comptime for g4 in range(GM // 4):
+        if g4 * 4 < G:
+            comptime for e in range(4):
+                comptime g = g4 * 4 + e
+                var lt = l_run[g]
+                comptime for x in range(_ilog2(WARP_SIZE)):
+                    lt += warp.shuffle_xor(lt, UInt32(1 << x))
+                if lane == 0:
+                    R[unsafe_offset=REC_M + g] = m_run[g]
+                    R[unsafe_offset=REC_M + GM + g] = lt
+                if lane < D4:
+                    R.unsafe_store[alignment=16](g * D + lane * 4, acc[g])
+    barrier()
+
+    # Merge the warps: head g, features f .. f + 3 per thread.
+    for e in range(tid, G * D4, NT):
+        var g = e // D4
+        var f = (e % D4) * 4
+        var mx = NEG
+        comptime for ww in range(NW):
+            mx = max(mx, smem.unsafe_offset(ww * WE).unsafe_bitcast[Float32]()[unsafe_offset=REC_M + g])
+        var o = SIMD[DType.float32, 4](0)
+        var l: Float32 = 0
+        if mx != NEG:
+            comptime for ww in range(NW):
+                var Rw = smem.unsafe_offset(ww * WE).unsafe_bitcast[Float32]()
+                var wt = exp2(Rw[unsafe_offset=REC_M + g] - mx)
+                l += Rw[unsafe_offset=REC_M + GM + g] * wt
+                o += Rw.unsafe_load[width=4, alignment=16](g * D + f) * wt
+        var res = o / l if l > 0 else SIMD[DType.float32, 4](0)
+        var head = s * hh + h * G + g
+        if nsp == 1:
+            dst.unsafe_store[alignment=4 * size_of[qdt]()](head * D + f, res.cast[qdt]())
         else:
-            async_copy_wait_group(0)
-        barrier()
-        var kt = Kb.unsafe_offset(st * TILE)
-        var vt = Vb.unsafe_offset(st * TILE)
-        var k0 = k_lo + t * DEC_TK
-        # scores: thread -> (head g, key j)
-        for pr in range(tid, G * DEC_TK, DEC_THREADS):
-            var g = pr // DEC_TK
-            var j = pr % DEC_TK
-            var sc = SIMD[DType.float32, VW](0)
-            comptime for c in range(D // VW):
-                var kv = kt.unsafe_load[width=VW, alignment=16](j * LD + c * VW).cast[DType.float32]()
-                var qv = Qs.unsafe_load[width=VW, alignment=16](g * D + c * VW)
-                sc += kv * qv
-            Ss[unsafe_offset=pr] = sc.reduce_add() if k0 + j < k_hi else neg_inf[DType.float32]()
-        barrier()
-        for g in range(warp_id, G, NWARPS):
-            var v = neg_inf[DType.float32]()
-            if lane < DEC_TK:
-                v = Ss[unsafe_offset=g * DEC_TK + lane]
-            var m_old = Ms[unsafe_offset=g]
-            var m_new = max(m_old, warp.max(v))  # a tile's first key is always visible: finite
-            var p: Float32 = 0
-            if lane < DEC_TK:
-                p = exp(v - m_new)
-                Ss[unsafe_offset=g * DEC_TK + lane] = p
-            var ls = warp.sum(p)
-            if lane == 0:
-                var alpha = exp(m_old - m_new)
-                As[unsafe_offset=g] = alpha
-                Ls[unsafe_offset=g] = Ls[unsafe_offset=g] * alpha + ls
-                Ms[unsafe_offset=g] = m_new
-        barrier()
-        comptime for i in range(DEC_MAX_OWN):
-            var oc = tid + DEC_THREADS * i
-            if oc < n_own:
-                var g = oc // D4
-                var d0 = (oc % D4) * 4
-                var a = acc[i] * As[unsafe_offset=g]
-                for j in range(DEC_TK):
-                    var vv = vt.unsafe_load[width=4, alignment=4 * size_of[cdt]()](j * LD + d0)
-                    a += Ss[unsafe_offset=g * DEC_TK + j] * vv.cast[DType.float32]()
-                acc[i] = a
-        barrier()  # the stage just read is refilled next iteration; Ss and As are rewritten
-
-    barrier()  # (no tiles: Ms / Ls initialised by other threads)
-    comptime for i in range(DEC_MAX_OWN):
-        var oc = tid + DEC_THREADS * i
-        if oc < n_own:
-            var g = oc // D4
-            var d0 = (oc % D4) * 4
-            var l = Ls[unsafe_offset=g]
-            var o = acc[i] / l if l > 0 else SIMD[DType.float32, 4](0)
-            var head = s * hh + h * G + g
-            if nsp == 1:
-                comptime for e in range(4):
-                    dst[unsafe_offset=head * D + d0 + e] = o[e].cast[qdt]()
-            else:
-                comptime for e in range(4):
-                    part_o[unsafe_offset=(head * nsp + sp) * D + d0 + e] = o[e]
-                if d0 == 0:
-                    part_lse[unsafe_offset=head * nsp + sp] = (
-                        Ms[unsafe_offset=g] + log(l) if l > 0 else neg_inf[DType.float32]()
-                    )
+            part_o.unsafe_store[alignment=16]((head * nsp + sp) * D + f, res)
+            if f == 0:
+                part_lse[unsafe_offset=head * nsp + sp] = (mx + log2(l)) * LN2 if l > 0 else NEG
 
 
 def attn_combine_kernel[qdt: DType](part_o: F32P, part_lse: F32P, dst: Ptr[qdt], splits: Int64, D: Int64):

@@ -21,6 +21,7 @@ from std.python import PythonObject, Python
 from std.python.bindings import PythonModuleBuilder
 from std.sys.info import _accelerator_arch
 from std.math import ceildiv
+from max.gpu import WARP_SIZE
 from max.gpu.host import DeviceContext, DeviceStream, FuncAttribute
 from max.gpu.host._nvidia_cuda import CUDA
 
@@ -37,7 +38,7 @@ from gpu_linear import (
 )
 from gpu_attention import (
     attn_prefill_simt_kernel, attn_prefill_mma_kernel, attn_decode_kernel, attn_combine_kernel,
-    decode_smem_bytes, prefill_mma_smem_bytes, SP_THREADS, FA_THREADS, DEC_THREADS,
+    decode_smem_bytes, decode_warps, prefill_mma_smem_bytes, SP_THREADS, FA_THREADS,
 )
 
 # Tensor-core kernels (mma.sync, ldmatrix) exist for NVIDIA targets only; elsewhere the SIMT
@@ -511,33 +512,44 @@ def op_attention_prefill(gpu: PythonObject, a: PythonObject) raises -> PythonObj
     return PythonObject(None)
 
 
-def _decode[qdt: DType, cdt: DType, D: Int](g: GpuPtr, a: PythonObject) raises:
+def _decode[qdt: DType, cdt: DType, D: Int, GM: Int](g: GpuPtr, a: PythonObject) raises:
     # (stream, pair, D, q, kc, vc, out, part_o, part_lse, bt, cl, err, S, H, KVH, M, B, NB, splits, chunk, scale)
     var st = g[].stream(_i(a, 0))
-    var G = _i(a, 13) // _i(a, 14)
-    var smem = decode_smem_bytes[cdt, D](G)
-    var f = g[].ctx.compile_function[attn_decode_kernel[qdt, cdt, D]](
+    comptime NW = decode_warps[cdt]()
+    comptime smem = decode_smem_bytes[cdt, D, GM]()
+    var f = g[].ctx.compile_function[attn_decode_kernel[qdt, cdt, D, GM, NW]](
         func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
     )
     st.enqueue_function(f, _p[qdt](a, 3), _p[cdt](a, 4), _p[cdt](a, 5), _p[qdt](a, 6), _p[F32](a, 7),
                         _p[F32](a, 8), _p[DType.int32](a, 9), _p[DType.int32](a, 10), _p[DType.int32](a, 11),
                         _n(a, 13), _n(a, 14), _n(a, 15), _n(a, 16), _n(a, 17), _n(a, 18), _n(a, 19), _f(a, 20),
-                        grid_dim=(_i(a, 14), _i(a, 12), _i(a, 18)), block_dim=DEC_THREADS,
+                        grid_dim=(_i(a, 14), _i(a, 12), _i(a, 18)), block_dim=NW * WARP_SIZE,
                         shared_mem_bytes=smem)
+
+
+def _decode_g[qdt: DType, cdt: DType, D: Int](g: GpuPtr, a: PythonObject) raises:
+    # The query heads per kv head, rounded up to the kernel's register tile (4, 8 or 16).
+    var G = _i(a, 13) // _i(a, 14)
+    if G <= 4:
+        _decode[qdt, cdt, D, 4](g, a)
+    elif G <= 8:
+        _decode[qdt, cdt, D, 8](g, a)
+    else:
+        _decode[qdt, cdt, D, 16](g, a)
 
 
 def _decode_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
     var d = _i(a, 2)
     if d == 64:
-        _decode[qdt, cdt, 64](g, a)
+        _decode_g[qdt, cdt, 64](g, a)
     elif d == 128:
-        _decode[qdt, cdt, 128](g, a)
+        _decode_g[qdt, cdt, 128](g, a)
     elif d == 32:
-        _decode[qdt, cdt, 32](g, a)
+        _decode_g[qdt, cdt, 32](g, a)
     elif d == 80:
-        _decode[qdt, cdt, 80](g, a)
+        _decode_g[qdt, cdt, 80](g, a)
     else:
-        _decode[qdt, cdt, 96](g, a)
+        _decode_g[qdt, cdt, 96](g, a)
 
 
 def op_attention_decode(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
