@@ -248,6 +248,25 @@ def test_linear_quantized(gpu, qtype, T):
     assert rel_err(got, x.astype(np.float64) @ wref.T) < F32
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("T", [1, 9, 64])
+def test_linear_quantized_gemv_shapes(gpu, qtype, T):
+    """The quantized GEMV's other paths: 4 rows per block with a partial last block (N = 16 per SM + 3),
+    K = 4640 (whole steps of units and a ragged last step), 9 and 64 tokens (passes of 8), a bias."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(23 + T)
+    N, K = 16 * gpu.num_sms + 3, 4640
+    data = quantize(rng.standard_normal((N, K)).astype(np.float32), GGMLQuantizationType[qtype])
+    wref = dequantize(data, GGMLQuantizationType[qtype]).reshape(N, K).astype(np.float64)
+    lin = gpu.prepare_linear(WeightTensor("w", (N, K), qtype, data))
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin, gpu.asarray(bias)))
+    assert rel_err(got, x.astype(np.float64) @ wref.T + bias) < F32
+
+
 @pytest.mark.parametrize("impl,bn", [("mma", None), ("wgmma", 128), ("wgmma", 256)])
 def test_tensor_core_gemm_kernels(gpu, impl, bn):
     """The bf16 GEMMs themselves (A and W both bf16, float32 output): exact products, float32 sums."""

@@ -396,7 +396,7 @@ class CudaBackend(Backend):
             if T <= _QGEMV_MAX_TOKENS:
                 self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), w.qs.data_ptr(),
                                                w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K,
-                                               self._gemv_grid(N, 4)))
+                                               self._qgemv_rows(N)))
             else:
                 dense = self._empty((N, K))
                 self._k.dequant(self._gpu, (s, w.code, 0, w.qs.data_ptr(), w.d.data_ptr(), m, dense.data_ptr(), N, K))
@@ -441,10 +441,10 @@ class CudaBackend(Backend):
         self._rows_cache[n] = best[0]
         return best[0]
 
-    def _gemv_grid(self, n: int, rows: int) -> int:
-        """Blocks of 8 warps for a GEMV whose warps own `rows` rows each and stride over the rest:
-        at most 4 blocks per SM, so one wave covers the matrix."""
-        return max(1, min(-(-n // (8 * rows)), 4 * self.num_sms))
+    def _qgemv_rows(self, n: int) -> int:
+        """Rows per block (of 128 threads splitting K) of the quantized GEMV: 4, so x is read once
+        per 4 rows, unless that leaves fewer than 4 blocks per SM; then 1."""
+        return 4 if -(-n // 4) >= 4 * self.num_sms else 1
 
     def _gemm16(self, s, a16, wt, bptr, c, has_bias, impl, bn=None, swap=None):
         M, K = a16.shape

@@ -31,7 +31,8 @@ from gpu_elementwise import (
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
 )
 from gpu_linear import (
-    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, gemm_simt_kernel, gemm_mma_kernel,
+    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel,
+    gemm_mma_kernel,
     splitk_reduce_kernel,
     SG_BM, SG_BN, MG_BM, MG_BN, MG_THREADS, MG_SMEM_BYTES, gemm_wgmma_kernel, wg_smem_bytes, WG_BM,
     WG_THREADS,
@@ -330,20 +331,27 @@ def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     return PythonObject(None)
 
 
-def _gemv_quant[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
-    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, grid_x)
+def _gemv_quant[QT: Int, NT: Int, R: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, rows per block)
     var st = g[].stream(_i(a, 0))
-    var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT]]()
-    st.enqueue_function(f, _p[F32](a, 3), _p[DType.uint8](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[F32](a, 7),
+    var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT, R]]()
+    st.enqueue_function(f, _p[F32](a, 3), _p[DType.uint32](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[F32](a, 7),
                         _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12),
-                        grid_dim=(_i(a, 13), ceildiv(_i(a, 10), NT)), block_dim=GEMV_WARPS * 32)
+                        grid_dim=(ceildiv(_i(a, 11), R), ceildiv(_i(a, 10), NT)), block_dim=QG_THREADS)
+
+
+def _gemv_quant_r[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 13) == 4:
+        _gemv_quant[QT, NT, 4](g, a)
+    else:
+        _gemv_quant[QT, NT, 1](g, a)
 
 
 def _gemv_quant_nt[QT: Int](g: GpuPtr, a: PythonObject) raises:
     if _i(a, 2) == 1:
-        _gemv_quant[QT, 1](g, a)
+        _gemv_quant_r[QT, 1](g, a)
     else:
-        _gemv_quant[QT, 8](g, a)
+        _gemv_quant_r[QT, 8](g, a)
 
 
 def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
