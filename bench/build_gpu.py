@@ -4,7 +4,8 @@
     .gpu/lib/                             the four Mojo runtime libraries the modules link against
     .gpu/ptx/<module>.ptx                 the embedded PTX, for `ptxas -v` resource reports there
 
-Usage (here):  python bench/build_gpu.py [--arch sm_90]   then on the device: . bench/device_env.sh
+Usage (here):  python bench/build_gpu.py [--arch sm_90] [--model-shape llama-3-8b] [--gemm-shape 8192x8192]
+               then on the device: . bench/device_env.sh
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--host", action="store_true", help="also prebuild the cpu backend's modules (.gpu/kernels/host)")
+    ap.add_argument("--model-shape", action="append", default=[], metavar="PRESET",
+                    help="also build gpu_library specialised for a bench/random_llama.py preset (bf16 weights), "
+                         "as `mojollm build --model` would for that checkpoint; repeatable")
+    ap.add_argument("--gemm-shape", action="append", default=[], metavar="NxK",
+                    help="also build gpu_library with these bf16 GEMM shapes only (bench/cuda.py's 8192x8192)")
     args = ap.parse_args()
     root = Path(__file__).resolve().parent.parent / ".gpu"
     target = Target("cuda", args.arch)
@@ -37,6 +43,20 @@ def main() -> None:
         for n, t in enumerate(texts):
             (pdir / f"{name}.{n:03d}.ptx").write_text(t)
         print(f"{kdir / name}.so: {len(texts)} PTX modules")
+    for preset in args.model_shape:
+        from mojollm.backends.cuda.backend import library_defines
+        from mojollm.models.llama import gemm_shapes
+        from random_llama import preset_checkpoint
+
+        c, weights = preset_checkpoint(preset)
+        defines = library_defines(gemm_shapes(c, weights), (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        copy_module(build_module("gpu_library", "cuda", target, progress=print, defines=defines), kdir)
+    if args.gemm_shape:
+        from mojollm.backends.cuda.backend import library_defines
+
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.gemm_shape]
+        copy_module(build_module("gpu_library", "cuda", target, progress=print,
+                                 defines=library_defines(shapes, None)), kdir)
     if args.host:  # the cpu backend as a reference on the GPU machine, which has no Mojo compiler
         hdir = root / "kernels" / "host"
         hdir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,31 @@ def mojollm_decode(llm, prompts, new_tokens):
                 tokens=[o.token_ids for o in outs])
 
 
+def mojollm_ttft(llm, prompt, repeats=3):
+    """Median time to the first token of one fresh prompt (prefix caching would serve a repeat
+    from the cache, so each repeat changes the first token)."""
+    from mojollm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    times = []
+    for r in range(repeats + 1):
+        out = llm.generate([[1000 + r] + prompt[1:]], params)[0]
+        assert out.error is None, out.error
+        times.append(out.metrics.first_token_time - out.metrics.arrival_time)
+    return float(np.median(times[1:]))  # the first run warms up (kernels' first call)
+
+
+def peer_ttft(path, prompt, repeats=3):
+    import torch
+    import torch_peer
+
+    ids = torch.tensor([prompt], device="cuda")
+    model = torch_peer.load_model(path, "cuda", max_batch=1, max_seq_len=len(prompt) + 8)
+    times = [torch_peer.generate(model, ids, 1)[1] for _ in range(repeats + 1)]
+    del model
+    return float(np.median(times[1:]))
+
+
 def peer_decode(path, prompts_t, new_tokens, compile_s):
     import torch
     import torch_peer
@@ -105,6 +130,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ttft-len", type=int, default=0,
+                    help="also time the first token of one prompt this long, batch 1 (ours vs the peer's prefill)")
     ap.add_argument("--dir", default=None, help="where the model is written (default /tmp/<shape>)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
@@ -167,6 +194,11 @@ def main() -> None:
             step_ms = b * 1e3 / ours[b]["decode_tok_s"]
             print(f"[mojollm] batch {b}: one decode step {step_ms:.2f} ms, of which the graph replay (GPU) "
                   f"{ours[b]['replay_ms']:.2f} ms and the host {step_ms - ours[b]['replay_ms']:.2f} ms", flush=True)
+    if args.ttft_len:
+        long_prompt = rng.integers(1000, vocab // 2, size=args.ttft_len).tolist()
+        res["ttft_len"] = args.ttft_len
+        res["mojollm_ttft_long_s"] = mojollm_ttft(llm, long_prompt)
+        print(f"[mojollm] TTFT of a {args.ttft_len}-token prompt: {res['mojollm_ttft_long_s'] * 1e3:.1f} ms", flush=True)
     res["engine_stats"] = {k: v for k, v in vars(llm.engine.stats).items() if isinstance(v, (int, float))}
     del llm, runner
     gc.collect()
@@ -182,6 +214,10 @@ def main() -> None:
                   f"ttft {peer[b]['ttft_s'] * 1e3:.1f} ms (compile + capture {compile_s[-1]:.0f} s)", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
+    if args.ttft_len and not args.no_peer:
+        res["peer_ttft_long_s"] = peer_ttft(path, long_prompt)
+        print(f"[torch peer] TTFT of a {args.ttft_len}-token prompt: {res['peer_ttft_long_s'] * 1e3:.1f} ms "
+              f"(ours / peer speed {res['peer_ttft_long_s'] / res['mojollm_ttft_long_s']:.2f}x)", flush=True)
     hf = None
     if not args.no_hf:
         hf = hf_decode(str(path), prompts[0], 32)

@@ -33,6 +33,11 @@ SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        head_dim=128, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
                        max_position_embeddings=8192, rope_theta=500000.0, rope_scaling=None),
+    # For the GPU tests of Modular's kernels: GQA 3:1 with head_dim 64 (flash attention's), weight
+    # shapes that are multiples of 8 but no powers of two (bench/build_gpu.py prebuilds them).
+    "small-gqa": dict(hidden_size=264, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                      head_dim=64, intermediate_size=520, vocab_size=1000, tie_word_embeddings=True,
+                      max_position_embeddings=1024, rope_theta=10000.0, rope_scaling=None),
     # For tests: sizes that are no power of two, GQA (3 q heads per kv head), llama3 rope scaling
     # with a short original context so the scaled bands show up within a few hundred positions.
     "tiny": dict(hidden_size=120, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
@@ -184,6 +189,23 @@ def llama_config(shape: str, dtype: str = "bfloat16", **overrides) -> dict:
             "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
             "rms_norm_eps": 1e-5, "pretraining_tp": 1, "use_cache": True, "torch_dtype": dtype,
             **special_token_ids(arch["vocab_size"]), **arch}
+
+
+def preset_checkpoint(shape: str, dtype: str = "bfloat16"):
+    """(ModelConfig, weights) of a preset as mojollm's loader would see the written checkpoint,
+    with no data (views of one zero): for shape-driven tools (the kernel specialisation builds)."""
+    import numpy as np
+
+    from mojollm.models.config import ModelConfig
+    from mojollm.models.hf_loader import our_name
+    from mojollm.weights import WeightTensor
+
+    cfg = llama_config(shape, dtype)
+    qtype = _SAFETENSORS_DTYPES[dtype]
+    zero = np.zeros(1, dtype={"F32": np.float32, "BF16": np.uint16, "F16": np.float16}[qtype])
+    weights = {our_name(n): WeightTensor(our_name(n), s, qtype, np.broadcast_to(zero, s))
+               for n, s in tensor_shapes(cfg).items()}
+    return ModelConfig.from_hf(cfg), weights
 
 
 def write_random_llama(out_dir, shape: str = "llama-3.2-1b", dtype: str = "bfloat16", seed: int = 0,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -162,16 +164,37 @@ def test_build_layout(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(kernels, "available_modules", lambda backend: {"cpu": ["a", "b"], "cuda": ["g"]}[backend])
 
-    def fake_build(name, backend, target, out_dir=None, progress=None):
-        calls.append((name, backend, str(target), out_dir))
+    def fake_build(name, backend, target, out_dir=None, progress=None, defines=None):
+        calls.append((name, backend, str(target), out_dir, defines))
         return (out_dir or tmp_path) / f"{name}.so"
 
     monkeypatch.setattr(kernels, "build_module", fake_build)
     res = invoke(["build", "--target", "host", "--target", "cuda:sm_90", "--out", str(tmp_path), "-q"])
     assert res.exit_code == 0, res.stderr
-    assert calls == [("a", "cpu", "host", tmp_path / "host"), ("b", "cpu", "host", tmp_path / "host"),
-                     ("g", "cuda", "cuda:sm_90", tmp_path / "cuda-sm_90")]
+    assert calls == [("a", "cpu", "host", tmp_path / "host", None), ("b", "cpu", "host", tmp_path / "host", None),
+                     ("g", "cuda", "cuda:sm_90", tmp_path / "cuda-sm_90", None)]
     assert len(res.stdout.strip().splitlines()) == 3
+
+    # --model: the GPU targets also get gpu_library specialised for the checkpoint's shapes, the
+    # very defines loading it would ask for (host targets have no such module).
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from random_llama import write_random_llama
+
+    from mojollm.backends.cuda.backend import library_defines
+    from mojollm.models import load_checkpoint
+    from mojollm.models.llama import gemm_shapes
+
+    model = write_random_llama(tmp_path / "m", "small-gqa", "bfloat16")
+    calls.clear()
+    res = invoke(["build", "--target", "host", "--target", "cuda:sm_90", "--model", str(model), "-q"])
+    assert res.exit_code == 0, res.stderr
+    _, ckpt = load_checkpoint(model)
+    want = library_defines(gemm_shapes(ckpt.config, ckpt.weights), (6, 2, 64))
+    assert want["MOJOLLM_ATTN_D"] == 64 and want["MOJOLLM_GEMM0_N"] == 1040
+    assert calls[-1] == ("gpu_library", "cuda", "cuda:sm_90", None, want)
+    assert [c[0] for c in calls[:-1]] == ["a", "b", "g"] and all(c[4] is None for c in calls[:-1])
 
 
 def test_pull_reports_errors_as_one_line(monkeypatch):

@@ -45,3 +45,28 @@ def test_gpu_ops_carries_every_kernel_and_the_tensor_core_paths(built):
     assert "ld.global.v4" in ptx
     # No kernel keeps an array in local memory (register tiles are indexed at compile time).
     assert ".local" not in ptx
+
+
+def test_gpu_library_specialisation_carries_modulars_hopper_kernels():
+    """gpu_library built for the small-gqa preset's shapes (as loading that checkpoint asks): the
+    static-shape GEMMs are Modular's sm90 TMA/wgmma kernels and flash attention its sm90 MHA for 6
+    heads over 2 kv heads of 64; built without defines it holds only the dynamic-shape GEMM."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from random_llama import preset_checkpoint
+
+    from mojollm.backends.cuda.backend import library_defines
+    from mojollm.models.llama import gemm_shapes
+
+    c, weights = preset_checkpoint("small-gqa")
+    defines = library_defines(gemm_shapes(c, weights), (6, 2, 64))
+    path = build_module("gpu_library", "cuda", SM90, defines=defines)
+    assert path.name.startswith("gpu_library-")
+    entries = re.findall(r"\.entry\s+(\S+)\(", "\n".join(embedded_ptx(path.read_bytes())))
+    assert any(e.startswith("sm90_matmul_bfloat16_bfloat16_float32") for e in entries), entries
+    assert any(e.startswith("sm90_mha_depth64_bfloat16_bfloat16_nqh6_nkvh2") for e in entries), entries
+    generic = re.findall(r"\.entry\s+(\S+)\(", "\n".join(embedded_ptx(
+        build_module("gpu_library", "cuda", SM90).read_bytes())))
+    assert not any(e.startswith(("sm90_matmul", "sm90_mha")) for e in generic)

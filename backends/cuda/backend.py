@@ -36,14 +36,19 @@ from mojollm.backends.base import Backend, Probe
 from mojollm.weights import BLOCK_BYTES, QK, WeightTensor
 
 _MODULE = "gpu_ops"
+_LIBRARY = "gpu_library"  # Modular's linalg / nn kernels, specialised per model (gpu_library.mojo)
+_LIBRARY_GEMM_SLOTS = 8  # static weight shapes one gpu_library build holds
+_LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested here
+# The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
+_DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
 _QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-_ERR_MESSAGES = (
-    "token ids outside the embedding table",
-    "a slot in slot_mapping lies outside the KV cache",
-    "a block id in block_tables lies outside the KV cache",
-    "a position lies outside the RoPE cos/sin table",
-    "cu_seqlens_q / context_lens are inconsistent (a context shorter than its new tokens, longer "
-    "than its block table, or query rows outside q)",
+_ERRORS = (  # (gpu_common's flag word, message), in word order
+    ("ERR_TOKEN", "token ids outside the embedding table"),
+    ("ERR_SLOT", "a slot in slot_mapping lies outside the KV cache"),
+    ("ERR_BLOCK", "a block id in block_tables lies outside the KV cache"),
+    ("ERR_POSITION", "a position lies outside the RoPE cos/sin table"),
+    ("ERR_CONTEXT", "cu_seqlens_q / context_lens are inconsistent (a context shorter than its new tokens, "
+                    "longer than its block table, or query rows outside q)"),
 )
 _ERR_WORDS = 8
 _GEMV_MAX_TOKENS = 8  # dense weights: up to this many tokens read W once per 8 tokens (GEMV)
@@ -100,6 +105,24 @@ def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndar
     if w.qtype == "Q4_1":
         return np.ascontiguousarray(blocks[:, :, 4:20]), f16(0), f16(2)
     return np.ascontiguousarray(blocks[:, :, 2:34]), f16(0), None  # Q8_0
+
+
+def library_defines(gemm_shapes, attention_heads, nvidia: bool = True) -> dict[str, int]:
+    """The -D defines of one model's gpu_library build: its distinct weight shapes [N, K] (the
+    largest first, at most _LIBRARY_GEMM_SLOTS: the rest take the dynamic-shape GEMM) and its
+    (heads, kv heads, head dim) when flash attention supports them. Used at load and by
+    `mojollm build --model`, so both build the same module."""
+    defines: dict[str, int] = {}
+    # TMA wants 16-byte rows: other shapes stay on the dynamic path.
+    shapes = sorted({(int(n), int(k)) for n, k in gemm_shapes if int(n) % 8 == 0 and int(k) % 8 == 0},
+                    key=lambda nk: -nk[0] * nk[1])
+    for i, (n, k) in enumerate(shapes[:_LIBRARY_GEMM_SLOTS]):
+        defines[f"MOJOLLM_GEMM{i}_N"], defines[f"MOJOLLM_GEMM{i}_K"] = n, k
+    if attention_heads is not None and nvidia:
+        h, kvh, d = (int(x) for x in attention_heads)
+        if d in _LIBRARY_HEAD_DIMS and kvh > 0 and h % kvh == 0:
+            defines.update(MOJOLLM_ATTN_H=h, MOJOLLM_ATTN_KVH=kvh, MOJOLLM_ATTN_D=d)
+    return defines
 
 
 def _cuda_target(torch, index: int):
@@ -172,6 +195,12 @@ class CudaBackend(Backend):
         self.wgmma_bn = 256
         self._k = load_module(_MODULE, backend="cuda", target=self.target)
         self._gpu = self._k.GpuState()
+        # Modular's kernels: the dynamic-shape GEMM now; static shapes and attention per model
+        # (specialise). They wrap gpu_ops' DeviceContext, so they launch on its own stream.
+        self._ctx_ptr = int(self._gpu.device_context())
+        self._lib = self._load_library(None) if self.nvidia else None  # AMD: compile-checked, untested
+        self._lib_gemm: dict[tuple[int, int], Any] = {}
+        self._lib_attn: dict[tuple[int, int, int], Any] = {}
         torch.cuda.synchronize(self.device)  # work queued on the legacy stream before us is done
         self._own_handle = int(self._gpu.own_stream())
         self._stream = torch.cuda.ExternalStream(self._own_handle, device=self.device)
@@ -184,7 +213,7 @@ class CudaBackend(Backend):
         self._rows_cache: dict[int, int] = {}
         self._dtypes = {None: torch.float32, "float32": torch.float32, "int32": torch.int32,
                         "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        self._codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        self._codes = {getattr(torch, name): code for name, code in _DTYPE_CODES.items()}
 
     @property
     def device_name(self) -> str:
@@ -201,8 +230,53 @@ class CudaBackend(Backend):
 
     @property
     def stream(self):
-        """The torch stream the backend runs on by default (capture graphs on it or on any other)."""
+        """The torch stream the backend runs on by default. Modular's kernels launch on it
+        whatever torch's current stream is (joined by events), so capture graphs on it."""
         return self._stream
+
+    def _on_own_stream(self, s: int, launch) -> None:
+        """Run `launch` (a gpu_library call, which enqueues on the context's own stream) ordered
+        after and before the work of torch's current stream `s` (events; they also join a graph
+        being captured on `s`)."""
+        if s == self._own_handle:
+            launch()
+            return
+        cur = self.torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(cur)
+        launch()
+        cur.wait_stream(self._stream)
+
+    # ---- Modular's kernel library ----
+    def _load_library(self, defines, progress=None):
+        from mojollm.kernels.build import load_module
+
+        return load_module(_LIBRARY, backend="cuda", target=self.target, progress=progress, defines=defines)
+
+    def specialise(self, gemm_shapes, attention_heads, progress=None) -> None:
+        """Build (or load from the cache / MOJOLLM_KERNEL_DIR) Modular's kernels specialised for
+        one model: the bf16 GEMM of each weight shape [N, K] (its fast Hopper path needs N and K
+        at compile time) and flash attention for its (heads, kv heads, head dim). Without a
+        compiler or a prebuilt module the dynamic-shape GEMM and our own attention serve."""
+        from mojollm.errors import KernelBuildError
+        from mojollm.kernels.build import specialisation_tag
+
+        if self._lib is None or os.environ.get("MOJOLLM_CUDA_SPECIALISE", "1") == "0":
+            return
+        defines = library_defines(gemm_shapes, attention_heads, self.nvidia)
+        if not defines:
+            return
+        try:
+            mod = self._load_library(defines, progress)
+        except KernelBuildError as e:
+            warnings.warn(f"no {specialisation_tag(defines)} specialisation of Modular's kernels for this model "
+                          f"({e}); using the dynamic-shape GEMM and our own attention. Build it with "
+                          f"`mojollm build --model MODEL --target {self.target}`", stacklevel=2)
+            return
+        gemms, heads = mod.shapes()
+        for n, k in gemms:
+            self._lib_gemm[(int(n), int(k))] = mod
+        if int(heads[0]):
+            self._lib_attn[tuple(int(h) for h in heads)] = mod
 
     @property
     def error_flags(self):
@@ -216,7 +290,7 @@ class CudaBackend(Backend):
         """Raise for the flags read back from error_flags (host tensor); clears them on the device."""
         if bool(flags.any()):
             self._err.zero_()
-            msgs = [m for i, m in enumerate(_ERR_MESSAGES) if int(flags[i])]
+            msgs = [m for i, (_, m) in enumerate(_ERRORS) if int(flags[i])]
             raise ValueError("invalid input to a cuda kernel: " + "; ".join(msgs))
 
     def synchronize(self) -> None:
@@ -255,6 +329,12 @@ class CudaBackend(Backend):
         """Half of the device memory still free once the weights are loaded (vLLM takes 90% of
         the card; half leaves room for graphs, activations and a second model in the process)."""
         return max(1 << 30, self.free_memory_bytes() // 2)
+
+    def default_batched_tokens(self) -> int:
+        """8192 (vLLM's offline default): a GPU step of a few thousand tokens costs little more
+        than one of 512, and a prompt in one chunk attends with flash attention over its own k, v
+        instead of a paged cache (activations: ~1 GB at 8192 tokens of an 8B model)."""
+        return 8192
 
     def kv_cache_dtype(self, weight_qtype: str) -> str:
         """bfloat16 unless the model is float32: decode attention reads half the bytes, and the
@@ -371,9 +451,11 @@ class CudaBackend(Backend):
         return out
 
     def linear(self, x, w, bias=None):
+        """y [T, N] float32 = x [T, K] @ W.T (+ bias). x float32, or bfloat16 (what the library's
+        prefill attention returns): tensor-core GEMMs take it as is, other paths widen it."""
         torch = self.torch
         s = self._s()
-        self._f32("x", x, 2)
+        self._tensor("x", x, 2, (torch.float32, torch.bfloat16))
         if not isinstance(w, (DenseWeight, QuantWeight)):
             raise ValueError("linear weight must come from prepare_linear")
         T, K = x.shape
@@ -391,6 +473,20 @@ class CudaBackend(Backend):
             x = x.clone()
         has_bias = int(bias is not None)
         bptr = bias.data_ptr() if bias is not None else y.data_ptr()  # never read without has_bias
+        gemv = T <= (_QGEMV_MAX_TOKENS if isinstance(w, QuantWeight) else _GEMV_MAX_TOKENS)
+        if x.dtype != torch.float32 and (gemv or not self._library_gemm_takes(w)):
+            x = self._convert(s, x, torch.float32)
+        if not gemv and self._library_gemm_takes(w):
+            if isinstance(w, QuantWeight):  # dequantize to bf16, then the library's GEMM
+                wt = self._empty((N, K), torch.bfloat16)
+                m = (w.m if w.m is not None else w.d).data_ptr()
+                self._k.dequant(self._gpu, (s, w.code, 1, w.qs.data_ptr(), w.d.data_ptr(), m, wt.data_ptr(), N, K))
+            else:
+                wt = w.w
+            self.library_gemm(x if x.dtype == wt.dtype else self._convert(s, x, wt.dtype), wt, y)
+            if bias is not None:
+                self._k.add(self._gpu, (s, y.data_ptr(), bias.data_ptr(), y.data_ptr(), T * N, N))
+            return y
         if isinstance(w, QuantWeight):
             m = (w.m if w.m is not None else w.d).data_ptr()
             if T <= _QGEMV_MAX_TOKENS:
@@ -421,6 +517,32 @@ class CudaBackend(Backend):
         else:
             self._k.gemm_simt(self._gpu, (s, code, x.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(), has_bias, T, N, K))
         return y
+
+    def _library_gemm_takes(self, w) -> bool:
+        """Whether Modular's GEMM serves weight `w` (16-bit, or quantized and dequantized to bf16)."""
+        if self._lib is None or w.k % 8:  # TMA / cuBLAS fast paths want 16-byte rows
+            return False
+        return isinstance(w, QuantWeight) or (w.w.dtype in (self.torch.bfloat16, self.torch.float16)
+                                              and w.w.data_ptr() % 16 == 0)
+
+    def _convert(self, s: int, x, dtype):
+        out = self._empty(tuple(x.shape), dtype)
+        if x.numel():
+            self._k.convert(self._gpu, (s, self._codes[x.dtype], self._codes[dtype], x.data_ptr(), out.data_ptr(),
+                                        x.numel()))
+        return out
+
+    def library_gemm(self, a, w, c, specialised: bool = True) -> None:
+        """c [M, N] float32 = a [M, K] @ w [N, K].T on Modular's GEMM (a, w both bfloat16 or both
+        float16): the static-shape build of [N, K] if this model has one (and `specialised`),
+        else the dynamic-shape one."""
+        M, K = a.shape
+        N = w.shape[0]
+        code = self._codes[w.dtype]
+        mod = self._lib_gemm.get((N, K)) if code == 1 and specialised else None
+        args = (self._ctx_ptr, c.data_ptr(), a.data_ptr(), w.data_ptr(), M, N, K, code, int(mod is not None))
+        mod = mod or self._lib
+        self._on_own_stream(self._s(), lambda: mod.gemm(args))
 
     def _gemv_rows(self, n: int) -> int:
         """Rows per warp of the dense GEMV: each warp runs once over its rows (no grid-stride), so
@@ -615,6 +737,40 @@ class CudaBackend(Backend):
             s, int(use_mma), pair, D, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             block_tables.data_ptr(), cu_seqlens_q.data_ptr(), context_lens.data_ptr(), self._err_ptr,
             S, T, H, KVH, block_tables.shape[1], B, NB, float(scale), grid_x))
+        return out
+
+    def attention_prefill_fresh(self, q, k, v, seq_lens, scale):
+        """Modular's flash attention, one causal call per sequence, when this model's heads have a
+        specialised build (else None: attention_prefill serves). Returns bfloat16 [T, H, D]."""
+        torch = self.torch
+        T, H, D = q.shape
+        KVH = k.shape[1]
+        mod = self._lib_attn.get((H, KVH, D))
+        if mod is None:
+            return None
+        s = self._s()
+        bf = torch.bfloat16
+        for name, t, heads in (("q", q, H), ("k", k, KVH), ("v", v, KVH)):
+            self._tensor(name, t, 3, (torch.float32, bf))
+            if tuple(t.shape) != (T, heads, D):
+                raise ValueError(f"{name} must be [{T}, {heads}, {D}], got {tuple(t.shape)}")
+        lens = [int(n) for n in seq_lens]
+        if any(n < 1 for n in lens) or sum(lens) != T:
+            raise ValueError(f"seq_lens {lens} must be positive and sum to the {T} rows of q")
+        q, k, v = (t if t.dtype == bf else self._convert(s, t, bf) for t in (q, k, v))
+        out = self._empty((T, H, D), bf)
+        qrow, kvrow = H * D * 2, KVH * D * 2  # bytes per token
+        calls, start = [], 0
+        for n in lens:
+            calls.append((self._ctx_ptr, out.data_ptr() + start * qrow, q.data_ptr() + start * qrow,
+                          k.data_ptr() + start * kvrow, v.data_ptr() + start * kvrow, n, float(scale)))
+            start += n
+
+        def launch():
+            for args in calls:
+                mod.flash_attention(args)
+
+        self._on_own_stream(s, launch)
         return out
 
     def decode_splits(self, num_seqs: int, kv_heads: int, max_context: int) -> tuple[int, int]:

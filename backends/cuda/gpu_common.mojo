@@ -32,6 +32,13 @@ comptime ERR_POSITION = 3
 comptime ERR_CONTEXT = 4
 comptime ERR_WORDS = 8
 
+# The kernel ABI's tables: every entry of gpu_ops / gpu_library takes element types and quant
+# formats as these codes (backend.py's _DTYPE_CODES / _QCODES; tests/test_kernel_abi.py checks
+# that both sides agree), and refuses a code it was not built for.
+comptime DT_F32 = 0
+comptime DT_BF16 = 1
+comptime DT_F16 = 2
+
 # Quantized block formats (GGUF), 32 weights per block, repacked on the device into
 # qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16.
 comptime Q4_0 = 0

@@ -86,6 +86,12 @@ struct GpuState(Defaultable, Movable, Writable):
     def context_handle(self_ptr: Pointer[Self, MutAnyOrigin]) raises -> PythonObject:
         return PythonObject(Int(CUDA(self_ptr[].ctx).value()))
 
+    @staticmethod
+    def device_context(self_ptr: Pointer[Self, MutAnyOrigin]) raises -> PythonObject:
+        """Address of the C++ DeviceContext: gpu_library wraps it, so Modular's kernels launch on
+        this context's own stream (the one torch adopts)."""
+        return PythonObject(Int(self_ptr[].ctx._handle.value()))
+
 
 comptime GpuPtr = Pointer[GpuState, MutAnyOrigin]
 
@@ -280,8 +286,12 @@ def op_convert(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _convert[F32, BF16](g, a)
     elif scode == 0 and dcode == 2:
         _convert[F32, F16](g, a)
-    else:
+    elif scode == 1 and dcode == 0:
         _convert[BF16, F32](g, a)
+    elif scode == 2 and dcode == 0:
+        _convert[F16, F32](g, a)
+    else:
+        raise Error("convert: unsupported dtype codes ", scode, " -> ", dcode)
     return PythonObject(None)
 
 
@@ -604,6 +614,7 @@ def PyInit_gpu_ops() abi("C") -> PythonObject:
             .def_init_defaultable[GpuState]()
             .def_method[GpuState.own_stream]("own_stream")
             .def_method[GpuState.context_handle]("context_handle")
+            .def_method[GpuState.device_context]("device_context")
         )
         m.def_function[op_embedding_dense]("embedding_dense")
         m.def_function[op_embedding_quant]("embedding_quant")

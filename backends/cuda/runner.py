@@ -200,7 +200,8 @@ class CudaRunner(ModelRunner):
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # on the backend's stream: Modular's kernels launch there whatever the current stream is
+        with torch.cuda.graph(graph, pool=self._pool, stream=self.be.stream):
             logits, tokens = self._graph_step(sb, w, plan)
         self.sampler.step.copy_(steps)
         torch.cuda.synchronize(self.be.device)

@@ -348,8 +348,11 @@ def backends(as_json):
               help="host (default), cuda:sm_XX or rocm:gfxNNN; repeatable.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write DIR/<target>/<module>.so (the layout MOJOLLM_KERNEL_DIR reads).")
+@click.option("--model", "-m", "model", default=None, metavar="PATH",
+              help="Also build the GPU targets' kernels specialised for this model's shapes "
+                   "(.gguf file or Hugging Face directory; 'default' for the default model).")
 @click.option("--quiet", "-q", is_flag=True)
-def build(targets, out_dir, quiet):
+def build(targets, out_dir, model, quiet):
     """Compile every kernel module for the given targets (cached; --out for prebuilt sets)."""
     from pathlib import Path
 
@@ -357,6 +360,15 @@ def build(targets, out_dir, quiet):
 
     parsed = [Target.parse(t) for t in (targets or ("host",))]
     with _progress(quiet) as say:
+        specialised = None
+        if model is not None:
+            from mojollm.backends.cuda.backend import library_defines
+            from mojollm.models import load_checkpoint
+            from mojollm.models.llama import gemm_shapes
+
+            _, ckpt = load_checkpoint(None if model == "default" else model, progress=say)
+            c = ckpt.config
+            specialised = (gemm_shapes(c, ckpt.weights), (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
         for target in parsed:
             backend = "cpu" if target.kind == "host" else target.kind
             names = available_modules(backend)
@@ -366,6 +378,10 @@ def build(targets, out_dir, quiet):
             for name in names:
                 path = build_module(name, backend, target, out_dir=dest, progress=say)
                 click.echo(f"{target}\t{name}\t{path}")
+            if specialised is not None and target.kind in ("cuda", "rocm"):
+                defines = library_defines(*specialised, nvidia=target.kind == "cuda")
+                path = build_module("gpu_library", backend, target, out_dir=dest, progress=say, defines=defines)
+                click.echo(f"{target}\tgpu_library (model)\t{path}")
 
 
 @cli.group(cls=click.Group)

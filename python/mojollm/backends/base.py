@@ -101,6 +101,11 @@ class Backend(abc.ABC):
         contexts need): 1 GiB, a share of host memory that leaves room for everything else."""
         return 1 << 30
 
+    def default_batched_tokens(self) -> int:
+        """Tokens one step runs at most when the user gives no max_num_batched_tokens: the
+        prefill chunk. 512 keeps a CPU step's latency (and other requests' waits) short."""
+        return 512
+
     def kv_cache_dtype(self, weight_qtype: str) -> str:
         """The KV cache's element type for a model whose weights are `weight_qtype` (F32, BF16,
         Q4_0, ...): float32 by default."""
@@ -156,6 +161,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def attention_prefill(self, q: Any, k_cache: Any, v_cache: Any, block_tables: Any,
                           cu_seqlens_q: Any, context_lens: Any, scale: float) -> Any: ...
+
+    def attention_prefill_fresh(self, q: Any, k: Any, v: Any, seq_lens: tuple[int, ...], scale: float) -> Any:
+        """Causal attention of sequences that have no cached prefix, over their own k, v
+        [T, KVH, D] (seq_lens: host lengths, summing to T), or None when this backend has no
+        faster path than attention_prefill over the paged cache (the default)."""
+        return None
+
+    def specialise(self, gemm_shapes, attention_heads, progress=None) -> None:
+        """Prepare kernels specialised for one model: its weight shapes [N, K] and its
+        (heads, kv heads, head dim). A backend without such kernels does nothing (the default)."""
 
     @abc.abstractmethod
     def attention_decode(self, q: Any, k_cache: Any, v_cache: Any, block_tables: Any,

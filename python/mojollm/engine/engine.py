@@ -67,7 +67,7 @@ def _check_kv_fits_memory(model, num_blocks: int, block_size: int) -> None:
 
 class Engine:
     def __init__(self, model, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_memory: int | str | None = None, max_num_batched_tokens: int = 512,
+                 kv_cache_memory: int | str | None = None, max_num_batched_tokens: int | None = None,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int | None = None, clock=time.perf_counter,
                  progress=None):
@@ -105,6 +105,9 @@ class Engine:
         self.runner = create_runner(model, max_num_seqs, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks, block_size, progress=progress)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        if max_num_batched_tokens is None:
+            backend = getattr(model, "backend", None)
+            max_num_batched_tokens = backend.default_batched_tokens() if backend is not None else 512
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs)
         self.sampler = Sampler(self.vocab_size)
         self.eos_token_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or ())

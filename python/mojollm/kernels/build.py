@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -154,17 +155,51 @@ def _host_cpu() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def _source_key(src: Path, target: Target, version: str) -> str:
+def specialisation_tag(defines: dict[str, int] | None) -> str:
+    """The file-name tag of a module built with compile-time `defines` ('' for none)."""
+    if not defines:
+        return ""
+    text = ",".join(f"{k}={int(v)}" for k, v in sorted(defines.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def module_file(name: str, defines: dict[str, int] | None = None) -> str:
+    tag = specialisation_tag(defines)
+    return f"{name}-{tag}.so" if tag else f"{name}.so"
+
+
+_IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", re.M)
+
+
+def _local_sources(src: Path) -> set[Path]:
+    """`src` and every .mojo file of its folder or the include dirs that it imports, transitively:
+    what its build depends on besides the compiler (a module of Modular's library does not
+    change without the compiler's version)."""
+    dirs = [src.parent, *_include_dirs()]
+    seen, todo = set(), [src]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for name in _IMPORT.findall(f.read_text()):
+            todo += [d / f"{name}.mojo" for d in dirs if (d / f"{name}.mojo").is_file()]
+    return seen
+
+
+def _source_key(src: Path, target: Target, version: str, defines: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
     h.update(version.encode())
     h.update(str(target).encode())
+    h.update(specialisation_tag(defines).encode())
     if target.kind == "host":
         h.update(_host_cpu().encode())
-    # Hash every .mojo file the module could import: its own folder and the include dirs.
-    files = sorted({*src.parent.glob("*.mojo"), *(p for d in _include_dirs() for p in d.glob("*.mojo"))})
-    for f in files:
+    for f in sorted(_local_sources(src)):
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        # Comment lines do not change what is built: editing them costs no rebuild (a GPU module
+        # specialised for a model takes minutes).
+        code = [ln for ln in f.read_bytes().splitlines() if not ln.lstrip().startswith(b"#")]
+        h.update(b"\n".join(code))
     return h.hexdigest()[:16]
 
 
@@ -237,9 +272,10 @@ def _file_id(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def verify_module(so: Path, name: str, target: Target, key: str | None = None) -> None:
-    """Raise BadModule unless `so` is module `name` for `target` (and source key `key`, if given)
-    exactly as built: by its manifest (size, then sha256) and its ELF header."""
+def verify_module(so: Path, name: str, target: Target, key: str | None = None,
+                  defines: dict[str, int] | None = None) -> None:
+    """Raise BadModule unless `so` is module `name` for `target` (and source key `key`, if given),
+    specialised for `defines`, exactly as built: by its manifest (size, then sha256) and its ELF header."""
     man_file = manifest_path(so)
     try:
         with open(so, "rb") as f:
@@ -251,7 +287,8 @@ def verify_module(so: Path, name: str, target: Target, key: str | None = None) -
                 raise BadModule(f"has no manifest {man_file.name} (written when it is built)") from None
             except (OSError, ValueError):
                 raise BadModule(f"has an unreadable manifest {man_file.name}") from None
-            stamp = (str(so), _file_id(st), _file_id(man_st), name, str(target), key)
+            want = {k: int(v) for k, v in (defines or {}).items()}
+            stamp = (str(so), _file_id(st), _file_id(man_st), name, str(target), key, tuple(sorted(want.items())))
             if stamp in _verified:
                 return
             if not isinstance(manifest, dict):
@@ -260,6 +297,8 @@ def verify_module(so: Path, name: str, target: Target, key: str | None = None) -
                 raise BadModule(f"holds module {manifest.get('module')!r} by its manifest, not {name!r}")
             if manifest.get("target") != str(target):
                 raise BadModule(f"is built for target {manifest.get('target')!r} by its manifest, not {target}")
+            if manifest.get("defines", {}) != want:
+                raise BadModule(f"is specialised for {manifest.get('defines', {})} by its manifest, not {want}")
             if key is not None and manifest.get("key") != key:
                 raise BadModule("is built from other sources or by another compiler")
             if manifest.get("size") != st.st_size:
@@ -275,11 +314,14 @@ def verify_module(so: Path, name: str, target: Target, key: str | None = None) -
     _verified.add(stamp)
 
 
-def _write_manifest(so: Path, name: str, target: Target, key: str, version: str) -> None:
+def _write_manifest(so: Path, name: str, target: Target, key: str, version: str,
+                    defines: dict[str, int] | None = None) -> None:
     with open(so, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     manifest = {"module": name, "target": str(target), "key": key, "compiler": version,
                 "size": so.stat().st_size, "sha256": digest}
+    if defines:
+        manifest["defines"] = {k: int(v) for k, v in sorted(defines.items())}
     path = manifest_path(so)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -317,34 +359,38 @@ def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def build_module(name: str, backend: str = "cpu", target: Target = HOST, out_dir: Path | None = None,
-                 progress=None) -> Path:
+                 progress=None, defines: dict[str, int] | None = None) -> Path:
     """Build (or find in the cache) kernel module `name` for `target`; returns the .so path.
-    An existing module that fails verification (corrupted, from older sources, or without a
-    manifest) is rebuilt."""
+    `defines` (-D NAME=VALUE) specialise it, e.g. for one model's weight shapes: each set is its
+    own file, `name-<tag>.so`. An existing module that fails verification (corrupted, from older
+    sources, or without a manifest) is rebuilt."""
     src = module_source(name, backend)
     mojo = find_mojo()
     version = compiler_version(mojo)
-    key = _source_key(src, target, version)
+    key = _source_key(src, target, version, defines)
     if out_dir is None:
         out_dir = cache_dir() / "kernels" / target.dirname / key
-    out = out_dir / f"{name}.so"
+    out = out_dir / module_file(name, defines)
     try:
-        verify_module(out, name, target, key)
+        verify_module(out, name, target, key, defines)
         return out
     except BadModule:
         pass
     out_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock, _locked_dir(out_dir):
         try:  # again under the lock: another process may have just built it
-            verify_module(out, name, target, key)
+            verify_module(out, name, target, key, defines)
             return out
         except BadModule as e:
             problem = e if out.exists() else None
         if progress is not None:
             why = f", replacing {out.name}, which {problem}" if problem else ""
-            progress(f"compiling {backend}/{name}.mojo for {target}{why}")
+            spec = f" specialised for {len(defines)} shape values" if defines else ""
+            progress(f"compiling {backend}/{name}.mojo for {target}{spec}{why}")
         tmp = out_dir / f".{name}.{os.getpid()}.so"
         cmd = [str(mojo), "build", "--emit", "shared-lib", *target.compiler_flags()]
+        for k, v in sorted((defines or {}).items()):
+            cmd += ["-D", f"{k}={int(v)}"]
         for inc in _include_dirs():
             cmd += ["-I", str(inc)]
         cmd += [str(src), "-o", str(tmp)]
@@ -355,7 +401,7 @@ def build_module(name: str, backend: str = "cpu", target: Target = HOST, out_dir
                 first = errors[0] if errors else (res.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise KernelBuildError(f"building {src.name} for {target} failed: {first}", details=res.stderr)
             os.replace(tmp, out)
-            _write_manifest(out, name, target, key, version)
+            _write_manifest(out, name, target, key, version, defines)
         finally:
             tmp.unlink(missing_ok=True)
     return out
@@ -370,7 +416,7 @@ def _runtime_lib_dir() -> Path | None:
     return p if p.is_dir() else None
 
 
-_loaded: dict[tuple[str, str, str], ModuleType] = {}
+_loaded: dict[tuple[str, str, str, str], ModuleType] = {}
 
 # Loading a Mojo extension sets these in the C environment (not in os.environ): PYTHONPATH=":" and
 # PYTHONEXECUTABLE=<the first python3 on PATH>. Every child process would inherit them, and a child
@@ -387,28 +433,31 @@ def _restore_python_env() -> None:
             os.unsetenv(key)
 
 
-def _prebuilt_module(name: str, target: Target) -> Path | None:
-    """Module `name` from MOJOLLM_KERNEL_DIR, verified; None if that has none."""
+def _prebuilt_module(name: str, target: Target, defines: dict[str, int] | None = None) -> Path | None:
+    """Module `name` (specialised for `defines`) from MOJOLLM_KERNEL_DIR, verified; None if that has none."""
     prebuilt = os.environ.get("MOJOLLM_KERNEL_DIR")
     if not prebuilt:
         return None
-    path = Path(prebuilt) / target.dirname / f"{name}.so"
+    path = Path(prebuilt) / target.dirname / module_file(name, defines)
     if not path.is_file():
         return None
     try:
-        verify_module(path, name, target)
+        verify_module(path, name, target, defines=defines)
     except BadModule as e:
         raise KernelBuildError(f"prebuilt kernel module {path} {e}: rebuild it with "
                                f"`mojollm build --target {target} --out {prebuilt}` (MOJOLLM_KERNEL_DIR)") from None
     return path
 
 
-def load_module(name: str, backend: str = "cpu", target: Target = HOST, progress=None) -> ModuleType:
-    """Import kernel module `name`, building it first unless MOJOLLM_KERNEL_DIR supplies it."""
-    key = (name, backend, str(target))
+def load_module(name: str, backend: str = "cpu", target: Target = HOST, progress=None,
+                defines: dict[str, int] | None = None) -> ModuleType:
+    """Import kernel module `name` (specialised for `defines`), building it first unless
+    MOJOLLM_KERNEL_DIR supplies it."""
+    key = (name, backend, str(target), specialisation_tag(defines))
     if key in _loaded:
         return _loaded[key]
-    path = _prebuilt_module(name, target) or build_module(name, backend, target, progress=progress)
+    path = (_prebuilt_module(name, target, defines)
+            or build_module(name, backend, target, progress=progress, defines=defines))
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
     try:
@@ -444,11 +493,16 @@ def kernel_loader(name: str, backend: str = "cpu"):
     return get
 
 
+_NVIDIA_ONLY = "# mojollm: nvidia-only"  # a module's marker line: not built for the rocm backend
+
+
 def available_modules(backend: str = "cpu") -> list[str]:
     root = _source_roots().get(backend)
     if root is None:
         return []
-    return sorted(p.stem for p in root.glob("*.mojo") if "PyInit_" in p.read_text())
+    texts = {p.stem: p.read_text() for p in root.glob("*.mojo")}
+    return sorted(name for name, text in texts.items()
+                  if "PyInit_" in text and not (backend == "rocm" and _NVIDIA_ONLY in text))
 
 
 def embedded_ptx(so_bytes: bytes) -> list[str]:

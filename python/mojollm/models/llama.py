@@ -43,11 +43,14 @@ class LayerWeights:
     down: Any
 
 
+def fusable(parts: list[WeightTensor]) -> bool:
+    return len({p.qtype for p in parts}) == 1 and len({p.shape[1:] for p in parts}) == 1
+
+
 def fuse_rows(name: str, parts: list[WeightTensor]) -> WeightTensor | None:
     """Stack weights along the output (row) dimension; None when their types differ.
     Quantized rows are self-contained blocks, so stacking the raw bytes is exact."""
-    qtypes = {p.qtype for p in parts}
-    if len(qtypes) != 1 or len({p.shape[1:] for p in parts}) != 1:
+    if not fusable(parts):
         return None
     data = np.concatenate([np.asarray(p.data) for p in parts], axis=0)
     shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
@@ -118,6 +121,10 @@ class LlamaModel:
         # embedding table is not counted: a step reads only the rows of its tokens.
         counted = [k for k in weights if k != "rope_freqs" and (k != "embed_tokens" or c.tie_word_embeddings)]
         self.weight_bytes = int(sum(weights[k].nbytes for k in counted))
+        # Attention specialises only over a 16-bit cache: its kernels take bf16 q/k/v.
+        self.fresh_attention = self.kv_dtype != "float32"
+        heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim) if self.fresh_attention else None
+        b.specialise(gemm_shapes(c, weights), heads, progress=progress)
 
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
@@ -157,18 +164,22 @@ class LlamaModel:
             rows_t = ...  # every row
         else:
             rows_t = b.asarray(rows, "int64")
+        q_lens = np.diff(batch.cu_seqlens_q)
+        fresh = (tuple(int(n) for n in q_lens)
+                 if not batch.is_decode and np.array_equal(q_lens, batch.context_lens) else None)
         return self.compute_logits(
             b.asarray(batch.token_ids, "int32"), b.asarray(batch.positions, "int32"),
             b.asarray(batch.slot_mapping, "int64"), b.asarray(batch.block_tables, "int32"),
             b.asarray(batch.context_lens, "int32"), b.asarray(batch.cu_seqlens_q, "int32"),
-            batch.is_decode, rows_t)
+            batch.is_decode, rows_t, fresh_lens=fresh)
 
     def compute_logits(self, ids, positions, slots, block_tables, context_lens, cu_seqlens_q, is_decode: bool,
-                       logits_rows):
+                       logits_rows, fresh_lens: tuple[int, ...] | None = None):
         """The step on backend tensors (the StepBatch fields, already on the device); returns the
         logits [L, vocab] of rows `logits_rows` (an int64 tensor, `...` for every row, None for no
         row: then only the KV cache is written and None is returned). No host synchronisation, so
-        a runner can capture it in a graph."""
+        a runner can capture it in a graph. fresh_lens: the sequences' lengths when this is a
+        prefill of sequences without a cached prefix (attention may then skip the paged cache)."""
         b, c = self.backend, self.config
         T = ids.shape[0]
         H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -191,7 +202,11 @@ class LlamaModel:
             if is_decode:
                 attn = b.attention_decode(q, k_cache, v_cache, block_tables, context_lens, self.scale)
             else:
-                attn = b.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, self.scale)
+                attn = (b.attention_prefill_fresh(q, k, v, fresh_lens, self.scale)
+                        if fresh_lens is not None and self.fresh_attention else None)
+                if attn is None:
+                    attn = b.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                               self.scale)
             attn_out = b.linear(attn.reshape(T, H * D), layer.o_proj)
             x, residual = b.add_rms_norm(attn_out, residual, layer.mlp_norm, c.rms_norm_eps)
             if logits_rows is None and i + 1 == len(self.layers):
@@ -225,6 +240,27 @@ class LlamaModel:
             raise ValueError(f"logits_indices must be a list of rows in [0, {T})")
         if batch.is_decode and batch.num_seqs != T:
             raise ValueError("a decode step has exactly one token per sequence")
+
+
+def gemm_shapes(config: ModelConfig, weights: dict[str, WeightTensor]) -> list[tuple[int, int]]:
+    """The [N, K] of every matrix the model multiplies by in 16-bit or quantized form (float32
+    weights excluded), as LlamaModel fuses them: what a backend specialises its GEMMs for."""
+    c = config
+    shapes = []
+    for i in range(c.num_hidden_layers):
+        w = lambda n: weights[f"layers.{i}.{n}"]  # noqa: E731
+        qkv = [w("q_proj"), w("k_proj"), w("v_proj")]
+        gate_up = [w("gate_proj"), w("up_proj")]
+        parts = [qkv] if fusable(qkv) else [[p] for p in qkv]
+        parts += [gate_up] if fusable(gate_up) else []  # else widened to float32 (see __init__)
+        parts += [[w("o_proj")], [w("down_proj")]]
+        for ps in parts:
+            if ps[0].qtype != "F32":
+                shapes.append((sum(p.shape[0] for p in ps), ps[0].shape[1]))
+    lm_head = weights["embed_tokens"] if c.tie_word_embeddings else weights["lm_head"]
+    if lm_head.qtype != "F32":
+        shapes.append(tuple(lm_head.shape))
+    return sorted(set(shapes))
 
 
 def _split_heads(qkv, T: int, heads: tuple[int, int, int], D: int):
