@@ -107,7 +107,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         if max_num_batched_tokens is None:
             backend = getattr(model, "backend", None)
-            max_num_batched_tokens = backend.default_batched_tokens() if backend is not None else 512
+            max_num_batched_tokens = (backend.default_batched_tokens() if hasattr(backend, "default_batched_tokens")
+                                      else 512)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs)
         self.sampler = Sampler(self.vocab_size)
         self.eos_token_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or ())
