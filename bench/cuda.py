@@ -6,7 +6,7 @@ Sections (each prints its numbers; a summary table comes last):
   ceilings   the device's copy bandwidth (backend.memory_bandwidth_gbs: bytes read + written; always
              measured, the other sections compare against it), torch bf16 matmul TFLOP/s
   gemm       bf16 C = A @ W.T at 4096^3, 8192^3 and the 8B model's shapes at 16-2048 tokens: `linear`
-             (the model's call), Modular's GEMM (static / dynamic shapes), our mma / wgmma, torch.matmul
+             (the model's call), Modular's GEMM (static / dynamic shapes), torch.matmul
   graphs     Modular's GEMM replayed from a CUDA graph vs eager (decode-sized M)
   gemv       decode-shaped GEMV (1 token, bf16 and Q4_0 weights): achieved GB/s vs the copy bandwidth
   prefill    causal attention, bf16, 32 q / 8 kv heads, d=128, 4096 tokens: Modular's flash attention
@@ -81,8 +81,9 @@ def specialise_like_8b(be) -> None:
 
 def gemm(be, torch, res, cube_sizes, model_ms):
     """bf16 GEMM at n^3 and the 8B shapes at M tokens: `linear` as the model calls it (float32 in
-    and out), Modular's GEMM static-shape and dynamic-shape, our mma.sync / wgmma kernels, each
-    vs torch.matmul (bf16 out) in the same run."""
+    and out: the load-time policy's pick plus converting x to bf16), Modular's GEMM forced
+    static-shape and dynamic-shape, each vs torch.matmul (bf16 out) in the same run. (Our own
+    mma.sync / wgmma GEMMs measured 0.12-0.75x torch here on 2026-11-29 and were deleted.)"""
     shapes = [(n, n, n) for n in cube_sizes] + [(m, n, k) for m in model_ms for (n, k) in LLAMA8B_SHAPES.values()]
     be.specialise([(n, n) for n in cube_sizes if (n, n) not in LLAMA8B_SHAPES.values()], None, progress=print)
     for (m, n, k) in shapes:
@@ -96,11 +97,8 @@ def gemm(be, torch, res, cube_sizes, model_ms):
         tf_ref = 2 * m * n * k / ms_ref / 1e9
         c = torch.empty(m, n, device=be.device)
         variants = [("linear", lambda: be.linear(x, lin)),
-                    ("modular_static", lambda: be.library_gemm(a, w, c)),
-                    ("modular_dynamic", lambda: be.library_gemm(a, w, c, specialised=False)),
-                    ("ours_mma", lambda: be.matmul_16bit(a, lin, torch.float32, impl="mma"))]
-        if be.hopper:
-            variants += [("ours_wgmma_bn256", lambda: be.matmul_16bit(a, lin, torch.float32, impl="wgmma", bn=256))]
+                    ("modular_static", lambda: be.library_gemm(a, w, c, "static")),
+                    ("modular_dynamic", lambda: be.library_gemm(a, w, c, "dynamic"))]
         tag = f"{m}x{n}x{k}"
         row = {"torch_TFLOPs": tf_ref, "torch_rel_err": err_ref}
         for name, run in variants:
@@ -131,15 +129,16 @@ def graphs(be, torch, res):
         w = torch.randn(n, k, device=be.device, dtype=torch.bfloat16) * 0.05
         for specialised in (True, False):
             c = torch.zeros(m, n, device=be.device)
-            be.library_gemm(a, w, c, specialised)
+            path = "static" if specialised else "dynamic"
+            be.library_gemm(a, w, c, path)
             be.synchronize()
             eager = c.clone()
-            be.library_gemm(a, w, c, specialised)
+            be.library_gemm(a, w, c, path)
             be.synchronize()
             deterministic = bool(torch.equal(c, eager))
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, stream=be.stream):
-                be.library_gemm(a, w, c, specialised)
+                be.library_gemm(a, w, c, path)
             c.zero_()
             g.replay()
             be.synchronize()

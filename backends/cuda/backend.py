@@ -39,6 +39,11 @@ _MODULE = "gpu_ops"
 _LIBRARY = "gpu_library"  # Modular's linalg / nn kernels, specialised per model (gpu_library.mojo)
 _LIBRARY_GEMM_SLOTS = 8  # static weight shapes one gpu_library build holds
 _LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested here
+# Token counts at which a specialised [N, K] is timed against the dynamic-shape GEMM at load (the
+# last stands for every larger M). Below the first, the static-shape GEMM is never used: on the
+# H200 at M = 16 it splits K with results that differ call to call and replay wrong from a CUDA
+# graph, and the dynamic path (cuBLAS) is as fast there.
+_TUNE_M = (64, 128, 256, 512)
 # The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
 _DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
 _QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
@@ -186,13 +191,9 @@ class CudaBackend(Backend):
         self.device = torch.device("cuda", device_index)
         torch.cuda.set_device(self.device)
         self.target = self._device_target(torch, device_index)
-        # Vendor fast paths: PTX tensor-core kernels (mma.sync) on NVIDIA only (AMD runs the
-        # portable SIMT kernels); prefill GEMM on bf16 weights may use wgmma on sm_90.
+        # NVIDIA: tensor-core paths (Modular's GEMM, our mma.sync attention tiles); AMD runs the
+        # portable SIMT kernels.
         self.nvidia = self.target.kind == "cuda"
-        self.hopper = self.target.arch == "sm_90"
-        self.gemm_impl = os.environ.get("MOJOLLM_CUDA_GEMM", "mma")
-        self.wgmma_swap = int(os.environ.get("MOJOLLM_CUDA_WGMMA_SWAP", "0"))
-        self.wgmma_bn = 256
         self._k = load_module(_MODULE, backend="cuda", target=self.target)
         self._gpu = self._k.GpuState()
         # Modular's kernels: the dynamic-shape GEMM now; static shapes and attention per model
@@ -272,11 +273,48 @@ class CudaBackend(Backend):
                           f"({e}); using the dynamic-shape GEMM and our own attention. Build it with "
                           f"`mojollm build --model MODEL --target {self.target}`", stacklevel=2)
             return
-        gemms, heads = mod.shapes()
-        for n, k in gemms:
-            self._lib_gemm[(int(n), int(k))] = mod
+        gemms, heads = mod.shapes(())
+        for n, k in ((int(n), int(k)) for n, k in gemms):
+            if (n, k) not in self._lib_gemm:
+                self._lib_gemm[(n, k)] = (mod, self._tune_static(mod, n, k))
         if int(heads[0]):
             self._lib_attn[tuple(int(h) for h in heads)] = mod
+        if progress is not None:
+            progress("static-shape GEMMs: " + ", ".join(
+                f"[{n}, {k}] for M in {sorted(ms) or 'none'}" for (n, k), (_, ms) in self._lib_gemm.items()))
+
+    def _tune_static(self, mod, n: int, k: int) -> frozenset[int]:
+        """The _TUNE_M token counts at which the static-shape build of [N, K] beats the dynamic
+        GEMM and gives the same bits twice (its first calls also JIT it here, not in a request)."""
+        torch = self.torch
+        s = self._s()
+        m_max = _TUNE_M[-1]
+        g = torch.Generator(device=self.device).manual_seed(0)
+        a = torch.randn(m_max, k, device=self.device, dtype=torch.bfloat16, generator=g)
+        w = torch.randn(n, k, device=self.device, dtype=torch.bfloat16, generator=g)
+        c, c2 = self._empty((m_max, n)), self._empty((m_max, n))
+        wins = set()
+        for m in _TUNE_M:
+            def run(static, out, m=m):
+                args = (self._ctx_ptr, out.data_ptr(), a.data_ptr(), w.data_ptr(), m, n, k, 1, int(static))
+                self._on_own_stream(s, lambda: mod.gemm(args) if static else self._lib.gemm(args))
+
+            times = {}
+            for static in (True, False):
+                run(static, c)  # first call: JIT / warm-up
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+                for i in range(0, 4, 2):
+                    ev[i].record()
+                    run(static, c)
+                    ev[i + 1].record()
+                ev[-1].synchronize()
+                times[static] = min(ev[i].elapsed_time(ev[i + 1]) for i in range(0, 4, 2))
+            run(True, c)
+            run(True, c2)
+            self.torch.cuda.synchronize(self.device)
+            if times[True] < times[False] and bool(torch.equal(c[:m], c2[:m])):
+                wins.add(m)
+        return frozenset(wins)
 
     @property
     def error_flags(self):
@@ -510,10 +548,6 @@ class CudaBackend(Backend):
                 rows, grid = 0, -(-N // 8)  # element loads, one warp per row
             self._k.gemv_dense(self._gpu, (s, code, 1 if T == 1 else 8, rows, x.data_ptr(), wt.data_ptr(), bptr,
                                            y.data_ptr(), has_bias, T, N, K, grid))
-        elif code != 0 and self.nvidia and K % 8 == 0 and wt.data_ptr() % 16 == 0:
-            a16 = self._empty((T, K), wt.dtype)
-            self._k.convert(self._gpu, (s, 0, code, x.data_ptr(), a16.data_ptr(), T * K))
-            self._gemm16(s, a16, wt, bptr, y, has_bias, self.gemm_impl)
         else:
             self._k.gemm_simt(self._gpu, (s, code, x.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(), has_bias, T, N, K))
         return y
@@ -532,16 +566,26 @@ class CudaBackend(Backend):
                                         x.numel()))
         return out
 
-    def library_gemm(self, a, w, c, specialised: bool = True) -> None:
+    def library_gemm(self, a, w, c, path: str | None = None) -> None:
         """c [M, N] float32 = a [M, K] @ w [N, K].T on Modular's GEMM (a, w both bfloat16 or both
-        float16): the static-shape build of [N, K] if this model has one (and `specialised`),
-        else the dynamic-shape one."""
+        float16). path None: the static-shape build of [N, K] where this model has one and it won
+        at this M when tuned at load, else the dynamic-shape one; "static" / "dynamic" force one
+        (benchmarks)."""
         M, K = a.shape
         N = w.shape[0]
         code = self._codes[w.dtype]
-        mod = self._lib_gemm.get((N, K)) if code == 1 and specialised else None
-        args = (self._ctx_ptr, c.data_ptr(), a.data_ptr(), w.data_ptr(), M, N, K, code, int(mod is not None))
-        mod = mod or self._lib
+        spec = self._lib_gemm.get((N, K)) if code == 1 else None
+        if path is None:
+            bucket = next((m for m in _TUNE_M if m >= M), _TUNE_M[-1])
+            static = spec is not None and M >= _TUNE_M[0] and bucket in spec[1]
+        elif path == "static":
+            if spec is None:
+                raise ValueError(f"no static-shape build of [{N}, {K}] (specialise first)")
+            static = True
+        else:
+            static = False
+        mod = spec[0] if static else self._lib
+        args = (self._ctx_ptr, c.data_ptr(), a.data_ptr(), w.data_ptr(), M, N, K, code, int(static))
         self._on_own_stream(self._s(), lambda: mod.gemm(args))
 
     def _gemv_rows(self, n: int) -> int:
@@ -567,38 +611,6 @@ class CudaBackend(Backend):
         """Rows per block (of 128 threads splitting K) of the quantized GEMV: 4, so x is read once
         per 4 rows, unless that leaves fewer than 4 blocks per SM; then 1."""
         return 4 if -(-n // 4) >= 4 * self.num_sms else 1
-
-    def _gemm16(self, s, a16, wt, bptr, c, has_bias, impl, bn=None, swap=None):
-        M, K = a16.shape
-        N = wt.shape[0]
-        ccode = 0 if c.dtype == self.torch.float32 else 1
-        if impl == "wgmma" and self.hopper and a16.dtype == self.torch.bfloat16:
-            self._k.gemm_wgmma(self._gpu, (s, ccode, bn or self.wgmma_bn, a16.data_ptr(), wt.data_ptr(), bptr,
-                                           c.data_ptr(), has_bias, M, N, K, self.wgmma_swap if swap is None else swap))
-        else:
-            # Split K when the output tiles cannot fill the GPU twice (a short prompt).
-            tiles = -(-M // 128) * -(-N // 128)
-            splits = max(1, min(16, -(-2 * self.num_sms // tiles), K // 256)) if tiles < 2 * self.num_sms else 1
-            part = self._empty((splits * M * N,)) if splits > 1 else c
-            self._k.gemm_mma(self._gpu, (s, self._codes[a16.dtype], ccode, a16.data_ptr(), wt.data_ptr(), bptr,
-                                         c.data_ptr(), has_bias, M, N, K, splits, part.data_ptr()))
-
-    def matmul_16bit(self, a, w: DenseWeight, out_dtype=None, impl=None, bn=None, swap=None):
-        """C = A @ W.T on tensor cores with A, W both bfloat16 (or both float16): the GEMM of
-        `linear` without its float32 activations, for benchmarks. Output float32 or A's dtype.
-        impl: "mma" or "wgmma" (default: the backend's choice)."""
-        s = self._s()
-        torch = self.torch
-        self._tensor("a", a, 2, (torch.bfloat16, torch.float16))
-        if w.w.dtype != a.dtype:
-            raise ValueError("a and the weight must have the same 16-bit dtype")
-        M, K = a.shape
-        if K != w.k or K % 8 or not self.nvidia:
-            raise ValueError("matmul_16bit needs K == weight's K, K % 8 == 0 and an NVIDIA GPU")
-        out_dtype = out_dtype or torch.float32
-        c = self._empty((M, w.n), out_dtype)
-        self._gemm16(s, a, w.w, c.data_ptr(), c, 0, impl or self.gemm_impl, bn, swap)
-        return c
 
     def rms_norm(self, x, weight, eps):
         s = self._s()

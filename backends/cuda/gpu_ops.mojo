@@ -31,11 +31,7 @@ from gpu_elementwise import (
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
 )
 from gpu_linear import (
-    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel,
-    gemm_mma_kernel,
-    splitk_reduce_kernel,
-    SG_BM, SG_BN, MG_BM, MG_BN, MG_THREADS, MG_SMEM_BYTES, gemm_wgmma_kernel, wg_smem_bytes, WG_BM,
-    WG_THREADS,
+    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
 )
 from gpu_attention import (
     attn_prefill_simt_kernel, attn_prefill_mma_kernel, attn_decode_kernel, attn_combine_kernel,
@@ -397,73 +393,6 @@ def op_gemm_simt(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     return PythonObject(None)
 
 
-def _gemm_mma[dt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
-    # (stream, code, ccode, a, w, bias, c, has_bias, M, N, K, splits, part)
-    comptime if NVIDIA_TARGET:
-        var st = g[].stream(_i(a, 0))
-        var f = g[].ctx.compile_function[gemm_mma_kernel[dt, cdt]](
-            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(MG_SMEM_BYTES))
-        )
-        var blocks = ceildiv(_i(a, 8), MG_BM) * ceildiv(_i(a, 9), MG_BN)
-        var splits = _i(a, 11)
-        st.enqueue_function(f, _p[dt](a, 3), _p[dt](a, 4), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), _n(a, 8),
-                            _n(a, 9), _n(a, 10), _n(a, 11), _p[F32](a, 12), grid_dim=(blocks, splits),
-                            block_dim=MG_THREADS, shared_mem_bytes=MG_SMEM_BYTES)
-        if splits > 1:
-            var mn = _i(a, 8) * _i(a, 9)
-            var r = g[].ctx.compile_function[splitk_reduce_kernel[cdt]]()
-            st.enqueue_function(r, _p[F32](a, 12), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), Int64(mn), _n(a, 9),
-                                _n(a, 11), grid_dim=ceildiv(mn, 256), block_dim=256)
-    else:
-        raise Error("the tensor-core GEMM is built for NVIDIA GPUs only")
-
-
-def op_gemm_mma(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
-    var g = _state(gpu)
-    var code = _i(a, 1)
-    var ccode = _i(a, 2)
-    if code == 1 and ccode == 0:
-        _gemm_mma[BF16, F32](g, a)
-    elif code == 1:
-        _gemm_mma[BF16, BF16](g, a)
-    elif ccode == 0:
-        _gemm_mma[F16, F32](g, a)
-    else:
-        _gemm_mma[F16, F16](g, a)
-    return PythonObject(None)
-
-
-def _gemm_wgmma[cdt: DType, BN: Int](g: GpuPtr, a: PythonObject) raises:
-    # (stream, ccode, BN, a, w, bias, c, has_bias, M, N, K, swap)
-    comptime if NVIDIA_TARGET:
-        var st = g[].stream(_i(a, 0))
-        comptime smem = wg_smem_bytes[BN]()
-        var f = g[].ctx.compile_function[gemm_wgmma_kernel[BF16, cdt, BN]](
-            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
-        )
-        var blocks = ceildiv(_i(a, 8), WG_BM) * ceildiv(_i(a, 9), BN)
-        st.enqueue_function(f, _p[BF16](a, 3), _p[BF16](a, 4), _p[F32](a, 5), _p[cdt](a, 6), _n(a, 7), _n(a, 8),
-                            _n(a, 9), _n(a, 10), _n(a, 11), grid_dim=blocks, block_dim=WG_THREADS,
-                            shared_mem_bytes=smem)
-    else:
-        raise Error("the wgmma GEMM is built for NVIDIA sm_90 GPUs only")
-
-
-def op_gemm_wgmma(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
-    var g = _state(gpu)
-    var ccode = _i(a, 1)
-    var bn = _i(a, 2)
-    if ccode == 0 and bn == 128:
-        _gemm_wgmma[F32, 128](g, a)
-    elif ccode == 0:
-        _gemm_wgmma[F32, 256](g, a)
-    elif bn == 128:
-        _gemm_wgmma[BF16, 128](g, a)
-    else:
-        _gemm_wgmma[BF16, 256](g, a)
-    return PythonObject(None)
-
-
 # ---- attention ------------------------------------------------------------------------------------
 def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool](g: GpuPtr, a: PythonObject) raises:
     # (stream, mma, pair, D, q, kc, vc, out, bt, cu, cl, err, S, T, H, KVH, M, B, NB, scale, grid_x)
@@ -629,8 +558,6 @@ def PyInit_gpu_ops() abi("C") -> PythonObject:
         m.def_function[op_gemv_dense]("gemv_dense")
         m.def_function[op_gemv_quant]("gemv_quant")
         m.def_function[op_gemm_simt]("gemm_simt")
-        m.def_function[op_gemm_mma]("gemm_mma")
-        m.def_function[op_gemm_wgmma]("gemm_wgmma")
         m.def_function[op_attention_prefill]("attention_prefill")
         m.def_function[op_attention_decode]("attention_decode")
         m.def_function[op_attention_combine]("attention_combine")

@@ -125,15 +125,18 @@ class CudaRunner(ModelRunner):
         rows = device_rows if device_rows is not None and L <= self.max_num_seqs else [None] * L
         plan = self._load_sampling(rows)
         S = batch.num_seqs
-        graph_key = None
-        if (self.use_graphs and batch.is_decode and L == S and S <= self.max_num_seqs
+        shape = None  # (batch bucket, width bucket) of a decode step that fits the graphs
+        if (batch.is_decode and L == S and S <= self.max_num_seqs
                 and batch.block_tables.shape[1] <= self.max_blocks):
-            sb = bucket_for(S, self.batch_buckets)
-            w = bucket_for(batch.block_tables.shape[1], self.width_buckets)
-            graph_key = (sb, w, plan)
+            shape = (bucket_for(S, self.batch_buckets), bucket_for(batch.block_tables.shape[1], self.width_buckets))
         with torch.no_grad():
-            if graph_key is not None:
-                logits, tokens = self._replay(batch, graph_key)
+            if shape is not None and self.use_graphs:
+                logits, tokens = self._replay(batch, (*shape, plan))
+            elif shape is not None:
+                # Eager decode runs the graphs' padded shape too: GEMMs pick their algorithm by
+                # M, so the same shape gives the same numbers with graphs on or off.
+                logits, tokens = self._eager(batch.padded_decode(*shape, self.scratch_block, self.block_size),
+                                             plan, rows=L)
             else:
                 logits, tokens = self._eager(batch, plan)
             host = [i for i, r in enumerate(rows) if r is None]
@@ -173,10 +176,13 @@ class CudaRunner(ModelRunner):
         return torch.where(finite, tokens, torch.full_like(tokens, TOKEN_NOT_FINITE))
 
     # ---------------------------------------------------------------- eager steps
-    def _eager(self, batch: StepBatch, plan: SamplePlan):
+    def _eager(self, batch: StepBatch, plan: SamplePlan, rows: int | None = None):
+        """The forward + sampler launched eagerly; `rows`: keep only the first rows (a padded step)."""
         logits = self.model.device_logits(batch)
         if logits is None:
             return None, None
+        if rows is not None:
+            logits = logits[:rows]
         if logits.shape[0] > self.max_num_seqs:  # more rows than sampler rows: all go to the host
             return logits, None
         return logits, self._sample(logits, plan)

@@ -4,10 +4,10 @@ Mojo compiles one kernel source for NVIDIA and AMD, so this backend shares every
 of the Python side with backends/cuda; it differs only where the hardware does:
 
 * the target is `rocm:<gfx arch>` (torch reports it as gcnArchName, e.g. "gfx942:sramecc+:xnack-");
-* the NVIDIA-only fast paths (mma.sync / wgmma tensor-core GEMM and flash-attention tiles, which
-  use PTX instructions) are switched off, so GEMM and prefill attention take the portable SIMT
-  kernels (wavefront-size agnostic: they use the portable block reductions of gpu_common).
-  MFMA variants are the AMD counterpart still to be written;
+* the NVIDIA-only fast paths (Modular's GEMM and flash attention through gpu_library, whose 26.7
+  AMD GEMM does not build here, and our mma.sync attention tiles) are switched off, so GEMM and
+  prefill attention take the portable SIMT kernels (wavefront-size agnostic: they use the
+  portable block reductions of gpu_common);
 * torch built for HIP exposes the device through the same `torch.cuda` API and memory pointers,
   so tensors, streams and CUDA-graph-style capture work through the same code.
 """
