@@ -41,9 +41,10 @@ _LIBRARY_GEMM_SLOTS = 8  # static weight shapes one gpu_library build holds
 _LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested here
 # Token counts at which a specialised [N, K] is timed against the dynamic-shape GEMM at load (the
 # last stands for every larger M). Below the first, the static-shape GEMM is never used: on the
-# H200 at M = 16 it splits K with results that differ call to call and replay wrong from a CUDA
-# graph, and the dynamic path (cuBLAS) is as fast there.
-_TUNE_M = (64, 128, 256, 512)
+# H200 at 2-16 tokens it splits K with results that differ call to call, corrupts other memory
+# (inf in unrelated tensors, then illegal addresses) and replays wrong from a CUDA graph; from
+# 256 tokens it ran 1.0-1.2x torch.matmul where the dynamic path (cuBLAS) ran 0.75-0.9x.
+_TUNE_M = (256, 512, 1024)
 # The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
 _DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
 _QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
@@ -511,10 +512,13 @@ class CudaBackend(Backend):
             x = x.clone()
         has_bias = int(bias is not None)
         bptr = bias.data_ptr() if bias is not None else y.data_ptr()  # never read without has_bias
-        gemv = T <= (_QGEMV_MAX_TOKENS if isinstance(w, QuantWeight) else _GEMV_MAX_TOKENS)
-        if x.dtype != torch.float32 and (gemv or not self._library_gemm_takes(w)):
+        # 16-bit weights: Modular's GEMM at every token count (at 1-8 tokens its GEMV kernels read
+        # 1.1-1.5x faster than ours on the H200); quantized: our GEMV up to 64 tokens, then
+        # dequantized to bf16 for Modular's GEMM.
+        library = self._library_gemm_takes(w) and (isinstance(w, DenseWeight) or T > _QGEMV_MAX_TOKENS)
+        if x.dtype != torch.float32 and not library:
             x = self._convert(s, x, torch.float32)
-        if not gemv and self._library_gemm_takes(w):
+        if library:
             if isinstance(w, QuantWeight):  # dequantize to bf16, then the library's GEMM
                 wt = self._empty((N, K), torch.bfloat16)
                 m = (w.m if w.m is not None else w.d).data_ptr()
@@ -576,8 +580,12 @@ class CudaBackend(Backend):
         code = self._codes[w.dtype]
         spec = self._lib_gemm.get((N, K)) if code == 1 else None
         if path is None:
+            # Never inside a CUDA graph: the static-shape build's split-K workspace is allocated
+            # per call, so a replay would write to memory freed after the capture (seen on the H200
+            # as corrupted results and illegal addresses); cuBLAS behind the dynamic path is capture-safe.
             bucket = next((m for m in _TUNE_M if m >= M), _TUNE_M[-1])
-            static = spec is not None and M >= _TUNE_M[0] and bucket in spec[1]
+            static = (spec is not None and M >= _TUNE_M[0] and bucket in spec[1]
+                      and not self.torch.cuda.is_current_stream_capturing())
         elif path == "static":
             if spec is None:
                 raise ValueError(f"no static-shape build of [{N}, {K}] (specialise first)")
