@@ -534,7 +534,7 @@ class CudaBackend(Backend):
             if T <= _QGEMV_MAX_TOKENS:
                 self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), w.qs.data_ptr(),
                                                w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K,
-                                               self._qgemv_split(N)))
+                                               self._qgemv_rows(N)))
             else:
                 dense = self._empty((N, K))
                 self._k.dequant(self._gpu, (s, w.code, 0, w.qs.data_ptr(), w.d.data_ptr(), m, dense.data_ptr(), N, K))
@@ -615,16 +615,10 @@ class CudaBackend(Backend):
         self._rows_cache[n] = best[0]
         return best[0]
 
-    def _qgemv_split(self, n: int) -> int:
-        """Warps splitting K per row group (of 4 rows, a warp each otherwise) in the quantized GEMV
-        (gpu_ops checks it divides QG_WARPS = 4): the fewest of 1/2/4 that give >= 32 warps per SM,
-        so every SM has enough bytes in flight (a warp keeps 16 words a lane loading) and the
-        blocks (4 warps) balance over the SMs."""
-        groups = -(-n // 4)
-        for ks in (1, 2):
-            if groups * ks >= 32 * self.num_sms:
-                return ks
-        return 4
+    def _qgemv_rows(self, n: int) -> int:
+        """Rows per block (of 128 threads splitting K) of the quantized GEMV: 4, so x is read once
+        per 4 rows, unless that leaves fewer than 4 blocks per SM; then 1."""
+        return 4 if -(-n // 4) >= 4 * self.num_sms else 1
 
     def rms_norm(self, x, weight, eps):
         s = self._s()

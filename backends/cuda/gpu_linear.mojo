@@ -1,9 +1,8 @@
 # y[T, N] = x[T, K] @ W[N, K]^T (+ bias): the kernels behind Backend.linear.
 #
 #   gemv_dense / gemv_quant  few tokens (decode): bandwidth-bound; dense: a warp per few rows, 16-byte
-#                            weight loads; quant: a warp per 4 rows (or KS warps splitting K),
-#                            loads of the next step in flight; NT tokens per pass so each weight is
-#                            read once per pass
+#                            weight loads; quant: a block per few rows splitting K; NT tokens per
+#                            pass so each weight is read once per pass
 #   gemm_simt                float32 weights, and every GEMM on AMD: 64x64 tiles in shared memory,
 #                            4x4 per thread
 # 16-bit GEMMs on NVIDIA are Modular's (gpu_library.mojo): our mma.sync and wgmma kernels ran at
@@ -115,21 +114,17 @@ def gemv_scalar_kernel[wdt: DType, NT: Int](
 
 
 # ---- GEMV, GGUF-quantized weights (repacked: qs [N, nb, 16|32] bytes, d/m [N, nb] f16) ----------
-# A warp owns QG_ROWS rows (and the NT tokens of block_idx.y) and the units of one of KS interleaved
-# parts of K (KS warps of a block share the rows when N alone gives too few warps); it streams
-# through them with the next step's loads in flight while it computes the current one. A unit is one
+# A block of QG_THREADS threads owns R rows (and the NT tokens of block_idx.y) and splits K among its
+# threads: thread i takes the 8-weight units i, i + QG_THREADS, ... of each row. A unit is one
 # 32-bit word of a Q4 block (bytes 4c..4c+3: weights 4c..4c+3 in the low nibbles, 16+4c..19+4c in
-# the high ones) or two words of a Q8 block (weights 8c..8c+7); lane l takes unit l of each slot of
-# WARP_SIZE units, part p the slots p, p + KS, ..., so a warp's weight load is 128 (Q4) or 256 (Q8)
-# contiguous bytes, and its x loads are float4s covering 64-byte halves of cache lines (Q4) or whole
-# lines (Q8): x, 4 bytes a weight, comes from L1 and is loaded once for the QG_ROWS rows. A step is
-# U slots of every row: U * QG_ROWS words (and f16 scales) per lane. A quant becomes a float without
-# a conversion instruction: one byte permute builds the float 2^23 + q, and one subtraction removes
-# 2^23 (and Q4_0's 8, Q8_0's 128) exactly; then 8 FMAs, and one FMA with the block's scale. The sums
-# stay float32: warp shuffles (and shared memory across the KS warps of a row group).
-comptime QG_WARPS = 4
-comptime QG_THREADS = QG_WARPS * WARP_SIZE
-comptime QG_ROWS = 4
+# the high ones) or two words of a Q8 block (weights 8c..8c+7). So a warp's weight load is 128
+# (Q4) or 256 (Q8) contiguous bytes, and its x loads are float4s covering 64-byte halves of cache
+# lines (Q4) or whole lines (Q8): x, 4 bytes a weight, comes from L1 and is loaded once for R rows.
+# U units of every row (words and scales) are loaded before the first multiply. A quant becomes a
+# float without a conversion instruction: one byte permute builds the float 2^23 + q, and one
+# subtraction removes 2^23 (and Q4_0's 8, Q8_0's 128) exactly; then 8 FMAs, and one FMA with the
+# block's scale. The sums stay float32: warp shuffles, then shared memory across the warps.
+comptime QG_THREADS = 128
 
 
 @always_inline
@@ -174,69 +169,41 @@ def _dot8(w: SIMD[DType.float32, 8], xv: SIMD[DType.float32, 8]) -> Float32:
 
 
 @always_inline
-def _qxo[QT: Int](uj: Int) -> Int:
-    """Where unit uj's first x value lies in its row (the unit uj + WARP_SIZE j's: 8 WARP_SIZE j on)."""
-    comptime if QT == Q8_0:
-        return uj * 8
-    else:
-        return (uj >> 2) * 32 + (uj & 3) * 4
-
-
-@always_inline
-def _qx[QT: Int](x: F32P, xo: Int) -> SIMD[DType.float32, 8]:
-    """The 8 x values of the unit whose first x value is x[xo]."""
-    comptime if QT == Q8_0:
-        return vload[8](x, xo)
-    else:
-        return vload[4](x, xo).join(vload[4](x, xo + 16))
-
-
-@always_inline
-def _qload[QT: Int, U: Int, TAIL: Bool](
-    qs: Ptr[DType.uint32], d: F16P, m: F16P,
-    mut qv: Array[SIMD[DType.uint32, 2 if QT == Q8_0 else 1], QG_ROWS * U],
-    mut dv: Array[Float16, QG_ROWS * U], mut mv: Array[Float16, QG_ROWS * U],
-    u: Int, ue: Int, n0: Int, nn: Int, nu: Int,
+def _qgemv_step[QT: Int, NT: Int, R: Int, U: Int, TAIL: Bool](
+    x: F32P, qs: Ptr[DType.uint32], d: F16P, m: F16P, mut acc: SIMD[DType.float32, R * NT],
+    u: Int, n0: Int, t0: Int, nn: Int, tt: Int, kk: Int, nu: Int,
 ):
-    """Issue the loads of units u + j WARP_SIZE (j < U) of rows n0..n0+QG_ROWS-1: words and scales.
-    TAIL: units at or past ue load unit ue - 1 again (the multiply gives them a zero scale)."""
+    """Units u + j QG_THREADS (j < U) of rows n0..n0+R-1 into acc. TAIL: some of them may lie past
+    the row's nu units; those load the last unit again and are not summed."""
     comptime QW = 2 if QT == Q8_0 else 1  # 32-bit words per unit
     var nb = nu // 4
-    comptime for r in range(QG_ROWS):
-        var row = min(n0 + r, nn - 1)  # rows past N repeat the last one; never stored
-        var qo = (row * nu + u) * QW
-        var bo = row * nb + (u >> 2)
-        comptime for j in range(U):
-            comptime if TAIL:
-                var uj = min(u + j * WARP_SIZE, ue - 1)
-                qo = (row * nu + uj) * QW
-                bo = row * nb + (uj >> 2)
-            comptime jq = 0 if TAIL else j * WARP_SIZE * QW  # constant offsets from the row's base
-            comptime jb = 0 if TAIL else j * (WARP_SIZE // 4)
-            qv[j * QG_ROWS + r] = vload[QW](qs, qo + jq)
-            dv[j * QG_ROWS + r] = d[unsafe_offset=bo + jb]
-            comptime if QT == Q4_1:
-                mv[j * QG_ROWS + r] = m[unsafe_offset=bo + jb]
-
-
-@always_inline
-def _qmul[QT: Int, NT: Int, U: Int, TAIL: Bool](
-    x: F32P, qv: Array[SIMD[DType.uint32, 2 if QT == Q8_0 else 1], QG_ROWS * U],
-    dv: Array[Float16, QG_ROWS * U], mv: Array[Float16, QG_ROWS * U],
-    mut acc: SIMD[DType.float32, QG_ROWS * NT], u: Int, ue: Int, t0: Int, tt: Int, kk: Int,
-):
-    """acc[r, t] += the loaded units (u + j WARP_SIZE) of row r . x[t0 + t]; each decoded unit serves
-    the NT tokens, whose x vectors come from L1 (every warp of the SM walks the same x)."""
-    comptime QW = 2 if QT == Q8_0 else 1
-    comptime R = QG_ROWS
-    var xo0 = _qxo[QT](u)
+    var qv = Array[SIMD[DType.uint32, QW], R * U](fill=SIMD[DType.uint32, QW](0))
+    var dv = Array[Float16, R * U](fill=Float16(0))
+    var mv = Array[Float16, R * U](fill=Float16(0))
+    var xs = Array[SIMD[DType.float32, 8], U](fill=SIMD[DType.float32, 8](0))
     comptime for j in range(U):
-        var xo = xo0 + j * 8 * WARP_SIZE
+        var uj = u + j * QG_THREADS
+        comptime if TAIL:
+            uj = min(uj, nu - 1)
+        comptime for r in range(R):
+            var row = min(n0 + r, nn - 1)  # rows past N repeat the last one; never stored
+            qv[j * R + r] = vload[QW](qs, (row * nu + uj) * QW)
+            dv[j * R + r] = d[unsafe_offset=row * nb + (uj >> 2)]
+            comptime if QT == Q4_1:
+                mv[j * R + r] = m[unsafe_offset=row * nb + (uj >> 2)]
+        comptime if NT == 1:
+            comptime if QT == Q8_0:
+                xs[j] = vload[8](x, t0 * kk + uj * 8)
+            else:
+                var xo = t0 * kk + (uj >> 2) * 32 + (uj & 3) * 4
+                xs[j] = vload[4](x, xo).join(vload[4](x, xo + 16))
+    comptime for j in range(U):
+        var uj = u + j * QG_THREADS
         var live = True
         comptime if TAIL:
-            var uj = u + j * WARP_SIZE
-            live = uj < ue
-            xo = _qxo[QT](min(uj, ue - 1))
+            live = uj < nu
+            uj = min(uj, nu - 1)
+        var xo = uj * 8 if QT == Q8_0 else (uj >> 2) * 32 + (uj & 3) * 4
         var wf = Array[SIMD[DType.float32, 8], R](fill=SIMD[DType.float32, 8](0))
         var sd = Array[Float32, R](fill=Float32(0))
         var sm = Array[Float32, R](fill=Float32(0))
@@ -247,7 +214,15 @@ def _qmul[QT: Int, NT: Int, U: Int, TAIL: Bool](
                 sm[r] = mv[j * R + r].cast[DType.float32]() if live else Float32(0)
         comptime for t in range(NT):
             if NT == 1 or t0 + t < tt:
-                var xv = _qx[QT](x, (t0 + t) * kk + xo)
+                var xv: SIMD[DType.float32, 8]
+                comptime if NT == 1:
+                    xv = xs[j]
+                else:
+                    var xt = (t0 + t) * kk + xo
+                    comptime if QT == Q8_0:
+                        xv = vload[8](x, xt)
+                    else:
+                        xv = vload[4](x, xt).join(vload[4](x, xt + 16))
                 var sx: Float32 = 0
                 comptime if QT == Q4_1:
                     sx = xv.reduce_add()
@@ -257,85 +232,45 @@ def _qmul[QT: Int, NT: Int, U: Int, TAIL: Bool](
                         acc[r * NT + t] = sm[r].fma(sx, acc[r * NT + t])  # Q4_1 (w = d q + m): + m sum(x)
 
 
-def gemv_quant_kernel[QT: Int, NT: Int](
+def gemv_quant_kernel[QT: Int, NT: Int, R: Int](
     x: F32P, qs: Ptr[DType.uint32], d: F16P, m: F16P, bias: F32P, y: F32P, has_bias: Int64, T: Int64, N: Int64,
-    K: Int64, KS: Int64,
+    K: Int64,
 ):
-    """y[t, n] = x[t, :] . dequant(w[n, :]) (+ bias[n]) for tokens t0 = NT block_idx.y .. t0 + NT - 1.
-    Warp w of block b: rows n0 = QG_ROWS (b QG_WARPS / KS + w / KS) .., part w % KS of K (contiguous
-    runs of whole slots). KS divides QG_WARPS; K is a multiple of 32; x rows are 16-byte aligned."""
-    comptime U = (4 if QT == Q4_0 else 2) if NT == 1 else 1  # slots of every row per step
-    comptime R = QG_ROWS
+    """y[t, n] = x[t, :] . dequant(w[n, :]) (+ bias[n]) for rows n0 = R block_idx.x .. n0 + R - 1 and
+    tokens t0 = NT block_idx.y .. t0 + NT - 1. K is a multiple of 32; x rows are 16-byte aligned."""
+    comptime U = 4 if NT == 1 else 2  # units of each row in flight per thread
     comptime NV = R * NT
-    comptime QW = 2 if QT == Q8_0 else 1
+    comptime NW = QG_THREADS // WARP_SIZE
     var nn = Int(N)
     var tt = Int(T)
     var kk = Int(K)
-    var ks = Int(KS)
     var nu = kk // 8
-    var wid = thread_idx.x // WARP_SIZE
-    var lane = lane_id()
-    var gpb = QG_WARPS // ks  # row groups per block
-    var n0 = (block_idx.x * gpb + wid // ks) * R
+    var n0 = block_idx.x * R
     var t0 = block_idx.y * NT
-    var per = ceildiv(ceildiv(nu, WARP_SIZE), ks) * WARP_SIZE  # units of a part
-    var s0 = (wid % ks) * per  # the step's first unit (warp-uniform)
-    var ue = min(nu, s0 + per)  # the part's end
+    var tid = thread_idx.x
     var acc = SIMD[DType.float32, NV](0)  # [row r][token t]
-    if n0 < nn:
-        var qv = Array[SIMD[DType.uint32, QW], R * U](fill=SIMD[DType.uint32, QW](0))
-        var dv = Array[Float16, R * U](fill=Float16(0))
-        var mv = Array[Float16, R * U](fill=Float16(0))
-        if s0 + U * WARP_SIZE <= ue:  # a full step: every unit of every lane in the part
-            _qload[QT, U, False](qs, d, m, qv, dv, mv, s0 + lane, ue, n0, nn, nu)
-            while True:
-                var s1 = s0 + U * WARP_SIZE
-                var more = s1 + U * WARP_SIZE <= ue
-                var qn = Array[SIMD[DType.uint32, QW], R * U](fill=SIMD[DType.uint32, QW](0))
-                var dn = Array[Float16, R * U](fill=Float16(0))
-                var mn = Array[Float16, R * U](fill=Float16(0))
-                if more:  # the next full step's loads go out before this step's multiplies
-                    _qload[QT, U, False](qs, d, m, qn, dn, mn, s1 + lane, ue, n0, nn, nu)
-                _qmul[QT, NT, U, False](x, qv, dv, mv, acc, s0 + lane, ue, t0, tt, kk)
-                s0 = s1
-                if not more:
-                    break
-                qv = qn^
-                dv = dn^
-                mv = mn^
-        if s0 < ue:  # the ragged last step (some units past the part)
-            _qload[QT, U, True](qs, d, m, qv, dv, mv, s0 + lane, ue, n0, nn, nu)
-            _qmul[QT, NT, U, True](x, qv, dv, mv, acc, s0 + lane, ue, t0, tt, kk)
-    if ks == 1:
-        comptime for v in range(NV):
-            var s = warp.sum(acc[v])
-            var r = v // NT
-            var t = v % NT
-            if lane == 0 and n0 + r < nn and t0 + t < tt:
-                if has_bias != 0:
-                    s += bias[unsafe_offset=n0 + r]
-                y[unsafe_offset=(t0 + t) * nn + n0 + r] = s
-    else:
-        var partial = stack_allocation[QG_WARPS * NV, Float32, address_space=AddressSpace.SHARED]()
-        comptime for v in range(NV):
-            var s = warp.sum(acc[v])
-            if lane == 0:
-                partial[unsafe_offset=wid * NV + v] = s
-        barrier()
-        var tid = thread_idx.x
-        if tid < gpb * NV:  # thread (row group g, value v) adds the KS parts
-            var g = tid // NV
-            var v = tid % NV
-            var r = v // NT
-            var t = v % NT
-            var row = (block_idx.x * gpb + g) * R + r
-            var s: Float32 = 0
-            for p in range(ks):
-                s += partial[unsafe_offset=(g * ks + p) * NV + v]
-            if row < nn and t0 + t < tt:
-                if has_bias != 0:
-                    s += bias[unsafe_offset=row]
-                y[unsafe_offset=(t0 + t) * nn + row] = s
+    var u = tid
+    while u + (U - 1) * QG_THREADS < nu:
+        _qgemv_step[QT, NT, R, U, False](x, qs, d, m, acc, u, n0, t0, nn, tt, kk, nu)
+        u += U * QG_THREADS
+    if u < nu:
+        _qgemv_step[QT, NT, R, U, True](x, qs, d, m, acc, u, n0, t0, nn, tt, kk, nu)
+    var partial = stack_allocation[NW * NV, Float32, address_space=AddressSpace.SHARED]()
+    comptime for v in range(NV):
+        var s = warp.sum(acc[v])
+        if lane_id() == 0:
+            partial[unsafe_offset=(tid // WARP_SIZE) * NV + v] = s
+    barrier()
+    if tid < NV:
+        var r = tid // NT
+        var t = tid % NT
+        var s: Float32 = 0
+        comptime for w in range(NW):
+            s += partial[unsafe_offset=w * NV + tid]
+        if n0 + r < nn and t0 + t < tt:
+            if has_bias != 0:
+                s += bias[unsafe_offset=n0 + r]
+            y[unsafe_offset=(t0 + t) * nn + n0 + r] = s
 
 
 # ---- SIMT GEMM (float32 weights, any K; the portable fallback) ---------------------------------

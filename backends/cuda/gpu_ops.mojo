@@ -31,8 +31,7 @@ from gpu_elementwise import (
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
 )
 from gpu_linear import (
-    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, QG_WARPS, QG_ROWS,
-    gemm_simt_kernel, SG_BM, SG_BN,
+    GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
 )
 from gpu_attention import (
     attn_prefill_simt_kernel, attn_prefill_mma_kernel, attn_decode_kernel, attn_combine_kernel,
@@ -338,24 +337,27 @@ def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     return PythonObject(None)
 
 
-def _gemv_quant[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
-    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, ks: warps splitting K, dividing QG_WARPS)
+def _gemv_quant[QT: Int, NT: Int, R: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, rows per block)
     var st = g[].stream(_i(a, 0))
-    var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT]]()
-    var ks = _i(a, 13)
-    if ks < 1 or QG_WARPS % ks != 0:
-        raise Error("gemv_quant: ks must divide ", QG_WARPS)
-    var groups = ceildiv(_i(a, 11), QG_ROWS)
+    var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT, R]]()
     st.enqueue_function(f, _p[F32](a, 3), _p[DType.uint32](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[F32](a, 7),
-                        _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12), Int64(ks),
-                        grid_dim=(ceildiv(groups, QG_WARPS // ks), ceildiv(_i(a, 10), NT)), block_dim=QG_THREADS)
+                        _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12),
+                        grid_dim=(ceildiv(_i(a, 11), R), ceildiv(_i(a, 10), NT)), block_dim=QG_THREADS)
+
+
+def _gemv_quant_r[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 13) == 4:
+        _gemv_quant[QT, NT, 4](g, a)
+    else:
+        _gemv_quant[QT, NT, 1](g, a)
 
 
 def _gemv_quant_nt[QT: Int](g: GpuPtr, a: PythonObject) raises:
     if _i(a, 2) == 1:
-        _gemv_quant[QT, 1](g, a)
+        _gemv_quant_r[QT, 1](g, a)
     else:
-        _gemv_quant[QT, 8](g, a)
+        _gemv_quant_r[QT, 8](g, a)
 
 
 def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
