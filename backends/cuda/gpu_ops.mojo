@@ -25,7 +25,7 @@ from max.gpu import WARP_SIZE
 from max.gpu.host import DeviceContext, DeviceStream, FuncAttribute
 from max.gpu.host._nvidia_cuda import CUDA
 
-from gpu_common import Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0
+from gpu_common import Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, DT_F32, DT_BF16, DT_F16
 from gpu_elementwise import (
     ROW_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
@@ -129,12 +129,14 @@ def _embedding_dense[dt: DType](g: GpuPtr, a: PythonObject) raises:
 def op_embedding_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var code = _i(a, 1)
-    if code == 0:
+    if code == DT_F32:
         _embedding_dense[F32](g, a)
-    elif code == 1:
+    elif code == DT_BF16:
         _embedding_dense[BF16](g, a)
-    else:
+    elif code == DT_F16:
         _embedding_dense[F16](g, a)
+    else:
+        raise Error("embedding_dense: unknown dtype code ", code)
     return PythonObject(None)
 
 
@@ -154,8 +156,10 @@ def op_embedding_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObjec
         _embedding_quant[Q4_0](g, a)
     elif qt == Q4_1:
         _embedding_quant[Q4_1](g, a)
-    else:
+    elif qt == Q8_0:
         _embedding_quant[Q8_0](g, a)
+    else:
+        raise Error("embedding_quant: unknown quant code ", qt)
     return PythonObject(None)
 
 
@@ -169,10 +173,12 @@ def _dequant[QT: Int, odt: DType](g: GpuPtr, a: PythonObject) raises:
 
 
 def _dequant_q[QT: Int](g: GpuPtr, a: PythonObject) raises:
-    if _i(a, 2) == 0:
+    if _i(a, 2) == DT_F32:
         _dequant[QT, F32](g, a)
-    else:
+    elif _i(a, 2) == DT_BF16:
         _dequant[QT, BF16](g, a)
+    else:
+        raise Error("dequant: unknown output dtype code ", _i(a, 2))
 
 
 def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
@@ -182,8 +188,10 @@ def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _dequant_q[Q4_0](g, a)
     elif qt == Q4_1:
         _dequant_q[Q4_1](g, a)
-    else:
+    elif qt == Q8_0:
         _dequant_q[Q8_0](g, a)
+    else:
+        raise Error("dequant: unknown quant code ", qt)
     return PythonObject(None)
 
 
@@ -258,12 +266,14 @@ def op_store_kv(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var kcode = _i(a, 1)
     var ccode = _i(a, 2)
-    if kcode == 0 and ccode == 0:
+    if kcode == DT_F32 and ccode == DT_F32:
         _store_kv[F32, F32](g, a)
-    elif kcode == 0:
+    elif kcode == DT_F32 and ccode == DT_BF16:
         _store_kv[F32, BF16](g, a)
-    else:
+    elif kcode == DT_BF16 and ccode == DT_BF16:
         _store_kv[BF16, BF16](g, a)
+    else:
+        raise Error("store_kv: unsupported dtype codes ", kcode, " -> ", ccode)
     return PythonObject(None)
 
 
@@ -278,13 +288,13 @@ def op_convert(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var scode = _i(a, 1)
     var dcode = _i(a, 2)
-    if scode == 0 and dcode == 1:
+    if scode == DT_F32 and dcode == DT_BF16:
         _convert[F32, BF16](g, a)
-    elif scode == 0 and dcode == 2:
+    elif scode == DT_F32 and dcode == DT_F16:
         _convert[F32, F16](g, a)
-    elif scode == 1 and dcode == 0:
+    elif scode == DT_BF16 and dcode == DT_F32:
         _convert[BF16, F32](g, a)
-    elif scode == 2 and dcode == 0:
+    elif scode == DT_F16 and dcode == DT_F32:
         _convert[F16, F32](g, a)
     else:
         raise Error("convert: unsupported dtype codes ", scode, " -> ", dcode)
@@ -314,8 +324,10 @@ def _gemv_dense_r[wdt: DType, NT: Int](g: GpuPtr, a: PythonObject) raises:
         _gemv_dense[wdt, NT, 2](g, a)
     elif r == 1:
         _gemv_dense[wdt, NT, 1](g, a)
-    else:
+    elif r == 0:
         _gemv_dense[wdt, NT, 0](g, a)
+    else:
+        raise Error("gemv_dense: unsupported rows per warp ", r)
 
 
 def _gemv_dense_nt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
@@ -328,12 +340,14 @@ def _gemv_dense_nt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
 def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var code = _i(a, 1)
-    if code == 0:
+    if code == DT_F32:
         _gemv_dense_nt[F32](g, a)
-    elif code == 1:
+    elif code == DT_BF16:
         _gemv_dense_nt[BF16](g, a)
-    else:
+    elif code == DT_F16:
         _gemv_dense_nt[F16](g, a)
+    else:
+        raise Error("gemv_dense: unknown dtype code ", code)
     return PythonObject(None)
 
 
@@ -384,12 +398,14 @@ def _gemm_simt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
 def op_gemm_simt(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var code = _i(a, 1)
-    if code == 0:
+    if code == DT_F32:
         _gemm_simt[F32](g, a)
-    elif code == 1:
+    elif code == DT_BF16:
         _gemm_simt[BF16](g, a)
-    else:
+    elif code == DT_F16:
         _gemm_simt[F16](g, a)
+    else:
+        raise Error("gemm_simt: unknown dtype code ", code)
     return PythonObject(None)
 
 
@@ -429,15 +445,19 @@ def _prefill_simt_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
         _prefill[qdt, cdt, 32, False](g, a)
     elif d == 80:
         _prefill[qdt, cdt, 80, False](g, a)
-    else:
+    elif d == 96:
         _prefill[qdt, cdt, 96, False](g, a)
+    else:
+        raise Error("attention_prefill: unsupported head dim ", d)
 
 
 def _prefill_mma_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
     if _i(a, 3) == 64:
         _prefill[qdt, cdt, 64, True](g, a)
-    else:
+    elif _i(a, 3) == 128:
         _prefill[qdt, cdt, 128, True](g, a)
+    else:
+        raise Error("attention_prefill: the tensor-core kernel has no head dim ", _i(a, 3))
 
 
 def op_attention_prefill(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
@@ -445,6 +465,8 @@ def op_attention_prefill(gpu: PythonObject, a: PythonObject) raises -> PythonObj
     var g = _state(gpu)
     var use_mma = _i(a, 1) != 0
     var pair = _i(a, 2)
+    if pair < 0 or pair > 2 or (use_mma and pair == 0):
+        raise Error("attention_prefill: unsupported dtype pair ", pair)
     if use_mma:
         if pair == 1:
             _prefill_mma_d[F32, BF16](g, a)
@@ -495,8 +517,10 @@ def _decode_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
         _decode_g[qdt, cdt, 32](g, a)
     elif d == 80:
         _decode_g[qdt, cdt, 80](g, a)
-    else:
+    elif d == 96:
         _decode_g[qdt, cdt, 96](g, a)
+    else:
+        raise Error("attention_decode: unsupported head dim ", d)
 
 
 def op_attention_decode(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
@@ -506,8 +530,10 @@ def op_attention_decode(gpu: PythonObject, a: PythonObject) raises -> PythonObje
         _decode_d[F32, F32](g, a)
     elif pair == 1:
         _decode_d[F32, BF16](g, a)
-    else:
+    elif pair == 2:
         _decode_d[BF16, BF16](g, a)
+    else:
+        raise Error("attention_decode: unsupported dtype pair ", pair)
     return PythonObject(None)
 
 
@@ -521,10 +547,12 @@ def _combine[qdt: DType](g: GpuPtr, a: PythonObject) raises:
 
 def op_attention_combine(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
-    if _i(a, 1) == 0:
+    if _i(a, 1) == DT_F32:
         _combine[F32](g, a)
-    else:
+    elif _i(a, 1) == DT_BF16:
         _combine[BF16](g, a)
+    else:
+        raise Error("attention_combine: unknown dtype code ", _i(a, 1))
     return PythonObject(None)
 
 
