@@ -279,7 +279,11 @@ class CudaBackend(Backend):
             if (n, k) not in self._lib_gemm:
                 self._lib_gemm[(n, k)] = (mod, self._tune_static(mod, n, k))
         if int(heads[0]):
-            self._lib_attn[tuple(int(h) for h in heads)] = mod
+            h, kvh, d = (int(x) for x in heads)
+            self._lib_attn[(h, kvh, d)] = mod
+            # First call now (PTX JIT, ~0.5 s), not in the first request.
+            z = lambda n: self.torch.zeros(16, n, d, device=self.device, dtype=self.torch.bfloat16)  # noqa: E731
+            self.attention_prefill_fresh(z(h), z(kvh), z(kvh), (16,), d ** -0.5)
         if progress is not None:
             progress("static-shape GEMMs: " + ", ".join(
                 f"[{n}, {k}] for M in {sorted(ms) or 'none'}" for (n, k), (_, ms) in self._lib_gemm.items()))
