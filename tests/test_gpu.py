@@ -10,6 +10,7 @@ Error bound: ||got - ref|| / ||ref|| (Frobenius) <= tolerance, by arithmetic:
     F32   1e-5   float32 operands and accumulation, a different summation order
     TC    1e-2   tensor-core path: activations (and attention probabilities) rounded to bfloat16
                (8-bit mantissa, 2^-9 relative), accumulation in float32
+The quantized GEMV (Q4_0/Q4_1/Q8_0, up to 64 tokens) takes int8 activations, see assert_q8_gemv.
 """
 
 from __future__ import annotations
@@ -232,6 +233,60 @@ def test_linear_dense(gpu, qtype, T, NK):
     assert rel_err(got, ref + bias) < tol
 
 
+def q4_1_offsets(data, n, k):
+    """The m (f16) of every Q4_1 block of raw GGUF rows: [n, k/32]."""
+    return np.ascontiguousarray(np.asarray(data, np.uint8).reshape(n, k // 32, 20)[..., 2:4]).view(np.float16)[..., 0]
+
+
+def q8_activations(x):
+    """x [T, K] float32 as the quantized GEMV takes it (gpu_elementwise.quantize_q8_kernel, the same
+    float32 operations as mojo/quant.mojo on the CPU): per 32-block dx = max|x| / 127, codes
+    q = round-half-even(x * (1/dx)). Returns (dx q as float64 [T, K], dx float32 [T, K/32])."""
+    f32 = np.float32
+    t, k = x.shape
+    xb = x.reshape(t, k // 32, 32)
+    amax = np.abs(xb).max(-1)
+    ok = amax >= f32(1e-30)
+    dx = np.where(ok, amax / f32(127), f32(0)).astype(f32)
+    inv = np.where(ok, f32(1) / np.where(ok, dx, f32(1)), f32(0)).astype(f32)
+    q = np.rint(xb * inv[..., None])
+    assert np.abs(q).max() <= 127
+    return (q * dx[..., None].astype(np.float64)).reshape(t, k), dx
+
+
+def assert_q8_gemv(got, x, wref, bias=None, m=None):
+    """The quantized GEMV against two float64 references.
+    1. Exact: the same int8 quantization of x applied in numpy, then a float64 product with the
+       dequantized weights. The kernel's block sums are exact integers; what remains is float32
+       rounding: float32(d dx) times the sum (2 roundings per block, Q4_1's m dx sum(q) 2 more), an
+       FMA chain per thread, 5 shuffle levels, 4 warps and the bias, i.e. fewer than K/32 + 16
+       roundings of at most 2^-24 each, relative to A = the sum of the absolute block terms. So
+       |got - ref8| <= (K/32 + 16) 2^-24 A elementwise (as tests/test_quant_int8.py states for the
+       CPU's int8 path); a wrong code, nibble, block or scale is O(one block term) off, far above.
+    2. Unquantized: x's rounding to dx q is at most dx/2 per element, so
+       |got - x.W| <= sum_b dx_b / 2 sum_{j in b} |w_j| + the float32 bound above; and on random data
+       the relative (Frobenius) error is about (max|x| of a block / |x|) / 127 / sqrt(12) ~ 0.6%
+       (uniform rounding), checked < 1e-2. (x * (1/dx) is rounded in float32 before the rint, so
+       the rounding can pass dx/2 by 127 2^-23 dx at most: the bound takes 0.501 dx.)
+    m: Q4_1's per-block offsets [N, K/32] (for A)."""
+    t, k = x.shape
+    b = 0.0 if bias is None else bias.astype(np.float64)
+    xq, dx = q8_activations(x)
+    ref8 = xq @ wref.T + b
+    # |d q| <= |w| + |m| for Q4_1 (w = d q + m), whose kernel sums d q x and m x apart
+    wa = np.abs(wref) if m is None else np.abs(wref) + 2 * np.repeat(np.abs(m.astype(np.float64)), 32, axis=1)
+    a = np.abs(xq) @ wa.T + np.abs(b)
+    excess = np.abs(got.astype(np.float64) - ref8) - (k // 32 + 16) * 2.0**-24 * a
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess.max() <= 0, f"output {worst}: got {got[worst]!r}, int8 reference {ref8[worst]!r}"
+    assert rel_err(got, ref8) < 2e-6  # typical: a few 1e-7
+    ref = x.astype(np.float64) @ wref.T + b
+    wabs = np.abs(wref).reshape(-1, k // 32, 32).sum(-1)  # [N, nb]
+    bound = 0.501 * dx.astype(np.float64) @ wabs.T + (k // 32 + 16) * 2.0**-24 * a
+    assert np.all(np.abs(got.astype(np.float64) - ref) <= bound)
+    assert rel_err(got, ref) < 1e-2
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("T", [1, 6, 70])
 def test_linear_quantized(gpu, qtype, T):
@@ -245,16 +300,20 @@ def test_linear_quantized(gpu, qtype, T):
     lin = gpu.prepare_linear(WeightTensor("w", (N, K), qtype, data))
     assert lin.nbytes == data.nbytes  # kept quantized on the device (repacked, same bytes)
     x = rng.standard_normal((T, K)).astype(np.float32)
+    x[0, :32] *= 1e3  # blocks of different scales
+    x[-1, 32:64] = 0  # an all-zero block: dx = 0
     got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin))
-    # Past the GEMV's 64 tokens the weights are dequantized to bf16 for Modular's GEMM (x rounded too).
-    assert rel_err(got, x.astype(np.float64) @ wref.T) < (TC if T > 64 and gpu.nvidia else F32)
+    if T <= 64:  # the GEMV, int8 activations
+        assert_q8_gemv(got, x, wref, m=q4_1_offsets(data, N, K) if qtype == "Q4_1" else None)
+    else:  # dequantized, then Modular's bf16 GEMM on NVIDIA (x rounded to bf16 too) or float32 SIMT GEMM
+        assert rel_err(got, x.astype(np.float64) @ wref.T) < (TC if gpu.nvidia else F32)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("T", [1, 9, 64])
 def test_linear_quantized_gemv_shapes(gpu, qtype, T):
     """The quantized GEMV's other paths: 4 rows per block with a partial last block (N = 16 per SM + 3),
-    K = 4640 (whole steps of units and a ragged last step), 9 and 64 tokens (passes of 8), a bias."""
+    K = 4640 (145 blocks: two blocks a thread, then a tail of one), 9 and 64 tokens (passes of 8), a bias."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
@@ -266,7 +325,7 @@ def test_linear_quantized_gemv_shapes(gpu, qtype, T):
     x = rng.standard_normal((T, K)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
     got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin, gpu.asarray(bias)))
-    assert rel_err(got, x.astype(np.float64) @ wref.T + bias) < F32
+    assert_q8_gemv(got, x, wref, bias, q4_1_offsets(data, N, K) if qtype == "Q4_1" else None)
 
 
 # ---- Modular's kernels (gpu_library), specialised as for the "small-gqa" preset -------------------------

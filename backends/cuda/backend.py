@@ -536,9 +536,11 @@ class CudaBackend(Backend):
         if isinstance(w, QuantWeight):
             m = (w.m if w.m is not None else w.d).data_ptr()
             if T <= _QGEMV_MAX_TOKENS:
+                # x quantized per 32-block to int8 codes (T K bytes) + (dx, code sum) float32 pairs
+                scratch = self._empty((T * K + T * (K // 32) * 8,), torch.int8)
                 self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), w.qs.data_ptr(),
                                                w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K,
-                                               self._qgemv_rows(N)))
+                                               self._qgemv_rows(N), scratch.data_ptr()))
             else:
                 dense = self._empty((N, K))
                 self._k.dequant(self._gpu, (s, w.code, 0, w.qs.data_ptr(), w.d.data_ptr(), m, dense.data_ptr(), N, K))

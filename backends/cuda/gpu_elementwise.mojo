@@ -3,7 +3,8 @@
 
 from std.math import rsqrt, exp
 from std.memory import bitcast
-from max.gpu import thread_idx, block_idx, block_dim, global_idx
+from max.gpu import thread_idx, block_idx, block_dim, global_idx, lane_id
+from max.gpu.primitives import warp
 
 from gpu_common import (
     Ptr, F32P, I32P, I64P, U8P, I8P, F16P, flag, block_sum,
@@ -76,6 +77,41 @@ def dequant_kernel[QT: Int, odt: DType](qs: U8P, d: F16P, m: F16P, dst: Ptr[odt]
     if i >= Int(N) * k:
         return
     dst[unsafe_offset=i] = dequant_one[QT](qs, d, m, i // k, k // 32, i % k).cast[odt]()
+
+
+# ---- x [T, K] float32 -> int8 codes per 32-block, for the quantized GEMV (gpu_linear) ----------
+def quantize_q8_kernel(x: F32P, qx: I8P, xs: F32P, n: Int64):
+    """A warp per 32-block of the flattened x (n = T K elements, K a multiple of 32): dx = max|x| / 127,
+    q = round-half-even(x * (1/dx)) (|q| <= 127) in float32, as mojo/quant.mojo does on the CPU;
+    qx[i] = q, xs[2 blk] = dx, xs[2 blk + 1] = sum of the block's q (an exact integer). A block with
+    max|x| < 1e-30 gets dx = 0 and q = 0; one holding NaN or inf gets dx = NaN and q = 0, so the
+    outputs it reaches are NaN as with float activations."""
+    var i = global_idx.x
+    if i >= Int(n):  # n is a multiple of 32: whole warps leave
+        return
+    var v = x[unsafe_offset=i]
+    var bad = Int32(1) if (bitcast[DType.uint32, 1](v) & 0x7F800000) == 0x7F800000 else Int32(0)
+    var amax = abs(v)
+    comptime for k in range(5):
+        amax = max(amax, warp.shuffle_xor(amax, UInt32(16 >> k)))
+        bad |= warp.shuffle_xor(bad, UInt32(16 >> k))
+    var dx: Float32 = 0
+    var inv: Float32 = 0
+    if bad != 0:
+        dx = bitcast[DType.float32, 1](UInt32(0x7FC00000))
+    elif amax >= 1e-30:
+        dx = amax / 127
+        inv = 1 / dx
+    var q: Int32 = 0
+    if inv != 0:
+        q = round(v * inv).cast[DType.int32]()
+    qx[unsafe_offset=i] = q.cast[DType.int8]()
+    var qsum = q
+    comptime for k in range(5):
+        qsum += warp.shuffle_xor(qsum, UInt32(16 >> k))
+    if lane_id() == 0:
+        xs[unsafe_offset=(i // 32) * 2] = dx
+        xs[unsafe_offset=(i // 32) * 2 + 1] = Float32(qsum)
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------

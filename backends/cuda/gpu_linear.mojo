@@ -1,8 +1,9 @@
 # y[T, N] = x[T, K] @ W[N, K]^T (+ bias): the kernels behind Backend.linear.
 #
 #   gemv_dense / gemv_quant  few tokens (decode): bandwidth-bound; dense: a warp per few rows, 16-byte
-#                            weight loads; quant: a block per few rows splitting K; NT tokens per
-#                            pass so each weight is read once per pass
+#                            weight loads; quant: a block per few rows splitting K, int8
+#                            activations and dp4a; NT tokens per pass so each weight is read once
+#                            per pass
 #   gemm_simt                float32 weights, and every GEMM on AMD: 64x64 tiles in shared memory,
 #                            4x4 per thread
 # 16-bit GEMMs on NVIDIA are Modular's (gpu_library.mojo): our mma.sync and wgmma kernels ran at
@@ -114,147 +115,133 @@ def gemv_scalar_kernel[wdt: DType, NT: Int](
 
 
 # ---- GEMV, GGUF-quantized weights (repacked: qs [N, nb, 16|32] bytes, d/m [N, nb] f16) ----------
-# A block of QG_THREADS threads owns R rows (and the NT tokens of block_idx.y) and splits K among its
-# threads: thread i takes the 8-weight units i, i + QG_THREADS, ... of each row. A unit is one
-# 32-bit word of a Q4 block (bytes 4c..4c+3: weights 4c..4c+3 in the low nibbles, 16+4c..19+4c in
-# the high ones) or two words of a Q8 block (weights 8c..8c+7). So a warp's weight load is 128
-# (Q4) or 256 (Q8) contiguous bytes, and its x loads are float4s covering 64-byte halves of cache
-# lines (Q4) or whole lines (Q8): x, 4 bytes a weight, comes from L1 and is loaded once for R rows.
-# U units of every row (words and scales) are loaded before the first multiply. A quant becomes a
-# float without a conversion instruction: one byte permute builds the float 2^23 + q, and one
-# subtraction removes 2^23 (and Q4_0's 8, Q8_0's 128) exactly; then 8 FMAs, and one FMA with the
-# block's scale. The sums stay float32: warp shuffles, then shared memory across the warps.
+# Activations arrive quantized like llama.cpp's Q8_1 (quantize_q8_kernel in gpu_elementwise): qx
+# int8 [T, K] and xs float32 [T, nb, 2] = (dx, sum of the block's 32 codes), x ~= dx * qx per
+# 32-block. A block of QG_THREADS threads owns R rows (and the NT tokens of block_idx.y) and splits
+# K by whole 32-weight blocks: thread i takes quant blocks i, i + QG_THREADS, ... of each row, so a
+# warp reads 32 consecutive blocks of a row (512 B of Q4, 1 KB of Q8) with one 16-byte load per
+# lane (two for Q8), and its 32 x codes (two 16-byte loads, from L1, shared by the R rows). U blocks
+# of every row (words and f16 scales) are loaded before the first multiply. Products: dp4a (4 int8
+# products + an add per instruction) into an exact int32 block sum, then one FMA with d * dx:
+#   Q4_0 (w = d (q - 8)): d dx (sum q qx - 8 sum qx), the -8 sum qx folded into the dp4a chain
+#   Q4_1 (w = d q + m):   d dx sum q qx + m dx sum qx
+#   Q8_0 (w = d q):       d dx sum q qx
+# Q4 nibbles need no shift for the high half: (word & 0xF0F0F0F0) holds 16 q as unsigned bytes, and
+# its unsigned x signed dp4a chain, shifted right by 4 at the end, is exact. The sums stay float32:
+# warp shuffles, then shared memory across the warps.
 comptime QG_THREADS = 128
 
 
 @always_inline
-def _byte_f32[e: Int](w: UInt32) -> Float32:
-    """The float 2^23 + (byte e of w), exact."""
-    var bits: UInt32
+def _dp4a[A_SIGNED: Bool](a: UInt32, b: UInt32, c: Int32) -> Int32:
+    """c + the sum of the 4 byte products of a (signed or unsigned bytes) and b (signed bytes)."""
     comptime if is_nvidia_gpu():
-        bits = inlined_assembly["prmt.b32 $0, $1, $2, $3;", UInt32, constraints="=r,r,r,r", has_side_effect=False](
-            w, UInt32(0x4B000000), UInt32(0x7440 | e)
-        )
+        comptime ASM = "dp4a.s32.s32 $0, $1, $2, $3;" if A_SIGNED else "dp4a.u32.s32 $0, $1, $2, $3;"
+        return inlined_assembly[ASM, Int32, constraints="=r,r,r,r", has_side_effect=False](a, b, c)
     else:
-        bits = ((w >> UInt32(8 * e)) & 0xFF) | 0x4B000000
-    return bitcast[DType.float32, 1](bits)
+        var bs = bitcast[DType.int8, 4](b).cast[DType.int32]()
+        var av: SIMD[DType.int32, 4]
+        comptime if A_SIGNED:
+            av = bitcast[DType.int8, 4](a).cast[DType.int32]()
+        else:
+            av = bitcast[DType.uint8, 4](a).cast[DType.int32]()
+        return c + (av * bs).reduce_add()
 
 
 @always_inline
-def _unit_weights[QT: Int, QW: Int](q: SIMD[DType.uint32, QW]) -> SIMD[DType.float32, 8]:
-    """The 8 quants of a unit as exact floats (Q4_0: q - 8, Q4_1: q, Q8_0: the int8), in the order
-    of the unit's x values: Q4 [low nibbles of bytes 0..3, high nibbles], Q8 [bytes 0..7]."""
-    comptime OFF = Float32(8388616.0) if QT == Q4_0 else (Float32(8388736.0) if QT == Q8_0 else Float32(8388608.0))
-    var lo: UInt32
-    var hi: UInt32
+def _block_dot[QT: Int](q: SIMD[DType.uint32, 8], xq: SIMD[DType.uint32, 8], c: Int32) -> Int32:
+    """c + sum over the 32 weights of code * activation code (Q4: nibbles 0..15; Q8: int8)."""
     comptime if QT == Q8_0:
-        lo = q[0] ^ 0x80808080  # int8 q -> unsigned byte q + 128
-        hi = q[QW - 1] ^ 0x80808080
+        var s = c
+        comptime for e in range(8):
+            s = _dp4a[True](q[e], xq[e], s)
+        return s
     else:
-        lo = q[0] & 0x0F0F0F0F
-        hi = (q[0] >> 4) & 0x0F0F0F0F
-    var v = SIMD[DType.float32, 8](0)
-    comptime for e in range(4):
-        v[e] = _byte_f32[e](lo) - OFF
-        v[4 + e] = _byte_f32[e](hi) - OFF
-    return v
+        # Q4 word e (bytes 4e..4e+3): low nibbles = weights 4e..4e+3 (x word e), high = 16+4e.. (x word 4+e)
+        var lo = c
+        var hi: Int32 = 0
+        comptime for e in range(4):
+            lo = _dp4a[False](q[e] & 0x0F0F0F0F, xq[e], lo)
+            hi = _dp4a[False](q[e] & 0xF0F0F0F0, xq[4 + e], hi)
+        return lo + (hi >> 4)
 
 
 @always_inline
-def _dot8(w: SIMD[DType.float32, 8], xv: SIMD[DType.float32, 8]) -> Float32:
-    var s = w[0] * xv[0]
-    comptime for e in range(1, 8):
-        s = w[e].fma(xv[e], s)
-    return s
-
-
-@always_inline
-def _qgemv_step[QT: Int, NT: Int, R: Int, U: Int, TAIL: Bool](
-    x: F32P, qs: Ptr[DType.uint32], d: F16P, m: F16P, mut acc: SIMD[DType.float32, R * NT],
-    u: Int, n0: Int, t0: Int, nn: Int, tt: Int, kk: Int, nu: Int,
+def _qgemv_step[QT: Int, NT: Int, R: Int, U: Int](
+    qx: Ptr[DType.uint32], xs: F32P, qs: Ptr[DType.uint32], d: F16P, m: F16P,
+    mut acc: SIMD[DType.float32, R * NT], b: Int, n0: Int, t0: Int, nn: Int, tt: Int, nb: Int,
 ):
-    """Units u + j QG_THREADS (j < U) of rows n0..n0+R-1 into acc. TAIL: some of them may lie past
-    the row's nu units; those load the last unit again and are not summed."""
-    comptime QW = 2 if QT == Q8_0 else 1  # 32-bit words per unit
-    var nb = nu // 4
-    var qv = Array[SIMD[DType.uint32, QW], R * U](fill=SIMD[DType.uint32, QW](0))
+    """Quant blocks b + j QG_THREADS (j < U, all < nb) of rows n0..n0+R-1 into acc."""
+    comptime QW = 8 if QT == Q8_0 else 4  # 32-bit words of weight codes per block
+    var qv = Array[SIMD[DType.uint32, 8], R * U](fill=SIMD[DType.uint32, 8](0))
     var dv = Array[Float16, R * U](fill=Float16(0))
     var mv = Array[Float16, R * U](fill=Float16(0))
-    var xs = Array[SIMD[DType.float32, 8], U](fill=SIMD[DType.float32, 8](0))
+    var xv = Array[SIMD[DType.uint32, 8], U](fill=SIMD[DType.uint32, 8](0))
+    var sv = Array[SIMD[DType.float32, 2], U](fill=SIMD[DType.float32, 2](0))
     comptime for j in range(U):
-        var uj = u + j * QG_THREADS
-        comptime if TAIL:
-            uj = min(uj, nu - 1)
+        var bj = b + j * QG_THREADS
         comptime for r in range(R):
-            var row = min(n0 + r, nn - 1)  # rows past N repeat the last one; never stored
-            qv[j * R + r] = vload[QW](qs, (row * nu + uj) * QW)
-            dv[j * R + r] = d[unsafe_offset=row * nb + (uj >> 2)]
-            comptime if QT == Q4_1:
-                mv[j * R + r] = m[unsafe_offset=row * nb + (uj >> 2)]
-        comptime if NT == 1:
+            var blk = min(n0 + r, nn - 1) * nb + bj  # rows past N repeat the last one; never stored
             comptime if QT == Q8_0:
-                xs[j] = vload[8](x, t0 * kk + uj * 8)
+                qv[j * R + r] = vload[4](qs, blk * QW).join(vload[4](qs, blk * QW + 4))
             else:
-                var xo = t0 * kk + (uj >> 2) * 32 + (uj & 3) * 4
-                xs[j] = vload[4](x, xo).join(vload[4](x, xo + 16))
-    comptime for j in range(U):
-        var uj = u + j * QG_THREADS
-        var live = True
-        comptime if TAIL:
-            live = uj < nu
-            uj = min(uj, nu - 1)
-        var xo = uj * 8 if QT == Q8_0 else (uj >> 2) * 32 + (uj & 3) * 4
-        var wf = Array[SIMD[DType.float32, 8], R](fill=SIMD[DType.float32, 8](0))
-        var sd = Array[Float32, R](fill=Float32(0))
-        var sm = Array[Float32, R](fill=Float32(0))
-        comptime for r in range(R):
-            wf[r] = _unit_weights[QT, QW](qv[j * R + r])
-            sd[r] = dv[j * R + r].cast[DType.float32]() if live else Float32(0)
+                qv[j * R + r] = vload[4](qs, blk * QW).join(SIMD[DType.uint32, 4](0))
+            dv[j * R + r] = d[unsafe_offset=blk]
             comptime if QT == Q4_1:
-                sm[r] = mv[j * R + r].cast[DType.float32]() if live else Float32(0)
-        comptime for t in range(NT):
-            if NT == 1 or t0 + t < tt:
-                var xv: SIMD[DType.float32, 8]
+                mv[j * R + r] = m[unsafe_offset=blk]
+        comptime if NT == 1:
+            xv[j] = vload[4](qx, (t0 * nb + bj) * 8).join(vload[4](qx, (t0 * nb + bj) * 8 + 4))
+            sv[j] = vload[2](xs, (t0 * nb + bj) * 2)
+    comptime for t in range(NT):
+        if NT == 1 or t0 + t < tt:
+            comptime for j in range(U):
+                var xq: SIMD[DType.uint32, 8]
+                var s: SIMD[DType.float32, 2]
                 comptime if NT == 1:
-                    xv = xs[j]
+                    xq = xv[j]
+                    s = sv[j]
                 else:
-                    var xt = (t0 + t) * kk + xo
-                    comptime if QT == Q8_0:
-                        xv = vload[8](x, xt)
-                    else:
-                        xv = vload[4](x, xt).join(vload[4](x, xt + 16))
-                var sx: Float32 = 0
+                    var xb = (t0 + t) * nb + b + j * QG_THREADS
+                    xq = vload[4](qx, xb * 8).join(vload[4](qx, xb * 8 + 4))
+                    s = vload[2](xs, xb * 2)
+                var c0: Int32 = 0
+                comptime if QT == Q4_0:
+                    c0 = Int32(s[1]) * -8  # the sum of the codes is an exact integer in float32
+                var ms: Float32 = 0
                 comptime if QT == Q4_1:
-                    sx = xv.reduce_add()
+                    ms = s[0] * s[1]  # dx sum qx
                 comptime for r in range(R):
-                    acc[r * NT + t] = sd[r].fma(_dot8(wf[r], xv), acc[r * NT + t])  # d sum(q x)
+                    var sumi = _block_dot[QT](qv[j * R + r], xq, c0)
+                    var dd = dv[j * R + r].cast[DType.float32]() * s[0]
+                    acc[r * NT + t] = dd.fma(Float32(sumi), acc[r * NT + t])
                     comptime if QT == Q4_1:
-                        acc[r * NT + t] = sm[r].fma(sx, acc[r * NT + t])  # Q4_1 (w = d q + m): + m sum(x)
+                        acc[r * NT + t] = mv[j * R + r].cast[DType.float32]().fma(ms, acc[r * NT + t])
 
 
 def gemv_quant_kernel[QT: Int, NT: Int, R: Int](
-    x: F32P, qs: Ptr[DType.uint32], d: F16P, m: F16P, bias: F32P, y: F32P, has_bias: Int64, T: Int64, N: Int64,
-    K: Int64,
+    qx: Ptr[DType.uint32], xs: F32P, qs: Ptr[DType.uint32], d: F16P, m: F16P, bias: F32P, y: F32P,
+    has_bias: Int64, T: Int64, N: Int64, K: Int64,
 ):
     """y[t, n] = x[t, :] . dequant(w[n, :]) (+ bias[n]) for rows n0 = R block_idx.x .. n0 + R - 1 and
-    tokens t0 = NT block_idx.y .. t0 + NT - 1. K is a multiple of 32; x rows are 16-byte aligned."""
-    comptime U = 4 if NT == 1 else 2  # units of each row in flight per thread
+    tokens t0 = NT block_idx.y .. t0 + NT - 1, x given quantized (qx, xs). K is a multiple of 32."""
+    comptime U = 2 if NT == 1 else 1  # blocks of each row in flight per thread (besides the other rows')
     comptime NV = R * NT
     comptime NW = QG_THREADS // WARP_SIZE
     var nn = Int(N)
     var tt = Int(T)
-    var kk = Int(K)
-    var nu = kk // 8
+    var nb = Int(K) // 32
     var n0 = block_idx.x * R
     var t0 = block_idx.y * NT
     var tid = thread_idx.x
     var acc = SIMD[DType.float32, NV](0)  # [row r][token t]
-    var u = tid
-    while u + (U - 1) * QG_THREADS < nu:
-        _qgemv_step[QT, NT, R, U, False](x, qs, d, m, acc, u, n0, t0, nn, tt, kk, nu)
-        u += U * QG_THREADS
-    if u < nu:
-        _qgemv_step[QT, NT, R, U, True](x, qs, d, m, acc, u, n0, t0, nn, tt, kk, nu)
+    var b = tid
+    comptime if U > 1:
+        while b + (U - 1) * QG_THREADS < nb:
+            _qgemv_step[QT, NT, R, U](qx, xs, qs, d, m, acc, b, n0, t0, nn, tt, nb)
+            b += U * QG_THREADS
+    while b < nb:
+        _qgemv_step[QT, NT, R, 1](qx, xs, qs, d, m, acc, b, n0, t0, nn, tt, nb)
+        b += QG_THREADS
     var partial = stack_allocation[NW * NV, Float32, address_space=AddressSpace.SHARED]()
     comptime for v in range(NV):
         var s = warp.sum(acc[v])
