@@ -45,6 +45,29 @@ def median_ms(torch, fn, iters=20, warmup=3):
     return times[len(times) // 2]
 
 
+def graph_ms(torch, be, fn, calls=20, replays=10):
+    """Milliseconds per call of `fn` replayed from a CUDA graph of `calls` calls (as the decode
+    runner replays its steps): no Python or launch overhead, which a single eager call of a
+    ~10 us kernel would mostly measure."""
+    fn()
+    be.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=be.stream):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
 def rel(got, ref) -> float:
     got, ref = got.double(), ref.double()
     return float((got - ref).norm() / ref.norm())
@@ -165,44 +188,46 @@ def graphs(be, torch, res):
 
 
 def gemv(be, torch, res):
+    """Decode-sized products (1 and 8 tokens) timed from CUDA graph replays (graph_ms): `linear` as
+    the model calls it (float32 x), Modular's dynamic-shape GEMM on bf16 x, and the quantized GEMV,
+    vs the bytes the weights hold over the copy bandwidth."""
     from mojollm.weights import WeightTensor
 
     out = {}
+    copy = res["copy_GBps"]
     for (n, k) in ((14336, 4096), (4096, 14336), (128256, 4096)):
         w = torch.randn(n, k, device=be.device, dtype=torch.bfloat16)
         lin = be.prepare_linear_tensor(w)
-        x = torch.randn(1, k, device=be.device)
-        y = be.linear(x, lin)
-        err = rel(y, x @ w.float().T)
-        ms = median_ms(torch, lambda: be.linear(x, lin), iters=20)
-        gbs = w.nbytes / ms / 1e6
-        out[f"bf16_{n}x{k}"] = dict(GBps=gbs, frac_copy=gbs / res["copy_GBps"], rel_err=err, us=ms * 1e3)
-        print(f"[gemv] bf16 {n}x{k}, 1 token: {ms * 1e3:.1f} us, {gbs:.0f} GB/s = "
-              f"{gbs / res['copy_GBps']:.0%} of copy, rel err {err:.1e}")
-        for t in (1, 8):  # Modular's dynamic-shape GEMM at decode sizes (its GEMV kernels / cuBLAS)
-            xt = torch.randn(t, k, device=be.device).to(torch.bfloat16)
+        for t in (1, 8):
+            x = torch.randn(t, k, device=be.device)
+            xb = x.to(torch.bfloat16)
             c = torch.empty(t, n, device=be.device)
-            run = lambda: be.library_gemm(xt, w, c, "dynamic")  # noqa: E731
-            run()
-            err = rel(c, xt.float() @ w.float().T)
-            ms_lib = median_ms(torch, run, iters=20)
-            ms_ours = median_ms(torch, lambda: be.linear(xt.float(), lin), iters=20)
-            out[f"bf16_{n}x{k}_t{t}_modular"] = dict(us=ms_lib * 1e3, ours_us=ms_ours * 1e3, rel_err=err)
-            print(f"[gemv] bf16 {n}x{k}, {t} tokens: Modular dynamic {ms_lib * 1e3:.1f} us "
-                  f"({w.nbytes / ms_lib / 1e6:.0f} GB/s), ours {ms_ours * 1e3:.1f} us, rel err {err:.1e}")
+            err = rel(be.linear(x, lin), x @ w.float().T)
+            ms = graph_ms(torch, be, lambda: be.linear(x, lin))
+            ms_lib = graph_ms(torch, be, lambda: be.library_gemm(xb, w, c, "dynamic"))
+            out[f"bf16_{n}x{k}_t{t}"] = dict(linear_us=ms * 1e3, modular_us=ms_lib * 1e3, rel_err=err,
+                                             frac_copy=w.nbytes / ms / 1e6 / copy)
+            print(f"[gemv] bf16 {n}x{k}, {t} token(s): linear {ms * 1e3:.1f} us = {w.nbytes / ms / 1e6 / copy:.0%} "
+                  f"of copy (Modular's GEMM alone {ms_lib * 1e3:.1f} us = {w.nbytes / ms_lib / 1e6 / copy:.0%}), "
+                  f"rel err {err:.1e}")
         del w, lin
-    rng = np.random.default_rng(0)
-    n, k = 14336, 4096
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    data = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType.Q4_0)
-    lin = be.prepare_linear(WeightTensor("w", (n, k), "Q4_0", data))
-    x = torch.randn(1, k, device=be.device)
-    ms = median_ms(torch, lambda: be.linear(x, lin), iters=20)
-    gbs = lin.nbytes / ms / 1e6
-    out["q4_0_14336x4096"] = dict(GBps=gbs, frac_copy=gbs / res["copy_GBps"], us=ms * 1e3)
-    print(f"[gemv] Q4_0 {n}x{k}, 1 token: {ms * 1e3:.1f} us, {gbs:.0f} GB/s = {gbs / res['copy_GBps']:.0%} of copy")
+    rng = np.random.default_rng(0)
+    for qtype in ("Q4_0", "Q4_1", "Q8_0"):
+        for (n, k) in ((14336, 4096), (4096, 14336)):
+            data = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[qtype])
+            lin = be.prepare_linear(WeightTensor("w", (n, k), qtype, data))
+            for t in (1, 8):
+                x = torch.randn(t, k, device=be.device)
+                ms = graph_ms(torch, be, lambda: be.linear(x, lin))
+                ms_eager = median_ms(torch, lambda: be.linear(x, lin), iters=20)
+                frac = lin.nbytes / ms / 1e6 / copy
+                out[f"{qtype.lower()}_{n}x{k}_t{t}"] = dict(us=ms * 1e3, eager_us=ms_eager * 1e3, frac_copy=frac)
+                print(f"[gemv] {qtype} {n}x{k}, {t} token(s): {ms * 1e3:.1f} us = {lin.nbytes / ms / 1e6:.0f} GB/s "
+                      f"= {frac:.0%} of copy (one eager call {ms_eager * 1e3:.1f} us)")
+            del lin
     res["gemv"] = out
 
 
