@@ -289,6 +289,20 @@ def test_metrics_ttft_and_inter_token_latencies():
     assert all(x > 0 for x in m.inter_token_latencies)
 
 
+def test_arrival_time_counts_the_wait_before_the_engine_and_n_fits_the_batch():
+    clock = FakeClock()
+    eng = engine_for(FakeModel(), clock=clock, max_num_seqs=4)
+    arrived = clock()  # a server took the request here, then queued it for the engine
+    clock()
+    rid = eng.add_request(prompts(1, seed=12)[0], SamplingParams(temperature=0, max_tokens=2), arrival_time=arrived)
+    later = eng.add_request(prompts(1, seed=13)[0], SamplingParams(temperature=0, max_tokens=2))
+    done = {o.request_id: o for o in eng.run_until_done()}
+    assert done[rid].metrics.arrival_time == arrived < done[later].metrics.arrival_time
+    assert done[rid].metrics.queue_time > done[later].metrics.queue_time
+    with pytest.raises(ValueError, match="exceeds max_num_seqs"):
+        eng.add_request([5, 6], SamplingParams(n=5))
+
+
 def test_logprobs_match_reference_distribution():
     model = FakeModel()
     p = prompts(1, seed=12)[0]
@@ -346,6 +360,12 @@ def test_llm_generate_chat_and_validation():
         llm.generate("")
     with pytest.raises(ValueError, match="context holds 48"):
         llm.generate("x" * 60)
+    assert llm.prompt_ids("ab") == model.tokenizer.encode("ab") and llm.prompt_ids([0, 70]) == [0, 70]
+    for bad, match in (("", "empty"), ("x" * 60, "context holds 48"), ([0, 300], r"in \[0, 300\)")):
+        with pytest.raises(ValueError, match=match):
+            llm.prompt_ids(bad)
+    assert llm.chat_template_ids([{"role": "user", "content": "x" * 60}]) == \
+        model.tokenizer.encode("<user>" + "x" * 60 + "\n<assistant>", add_special_tokens=False)
     assert not llm.engine.has_unfinished()
 
 

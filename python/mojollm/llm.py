@@ -194,6 +194,13 @@ class LLM:
             raise ValueError("the prompt is empty")
         return ids, None
 
+    def prompt_ids(self, prompt) -> list[int]:
+        """Token ids of one prompt (text or token ids) as generate() queues it: ValueError if it is
+        empty, has ids outside the vocabulary, or leaves the context no room for a new token."""
+        ids = self.engine.check_token_ids(self._prompt_ids(prompt)[0])
+        self._check_fits(ids)
+        return ids
+
     def _check_fits(self, ids: list[int], reserve: int = 1) -> None:
         limit = self.engine.max_model_len - reserve
         if len(ids) > limit:
@@ -273,6 +280,14 @@ class LLM:
         return TextStream(self, rid)
 
     def chat_prompt_ids(self, messages) -> list[int]:
+        """Token ids of the chat template applied to `messages`, ready for a new assistant turn;
+        ValueError if they leave the context no room for a new token."""
+        ids = self.chat_template_ids(messages)
+        self._check_fits(ids)
+        return ids
+
+    def chat_template_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat template applied to `messages` (no check against the context)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not isinstance(messages, Sequence) or not messages:
@@ -281,11 +296,10 @@ class LLM:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be a dict with string 'role' and 'content'")
             check_text(m["content"], f"message {i}")
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
         ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template has its own specials
         if not ids:
             raise ValueError("the chat prompt is empty")
-        self._check_fits(ids)
         return ids
 
     def chat(self, messages, params: SamplingParams | None = None):

@@ -122,11 +122,13 @@ class Engine:
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: Iterable[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0, prompt: str | None = None,
-                    _score_only: bool = False) -> str:
+                    arrival_time: float | None = None, _score_only: bool = False) -> str:
         """Queue a prompt; returns its request id. Bad input raises ValueError; a prompt that does
-        not fit the context finishes at the next step() with an error."""
+        not fit the context finishes at the next step() with an error. `arrival_time` (on the
+        engine's clock; default now) is when the request really arrived, for a caller that queues
+        it before handing it over (a server), so TTFT and queue time include that wait."""
         params = self.check_params(params)
-        ids = self._check_token_ids(prompt_token_ids)
+        ids = self.check_token_ids(prompt_token_ids)
         if params.use_beam_search:
             self._check_beams_fit(len(ids), params)
         if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
@@ -134,7 +136,8 @@ class Engine:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, ids, params, self.clock(), int(priority), prompt, score_only=_score_only)
+        arrival = self.clock() if arrival_time is None else float(arrival_time)
+        req = Request(request_id, ids, params, arrival, int(priority), prompt, score_only=_score_only)
         req.base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2 ** 63))
         req.seqs[0].rng = np.random.default_rng([req.base_seed, 0])
         self.requests[request_id] = req
@@ -155,6 +158,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params = dataclasses.replace(params)  # re-runs the constructor's normalisation and checks
+        if params.n > self.scheduler.max_num_seqs:  # the n samples run side by side
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})")
         if params.beam_width > self.scheduler.max_num_seqs:
             raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
@@ -178,7 +183,8 @@ class Engine:
         """Whether `request_id` is running, waiting, or has an output not yet returned by step()."""
         return request_id in self.requests or any(o.request_id == request_id for o in self._pending_outputs)
 
-    def _check_token_ids(self, token_ids) -> list[int]:
+    def check_token_ids(self, token_ids) -> list[int]:
+        """`token_ids` as a list of ints in the vocabulary; ValueError otherwise."""
         try:
             arr = np.asarray(list(token_ids))
         except TypeError:
