@@ -65,6 +65,8 @@ def fake_llm(monkeypatch):
     (["nonsense"], "nonsense"),
     (["build", "--target", "vulkan:9"], "unknown kernel target"),
     (["chat", "  "], "empty"),
+    (["serve", "--max-body-size", "lots"], "memory size"),
+    (["serve", "--port", "70000"], "port"),
 ])
 def test_bad_input_is_one_line_exit_2_before_loading(args, fragment, monkeypatch):
     monkeypatch.setattr(cli_mod, "_load_llm", lambda *a, **k: pytest.fail("loaded a model for bad input"))

@@ -3,6 +3,7 @@
     mojollm generate "The capital of France is" --max-tokens 16
     mojollm chat                      # interactive, /exit to leave
     mojollm perplexity wiki.txt --json
+    mojollm serve --port 8000         # OpenAI-compatible HTTP server (mojollm.server)
     mojollm pull | backends | build | bench throughput
 
 Every user error (bad option, unusable backend, missing or corrupt model, prompt too long)
@@ -382,6 +383,50 @@ def build(targets, out_dir, model, quiet):
                 defines = library_defines(*specialised, nvidia=target.kind == "cuda")
                 path = build_module("gpu_library", backend, target, out_dir=dest, progress=say, defines=defines)
                 click.echo(f"{target}\tgpu_library (model)\t{path}")
+
+
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--api-key", envvar="MOJOLLM_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` (default: $MOJOLLM_API_KEY, else no key).")
+@click.option("--served-model-name", default=None, help="The model's name in the API (default: its file name).")
+@click.option("--max-num-seqs", type=click.IntRange(1), default=64, show_default=True,
+              help="Requests decoded together in one batch.")
+@click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
+              help="Requests that may wait for a batch slot; more are answered 429.")
+@click.option("--max-body-size", default="1MiB", show_default=True, metavar="SIZE",
+              help="Largest request body; larger ones are answered 413.")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.")
+@click.option("--quiet", "-q", is_flag=True, help="Warnings and errors only.")
+def serve(model, backend, kv_cache_memory, max_model_len, host, port, api_key, served_model_name, max_num_seqs,
+          max_queue, max_body_size, shutdown_timeout, quiet):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /tokenize, /detokenize, /metrics)."""
+    from mojollm.engine.engine import parse_bytes
+    from mojollm.server import default_model_name, serve as run_server
+
+    body_limit = parse_bytes(max_body_size)
+    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len), max_num_seqs=max_num_seqs)
+    name = served_model_name or default_model_name(model)
+
+    def say(msg, *a, **k):
+        if not quiet:
+            click.echo(f"mojollm: {msg}", err=True)
+
+    def load():
+        from mojollm.llm import LLM
+
+        llm = LLM(model=model, backend=backend, progress=say, **engine_kw)
+        say(f"{name} loaded on {llm.backend_name}: context {llm.max_model_len} tokens, "
+            f"{llm.engine.num_blocks} KV blocks; ready")
+        return llm
+
+    run_server(load, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_body_size=body_limit,
+               shutdown_timeout=shutdown_timeout, log_level="warning" if quiet else "info",
+               on_listening=lambda url: click.echo(f"mojollm: serving {name} on {url} (loading the model)", err=True))
 
 
 @cli.group(cls=click.Group)
