@@ -328,6 +328,104 @@ def test_linear_quantized_gemv_shapes(gpu, qtype, T):
     assert_q8_gemv(got, x, wref, bias, q4_1_offsets(data, N, K) if qtype == "Q4_1" else None)
 
 
+# ---- Q5_0 / Q5_1 / k-quants kept quantized (gpu_kquant) ------------------------------------------------
+KQ_TYPES = ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def kq_weights(rng, qtype, n, k):
+    """GGUF blocks of a random [n, k] matrix (gguf's quantizer for Q5_x, test_kquant's small k-quant
+    quantizer otherwise) and gguf's dequantization of them (float64)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from test_kquant import quantize_any
+
+    data = quantize_any(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    return data, dequantize(data, GGMLQuantizationType[qtype]).reshape(n, k).astype(np.float64)
+
+
+def kq_min_terms(data, qtype, n, k):
+    """Per weight, the format's separate min / offset term B (w = A q + B summed apart by the GEMV:
+    Q5_1's m, Q4_K / Q5_K's -dmin m), [n, k] float64, or None: gguf's dequantization of the same
+    blocks with every code zeroed (for assert_q8_gemv's bound A, |A q| <= |w| + |B|)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if qtype not in ("Q5_1", "Q4_K", "Q5_K"):
+        return None
+    raw = np.array(np.asarray(data, np.uint8).reshape(n, -1, {"Q5_1": 24, "Q4_K": 144, "Q5_K": 176}[qtype]))
+    raw[:, :, {"Q5_1": 4, "Q4_K": 16, "Q5_K": 16}[qtype]:] = 0  # qh and qs (Q5_1), qh and qs (Q5_K), qs (Q4_K)
+    return dequantize(raw.reshape(n, -1), GGMLQuantizationType[qtype]).reshape(n, k).astype(np.float64)
+
+
+def assert_kq_gemv(got, x, wref, bias, mins):
+    """assert_q8_gemv with the min terms' share of the bound: it takes Q4_1-style m [N, K/32]
+    (per-block offsets, repeated over 32); a k-quant's per-weight B is passed as 32-wide blocks of
+    their maximum |B|, which only widens A."""
+    m = None if mins is None else np.abs(mins).reshape(mins.shape[0], -1, 32).max(-1)
+    assert_q8_gemv(got, x, wref, bias, m)
+
+
+@pytest.mark.parametrize("qtype", KQ_TYPES)
+def test_embedding_kquant(gpu, qtype):
+    """Rows of a Q5_x / k-quant table: gguf's dequantization exactly (A q is exact in float32)."""
+    rng = np.random.default_rng(3)
+    V, Hd = 37, 512
+    data, ref = kq_weights(rng, qtype, V, Hd)
+    t = gpu.prepare_embedding(WeightTensor("emb", (V, Hd), qtype, data))
+    assert t.nbytes == data.nbytes  # kept quantized
+    ids = rng.integers(0, V, 29).astype(np.int32)
+    ids[2] = V - 1
+    got = gpu.to_numpy(gpu.embedding(t, gpu.asarray(ids, "int32")))
+    np.testing.assert_array_equal(got, ref.astype(np.float32)[ids])
+    bad = ids.copy()
+    bad[4] = -1
+    with pytest.raises(ValueError, match="token ids"):
+        gpu.to_numpy(gpu.embedding(t, gpu.asarray(bad, "int32")))
+
+
+@pytest.mark.parametrize("qtype", KQ_TYPES)
+@pytest.mark.parametrize("T", [1, 9, 70])
+@pytest.mark.parametrize("shape", ["67x256", "sms16x4864"])
+def test_linear_kquant(gpu, qtype, T, shape):
+    """Q5_x / k-quant weights kept quantized: up to 64 tokens gpu_kquant's GEMV (int8 activations,
+    assert_q8_gemv's bounds: 1 row per warp here, two units a lane in flight at K = 4864 = 76 64-weight
+    units or 152 Q5_x blocks, then a tail of one); 70 tokens: dequantized to bf16 on the device and
+    Modular's GEMM (TC) on NVIDIA, float32 and the SIMT GEMM elsewhere (F32). With and without a bias."""
+    rng = np.random.default_rng(31 + T + len(shape))
+    N, K = (67, 256) if shape == "67x256" else (16 * gpu.num_sms + 3, 4864)
+    data, wref = kq_weights(rng, qtype, N, K)
+    lin = gpu.prepare_linear(WeightTensor("w", (N, K), qtype, data))
+    assert lin.nbytes == data.nbytes  # kept quantized on the device (same bytes)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    x[0, :32] *= 1e3  # blocks of different scales
+    x[-1, 32:64] = 0  # an all-zero block: dx = 0
+    bias = rng.standard_normal(N).astype(np.float32)
+    for b in (None, bias):
+        got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin, None if b is None else gpu.asarray(b)))
+        if T <= 64:
+            assert_kq_gemv(got, x, wref, b, kq_min_terms(data, qtype, N, K))
+        else:
+            ref = x.astype(np.float64) @ wref.T + (0 if b is None else b)
+            assert rel_err(got, ref) < (TC if gpu.nvidia else F32)
+
+
+@pytest.mark.parametrize("qtype", KQ_TYPES)
+@pytest.mark.parametrize("T", [1, 9])
+@pytest.mark.parametrize("rows", [2, 4])
+def test_linear_kquant_rows_per_warp(gpu, qtype, T, rows):
+    """gpu_kquant's GEMV with 2 and 4 rows per warp (backend._kq_rows: N >= 32 / 64 rows per SM),
+    a partial last warp (N odd) and a bias."""
+    rng = np.random.default_rng(41 + T + rows)
+    N, K = 16 * rows * gpu.num_sms + 5, 256
+    assert gpu._kq_rows(N) == rows
+    data, wref = kq_weights(rng, qtype, N, K)
+    lin = gpu.prepare_linear(WeightTensor("w", (N, K), qtype, data))
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin, gpu.asarray(bias)))
+    assert_kq_gemv(got, x, wref, bias, kq_min_terms(data, qtype, N, K))
+
+
 # ---- Modular's kernels (gpu_library), specialised as for the "small-gqa" preset -------------------------
 def _small_gqa_specialisation(gpu):
     """Specialise `gpu` exactly as loading bench/random_llama.py's small-gqa checkpoint does, so the

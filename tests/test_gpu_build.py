@@ -35,7 +35,7 @@ def test_gpu_ops_carries_every_kernel_and_the_tensor_core_paths(built):
     # Entry names carry the first 16 characters of the kernel's name.
     for kernel in ("embedding_dense", "embedding_quant", "rms_norm_kernel", "add_rms_norm_ke", "add_kernel",
                    "rope_kernel", "silu_mul_kernel", "store_kv_kernel", "gemv_dense_kerne", "gemv_quant_kerne",
-                   "gemm_simt_kernel", "attn_prefill_sim", "attn_prefill_mma",
+                   "gemm_simt_kernel", "gemv_kq_kernel", "dequant_kq_kerne", "embedding_kq_ker", "attn_prefill_sim", "attn_prefill_mma",
                    "attn_decode_kern", "attn_combine_ker"):
         assert any(kernel in e for e in entries), f"kernel {kernel} missing from the PTX"
     # Tensor cores, ldmatrix and cp.async in the flash-attention kernels; 16-byte loads in GEMV.

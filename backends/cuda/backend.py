@@ -2,7 +2,8 @@
 
 Tensors are torch tensors on one CUDA device: activations float32, KV caches float32 or bfloat16,
 weights kept in their stored precision (float32, bfloat16, float16) or GGUF-quantized (Q4_0, Q4_1,
-Q8_0, repacked on the device so every block's nibbles are one aligned 16-byte load).
+Q8_0, repacked on the device so every block's nibbles are one aligned 16-byte load; Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K in gpu_kquant's layouts, see repack_gguf_kquant; Q2_K / Q3_K are widened at load).
 
 How the kernels reach torch's memory and streams (verified on an H100 with torch 2.11):
   * Mojo's DeviceContext binds the device's primary CUDA context, the one torch uses, so a
@@ -47,7 +48,8 @@ _LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested her
 _TUNE_M = (256, 512, 1024)
 # The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
 _DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
-_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7}
+_KQUANTS = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # gpu_kquant's kernels (the others: gpu_linear's)
 _ERRORS = (  # (gpu_common's flag word, message), in word order
     ("ERR_TOKEN", "token ids outside the embedding table"),
     ("ERR_SLOT", "a slot in slot_mapping lies outside the KV cache"),
@@ -84,17 +86,25 @@ class DenseWeight:
 
 
 class QuantWeight:
-    """A GGUF-quantized weight [N, K], repacked: qs [N, K/32, 16|32] uint8, d (m) [N, K/32] float16."""
+    """A GGUF-quantized weight [N, K] on the device. Q4_0/Q4_1/Q8_0 repacked: qs [N, K/32, 16|32]
+    uint8, d (m) [N, K/32] float16; the other types as repack_gguf_kquant lays them out (h: Q5_x's
+    high bits)."""
 
-    __slots__ = ("qtype", "code", "qs", "d", "m", "n", "k")
+    __slots__ = ("qtype", "code", "qs", "d", "m", "h", "n", "k")
 
-    def __init__(self, qtype, qs, d, m, n, k):
+    def __init__(self, qtype, qs, d, m, n, k, h=None):
         self.qtype, self.code = qtype, _QCODES[qtype]
-        self.qs, self.d, self.m, self.n, self.k = qs, d, m, n, k
+        self.qs, self.d, self.m, self.h, self.n, self.k = qs, d, m, h, n, k
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m, self.h) if t is not None)
+
+    def ptrs(self) -> tuple[int, int, int, int]:
+        """(qs, d, m, h) addresses; an absent array passes another one's (the kernels never read it)."""
+        d = self.d if self.d is not None else self.qs
+        return (self.qs.data_ptr(), d.data_ptr(), (self.m if self.m is not None else d).data_ptr(),
+                (self.h if self.h is not None else d).data_ptr())
 
 
 def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -111,6 +121,34 @@ def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndar
     if w.qtype == "Q4_1":
         return np.ascontiguousarray(blocks[:, :, 4:20]), f16(0), f16(2)
     return np.ascontiguousarray(blocks[:, :, 2:34]), f16(0), None  # Q8_0
+
+
+def repack_gguf_kquant(w: WeightTensor) -> tuple[np.ndarray, ...]:
+    """GGUF rows of Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks -> (qs, d, m, h) in gpu_kquant's device
+    layout (absent arrays None), every block 16-byte aligned and the same bytes in all:
+      Q4_K, Q5_K: qs = the raw rows [N, row bytes] (144 / 176 B blocks);
+      Q6_K: qs [N, K/256, 208] (ql | qh | scales), d [N, K/256] float16 (the block's trailing d);
+      Q5_0, Q5_1: qs [N, K/32, 16] (nibbles), h [N, K/32] int32 (the high-bit words), d (m) [N, K/32]
+      float16."""
+    rows = int(np.prod(w.shape[:-1]))
+    bb = BLOCK_BYTES[w.qtype]
+    raw = np.asarray(w.data, dtype=np.uint8).reshape(rows, -1)
+    if w.qtype in ("Q4_K", "Q5_K"):
+        return np.ascontiguousarray(raw), None, None, None
+    blocks = raw.reshape(rows, -1, bb)
+    nb = blocks.shape[1]
+
+    def field(lo, n, dt):
+        return np.ascontiguousarray(blocks[:, :, lo:lo + n]).view(dt).reshape(rows, nb)
+
+    if w.qtype == "Q6_K":
+        return np.ascontiguousarray(blocks[:, :, :208]), field(208, 2, np.float16), None, None
+    if w.qtype == "Q5_0":  # f16 d | u32 qh | 16 B qs
+        return np.ascontiguousarray(blocks[:, :, 6:22]), field(0, 2, np.float16), None, field(2, 4, np.int32)
+    if w.qtype == "Q5_1":  # f16 d | f16 m | u32 qh | 16 B qs
+        return (np.ascontiguousarray(blocks[:, :, 8:24]), field(0, 2, np.float16), field(2, 2, np.float16),
+                field(4, 4, np.int32))
+    raise ValueError(f"no device layout for {w.qtype}")
 
 
 def library_defines(gemm_shapes, attention_heads, nvidia: bool = True) -> dict[str, int]:
@@ -423,12 +461,15 @@ class CudaBackend(Backend):
 
     def _prepare_linear(self, w: WeightTensor) -> Any:
         torch = self.torch
-        if w.is_quantized and w.qtype not in _QCODES:  # no kernel for it (Q5_*, k-quants): float32 at load
+        if w.is_quantized and w.qtype not in _QCODES:  # no kernel for it (Q2_K, Q3_K): float32 at load
             w = WeightTensor.from_float(w.name, w.to_float32())
         if w.is_quantized:
+            up = lambda a: torch.from_numpy(a).to(self.device) if a is not None else None  # noqa: E731
+            if w.qtype in _KQUANTS:
+                qs, d, m, h = repack_gguf_kquant(w)
+                return QuantWeight(w.qtype, up(qs), up(d), up(m), w.shape[0], w.shape[1], h=up(h))
             qs, d, m = repack_gguf_blocks(w)
-            up = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-            return QuantWeight(w.qtype, up(qs), up(d), up(m) if m is not None else None, w.shape[0], w.shape[1])
+            return QuantWeight(w.qtype, up(qs), up(d), up(m), w.shape[0], w.shape[1])
         if w.qtype == "BF16":
             bits = np.ascontiguousarray(w.data, dtype=np.uint16).reshape(w.shape).view(np.int16)
             return DenseWeight(torch.from_numpy(bits).to(self.device).view(torch.bfloat16))
@@ -483,9 +524,9 @@ class CudaBackend(Backend):
         if T == 0:
             return out
         if isinstance(table, QuantWeight):
-            m = table.m if table.m is not None else table.d
-            self._k.embedding_quant(self._gpu, (s, table.code, table.qs.data_ptr(), table.d.data_ptr(), m.data_ptr(),
-                                                ids.data_ptr(), out.data_ptr(), self._err_ptr, T, table.n, table.k))
+            qs, d, m, h = table.ptrs()
+            self._k.embedding_quant(self._gpu, (s, table.code, qs, d, m, ids.data_ptr(), out.data_ptr(),
+                                                self._err_ptr, T, table.n, table.k, h))
         elif isinstance(table, DenseWeight):
             self._k.embedding_dense(self._gpu, (s, self._codes[table.w.dtype], table.w.data_ptr(), ids.data_ptr(),
                                                 out.data_ptr(), self._err_ptr, T, table.n, table.k))
@@ -525,8 +566,8 @@ class CudaBackend(Backend):
         if library:
             if isinstance(w, QuantWeight):  # dequantize to bf16, then the library's GEMM
                 wt = self._empty((N, K), torch.bfloat16)
-                m = (w.m if w.m is not None else w.d).data_ptr()
-                self._k.dequant(self._gpu, (s, w.code, 1, w.qs.data_ptr(), w.d.data_ptr(), m, wt.data_ptr(), N, K))
+                qs, d, m, h = w.ptrs()
+                self._k.dequant(self._gpu, (s, w.code, 1, qs, d, m, wt.data_ptr(), N, K, h))
             else:
                 wt = w.w
             self.library_gemm(x if x.dtype == wt.dtype else self._convert(s, x, wt.dtype), wt, y)
@@ -534,16 +575,16 @@ class CudaBackend(Backend):
                 self._k.add(self._gpu, (s, y.data_ptr(), bias.data_ptr(), y.data_ptr(), T * N, N))
             return y
         if isinstance(w, QuantWeight):
-            m = (w.m if w.m is not None else w.d).data_ptr()
+            qs, d, m, h = w.ptrs()
             if T <= _QGEMV_MAX_TOKENS:
                 # x quantized per 32-block to int8 codes (T K bytes) + (dx, code sum) float32 pairs
                 scratch = self._empty((T * K + T * (K // 32) * 8,), torch.int8)
-                self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), w.qs.data_ptr(),
-                                               w.d.data_ptr(), m, bptr, y.data_ptr(), has_bias, T, N, K,
-                                               self._qgemv_rows(N), scratch.data_ptr()))
+                rows = self._kq_rows(N) if w.qtype in _KQUANTS else self._qgemv_rows(N)
+                self._k.gemv_quant(self._gpu, (s, w.code, 1 if T == 1 else 8, x.data_ptr(), qs, d, m, bptr,
+                                               y.data_ptr(), has_bias, T, N, K, rows, scratch.data_ptr(), h))
             else:
                 dense = self._empty((N, K))
-                self._k.dequant(self._gpu, (s, w.code, 0, w.qs.data_ptr(), w.d.data_ptr(), m, dense.data_ptr(), N, K))
+                self._k.dequant(self._gpu, (s, w.code, 0, qs, d, m, dense.data_ptr(), N, K, h))
                 self._k.gemm_simt(self._gpu, (s, 0, x.data_ptr(), dense.data_ptr(), bptr, y.data_ptr(),
                                               has_bias, T, N, K))
             return y
@@ -625,6 +666,14 @@ class CudaBackend(Backend):
         """Rows per block (of 128 threads splitting K) of the quantized GEMV: 4, so x is read once
         per 4 rows, unless that leaves fewer than 4 blocks per SM; then 1."""
         return 4 if -(-n // 4) >= 4 * self.num_sms else 1
+
+    def _kq_rows(self, n: int) -> int:
+        """Rows per warp of gpu_kquant's GEMV (4 warps a block, lanes splitting K): as many as keep
+        >= 16 warps per SM (4 rows share each activation load), so large layers read x less often."""
+        for r in (4, 2):
+            if -(-n // r) >= 16 * self.num_sms:
+                return r
+        return 1
 
     def rms_norm(self, x, weight, eps):
         s = self._s()

@@ -39,11 +39,17 @@ comptime DT_F32 = 0
 comptime DT_BF16 = 1
 comptime DT_F16 = 2
 
-# Quantized block formats (GGUF), 32 weights per block, repacked on the device into
-# qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16.
+# Quantized block formats (GGUF). Q4_0 / Q4_1 / Q8_0: 32 weights per block, repacked on the device
+# into qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16 (gpu_linear). Q5_0 / Q5_1
+# and the k-quants Q4_K / Q5_K / Q6_K: the layouts of gpu_kquant.
 comptime Q4_0 = 0
 comptime Q4_1 = 1
 comptime Q8_0 = 2
+comptime Q5_0 = 3
+comptime Q5_1 = 4
+comptime Q4_K = 5
+comptime Q5_K = 6
+comptime Q6_K = 7
 
 
 @always_inline

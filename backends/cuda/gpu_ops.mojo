@@ -25,7 +25,9 @@ from max.gpu import WARP_SIZE
 from max.gpu.host import DeviceContext, DeviceStream, FuncAttribute
 from max.gpu.host._nvidia_cuda import CUDA
 
-from gpu_common import Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, DT_F32, DT_BF16, DT_F16
+from gpu_common import (
+    Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, DT_F32, DT_BF16, DT_F16,
+)
 from gpu_elementwise import (
     ROW_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
@@ -34,6 +36,7 @@ from gpu_elementwise import (
 from gpu_linear import (
     GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
 )
+from gpu_kquant import gemv_kq_kernel, dequant_kq_kernel, embedding_kq_kernel, KQ_WARPS
 from gpu_attention import (
     attn_prefill_simt_kernel, attn_prefill_mma_kernel, attn_decode_kernel, attn_combine_kernel,
     decode_smem_bytes, decode_warps, prefill_mma_smem_bytes, SP_THREADS, FA_THREADS,
@@ -150,6 +153,15 @@ def _embedding_quant[QT: Int](g: GpuPtr, a: PythonObject) raises:
                         grid_dim=_i(a, 8), block_dim=ROW_BLOCK)
 
 
+def _embedding_kq[QT: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, qs, d, m, ids, out, err, T, V, Hd, h)
+    var st = g[].stream(_i(a, 0))
+    var f = g[].ctx.compile_function[embedding_kq_kernel[QT]]()
+    st.enqueue_function(f, _p[DType.uint8](a, 2), _p[F16](a, 3), _p[F16](a, 4), _p[DType.uint32](a, 11),
+                        _p[DType.int32](a, 5), _p[F32](a, 6), _p[DType.int32](a, 7), _n(a, 9), _n(a, 10),
+                        grid_dim=_i(a, 8), block_dim=ROW_BLOCK)
+
+
 def op_embedding_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var qt = _i(a, 1)
@@ -159,6 +171,16 @@ def op_embedding_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObjec
         _embedding_quant[Q4_1](g, a)
     elif qt == Q8_0:
         _embedding_quant[Q8_0](g, a)
+    elif qt == Q5_0:
+        _embedding_kq[Q5_0](g, a)
+    elif qt == Q5_1:
+        _embedding_kq[Q5_1](g, a)
+    elif qt == Q4_K:
+        _embedding_kq[Q4_K](g, a)
+    elif qt == Q5_K:
+        _embedding_kq[Q5_K](g, a)
+    elif qt == Q6_K:
+        _embedding_kq[Q6_K](g, a)
     else:
         raise Error("embedding_quant: unknown quant code ", qt)
     return PythonObject(None)
@@ -182,6 +204,24 @@ def _dequant_q[QT: Int](g: GpuPtr, a: PythonObject) raises:
         raise Error("dequant: unknown output dtype code ", _i(a, 2))
 
 
+def _dequant_kq[QT: Int, odt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, odt, qs, d, m, out, N, K, h)
+    var st = g[].stream(_i(a, 0))
+    var total = _i(a, 7) * _i(a, 8)
+    var f = g[].ctx.compile_function[dequant_kq_kernel[QT, odt]]()
+    st.enqueue_function(f, _p[DType.uint8](a, 3), _p[F16](a, 4), _p[F16](a, 5), _p[DType.uint32](a, 9),
+                        _p[odt](a, 6), _n(a, 7), _n(a, 8), grid_dim=ceildiv(total, 256), block_dim=256)
+
+
+def _dequant_kq_o[QT: Int](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 2) == DT_F32:
+        _dequant_kq[QT, F32](g, a)
+    elif _i(a, 2) == DT_BF16:
+        _dequant_kq[QT, BF16](g, a)
+    else:
+        raise Error("dequant: unknown output dtype code ", _i(a, 2))
+
+
 def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var qt = _i(a, 1)
@@ -191,6 +231,16 @@ def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _dequant_q[Q4_1](g, a)
     elif qt == Q8_0:
         _dequant_q[Q8_0](g, a)
+    elif qt == Q5_0:
+        _dequant_kq_o[Q5_0](g, a)
+    elif qt == Q5_1:
+        _dequant_kq_o[Q5_1](g, a)
+    elif qt == Q4_K:
+        _dequant_kq_o[Q4_K](g, a)
+    elif qt == Q5_K:
+        _dequant_kq_o[Q5_K](g, a)
+    elif qt == Q6_K:
+        _dequant_kq_o[Q6_K](g, a)
     else:
         raise Error("dequant: unknown quant code ", qt)
     return PythonObject(None)
@@ -382,6 +432,42 @@ def _gemv_quant_nt[QT: Int](g: GpuPtr, a: PythonObject) raises:
         _gemv_quant_r[QT, 8](g, a)
 
 
+def _gemv_kq[QT: Int, NT: Int, R: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, rows per warp, scratch, h): scratch as
+    # in _gemv_quant; a warp per R rows, KQ_WARPS warps per block
+    var st = g[].stream(_i(a, 0))
+    var tk = _i(a, 10) * _i(a, 12)
+    var scratch = _i(a, 14)
+    var fq = g[].ctx.compile_function[quantize_q8_kernel]()
+    st.enqueue_function(fq, _p[F32](a, 3), Ptr[DType.int8](unsafe_from_address=scratch),
+                        Ptr[F32](unsafe_from_address=scratch + tk), Int64(tk), grid_dim=ceildiv(tk, 256), block_dim=256)
+    var f = g[].ctx.compile_function[gemv_kq_kernel[QT, NT, R]]()
+    st.enqueue_function(f, Ptr[DType.uint32](unsafe_from_address=scratch), Ptr[F32](unsafe_from_address=scratch + tk),
+                        _p[DType.uint32](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[DType.uint32](a, 15), _p[F32](a, 7),
+                        _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12),
+                        grid_dim=(ceildiv(_i(a, 11), R * KQ_WARPS), ceildiv(_i(a, 10), NT)),
+                        block_dim=KQ_WARPS * WARP_SIZE)
+
+
+def _gemv_kq_r[QT: Int, NT: Int](g: GpuPtr, a: PythonObject) raises:
+    var r = _i(a, 13)
+    if r == 4:
+        _gemv_kq[QT, NT, 4](g, a)
+    elif r == 2:
+        _gemv_kq[QT, NT, 2](g, a)
+    elif r == 1:
+        _gemv_kq[QT, NT, 1](g, a)
+    else:
+        raise Error("gemv_quant: unsupported rows per warp ", r)
+
+
+def _gemv_kq_nt[QT: Int](g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 2) == 1:
+        _gemv_kq_r[QT, 1](g, a)
+    else:
+        _gemv_kq_r[QT, 8](g, a)
+
+
 def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var qt = _i(a, 1)
@@ -389,8 +475,20 @@ def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _gemv_quant_nt[Q4_0](g, a)
     elif qt == Q4_1:
         _gemv_quant_nt[Q4_1](g, a)
-    else:
+    elif qt == Q8_0:
         _gemv_quant_nt[Q8_0](g, a)
+    elif qt == Q5_0:
+        _gemv_kq_nt[Q5_0](g, a)
+    elif qt == Q5_1:
+        _gemv_kq_nt[Q5_1](g, a)
+    elif qt == Q4_K:
+        _gemv_kq_nt[Q4_K](g, a)
+    elif qt == Q5_K:
+        _gemv_kq_nt[Q5_K](g, a)
+    elif qt == Q6_K:
+        _gemv_kq_nt[Q6_K](g, a)
+    else:
+        raise Error("gemv_quant: unknown quant code ", qt)
     return PythonObject(None)
 
 
