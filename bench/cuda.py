@@ -214,10 +214,19 @@ def gemv(be, torch, res):
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
+    from mojollm.weights import BLOCK_BYTES, BLOCK_SIZE
+
     rng = np.random.default_rng(0)
-    for qtype in ("Q4_0", "Q4_1", "Q8_0"):
+    for qtype in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"):
         for (n, k) in ((14336, 4096), (4096, 14336)):
-            data = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[qtype])
+            if qtype in ("Q4_0", "Q4_1", "Q8_0"):
+                data = quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[qtype])
+            else:  # random blocks with small float16 scales: the speed does not depend on the values
+                blocks = rng.integers(0, 256, (n, k // BLOCK_SIZE[qtype], BLOCK_BYTES[qtype]), dtype=np.uint8)
+                data = blocks.reshape(n, -1)
+                scale_at = {"Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [BLOCK_BYTES[qtype] - 2]}[qtype]
+                for o in scale_at:
+                    blocks[:, :, o:o + 2] = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
             lin = be.prepare_linear(WeightTensor("w", (n, k), qtype, data))
             for t in (1, 8):
                 x = torch.randn(t, k, device=be.device)
