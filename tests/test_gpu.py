@@ -238,10 +238,10 @@ def q4_1_offsets(data, n, k):
     return np.ascontiguousarray(np.asarray(data, np.uint8).reshape(n, k // 32, 20)[..., 2:4]).view(np.float16)[..., 0]
 
 
-def q8_activations(x):
-    """x [T, K] float32 as the quantized GEMV takes it (gpu_elementwise.quantize_q8_kernel, the same
+def q8_codes(x):
+    """x [T, K] float32 as the quantized GEMVs take it (gpu_elementwise.quantize_q8_kernel, the same
     float32 operations as mojo/quant.mojo on the CPU): per 32-block dx = max|x| / 127, codes
-    q = round-half-even(x * (1/dx)). Returns (dx q as float64 [T, K], dx float32 [T, K/32])."""
+    q = round-half-even(x * (1/dx)). Returns (q [T, K/32, 32] int8, dx float32 [T, K/32])."""
     f32 = np.float32
     t, k = x.shape
     xb = x.reshape(t, k // 32, 32)
@@ -251,7 +251,13 @@ def q8_activations(x):
     inv = np.where(ok, f32(1) / np.where(ok, dx, f32(1)), f32(0)).astype(f32)
     q = np.rint(xb * inv[..., None])
     assert np.abs(q).max() <= 127
-    return (q * dx[..., None].astype(np.float64)).reshape(t, k), dx
+    return q.astype(np.int8), dx
+
+
+def q8_activations(x):
+    """(dx q as float64 [T, K], dx float32 [T, K/32]): the activations the quantized GEMV multiplies."""
+    q, dx = q8_codes(x)
+    return (q * dx[..., None].astype(np.float64)).reshape(x.shape), dx
 
 
 def assert_q8_gemv(got, x, wref, bias=None, m=None):

@@ -40,14 +40,11 @@ def harness(tmp_path_factory):
 
 def q8(x):
     """quantize_q8_kernel's output in numpy: int8 codes, (dx, code sum) per 32, and dx q float64."""
+    from test_gpu import q8_codes
+
     f32 = np.float32
     t, k = x.shape
-    xb = x.reshape(t, k // 32, 32)
-    amax = np.abs(xb).max(-1)
-    ok = amax >= f32(1e-30)
-    dx = np.where(ok, amax / f32(127), f32(0)).astype(f32)
-    inv = np.where(ok, f32(1) / np.where(ok, dx, f32(1)), f32(0)).astype(f32)
-    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    q, dx = q8_codes(x)
     xs = np.stack([dx, q.astype(np.int32).sum(-1).astype(f32)], -1).astype(f32)
     return q.reshape(t, k), xs, (q * dx[..., None].astype(np.float64)).reshape(t, k)
 
