@@ -65,11 +65,11 @@ def _linear(qt: Int, w: Int64, x: Int, y: Int, t: Int, n: Int, k: Int, items: In
         _matmul[Q4_1](Int(w), x, y, t, n, k, items, path)
     elif qt == Q8_0:
         _matmul[Q8_0](Int(w), x, y, t, n, k, items, path)
-    elif qt == Q5_0:  # mojo/kquant.mojo: float32 activations
-        _kmatmul[Q5_0](Int(w), x, y, t, n, k, items)
+    elif qt == Q5_0:  # mojo/kquant.mojo: int8 activations on quant.mojo's GEMV as Q4_0 (path)
+        _kmatmul[Q5_0](Int(w), x, y, t, n, k, items, path)
     elif qt == Q5_1:
-        _kmatmul[Q5_1](Int(w), x, y, t, n, k, items)
-    elif qt == Q2_K:
+        _kmatmul[Q5_1](Int(w), x, y, t, n, k, items, path)
+    elif qt == Q2_K:  # the k-quants: float32 activations
         _kmatmul[Q2_K](Int(w), x, y, t, n, k, items)
     elif qt == Q3_K:
         _kmatmul[Q3_K](Int(w), x, y, t, n, k, items)

@@ -49,6 +49,7 @@ from std.sys.intrinsics import PrefetchOptions, prefetch
 from max.algorithm import parallelize
 from layout import Coord, TileTensor, row_major
 from quantization.qmatmul_k import matmul_Q4_K, matmul_Q4_K_pack_b, matmul_Q6_K, matmul_Q6_K_pack_b
+from quant import PATH_AUTO, PATH_FLOAT, _best_path, _matmul_path as _matmul_i8_path
 
 comptime F32Ptr = Pointer[Float32, MutAnyOrigin]
 comptime U8Ptr = Pointer[UInt8, MutAnyOrigin]
@@ -582,7 +583,14 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     xp_buf.free()
 
 
-def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int,
+                     path: Int = PATH_FLOAT) raises:
+    """`path` (quant.mojo's PATH_*) applies to Q5_0 / Q5_1 only, as for Q4_0 / Q4_1 there: int8
+    activations on quant.mojo's GEMV (auto: for T <= 8); the other types stay float32."""
+    comptime if qt == Q5_0 or qt == Q5_1:
+        if path != PATH_FLOAT and (path != PATH_AUTO or t <= SMALL_T):
+            _matmul_i8_path[qt](_best_path() if path == PATH_AUTO else path, w_addr, x_addr, y_addr, t, n, k, max_items)
+            return
     if t > SMALL_T:
         _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
         return
@@ -642,8 +650,9 @@ def _gather[qt: Int](table_addr: Int, ids_addr: Int, out_addr: Int, t: Int, d: I
 
 
 def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObject, dims: PythonObject) raises -> PythonObject:
-    """y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K, max_work_items)
-    where max_work_items 0 lets the kernel choose and 1 keeps it on the calling thread."""
+    """y[T, N] = x[T, K] @ W[N, K]^T with W as GGUF blocks; dims = (T, N, K, max_work_items, path)
+    where max_work_items 0 lets the kernel choose and 1 keeps it on the calling thread, and path is
+    quant.mojo's PATH_* code (used by Q5_0 / Q5_1: int8 activations; the other types ignore it)."""
     var qt = Int(py=qtype)
     var wa = Int(py=w)
     var xa = Int(py=x)
@@ -652,10 +661,11 @@ def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObjec
     var n = Int(py=dims[1])
     var k = Int(py=dims[2])
     var mi = Int(py=dims[3])
+    var path = Int(py=dims[4])
     if qt == Q5_0:
-        _matmul[Q5_0](wa, xa, ya, t, n, k, mi)
+        _matmul[Q5_0](wa, xa, ya, t, n, k, mi, path)
     elif qt == Q5_1:
-        _matmul[Q5_1](wa, xa, ya, t, n, k, mi)
+        _matmul[Q5_1](wa, xa, ya, t, n, k, mi, path)
     elif qt == Q2_K:
         _matmul[Q2_K](wa, xa, ya, t, n, k, mi)
     elif qt == Q3_K:

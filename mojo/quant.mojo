@@ -1,4 +1,5 @@
-# GGUF block-quantized kernels (Q4_0, Q4_1, Q8_0) and the embedding gather (CPU, float32 out).
+# GGUF block-quantized kernels (Q4_0, Q4_1, Q8_0) and the embedding gather (CPU, float32 out);
+# also the int8-activation GEMV of Q5_0 / Q5_1 (mojo/kquant.mojo's matmul calls _matmul_path).
 #
 # Block layouts (ggml; 32 weights per block along a row, see python/mojollm/weights.py):
 #     Q4_0: f16 d, 16 B nibbles          w = (q - 8) * d        18 B
@@ -52,6 +53,11 @@ comptime Q4_0 = 2
 comptime Q4_1 = 3
 comptime Q8_0 = 8
 comptime BF16 = 30
+# Q5_0 (22 B: f16 d | u32 qh | 16 B nibbles, w = (q - 16) * d) and Q5_1 (24 B: f16 d | f16 m |
+# u32 qh | nibbles, w = q * d + m), q = nibble | (bit j of qh) << 4: only their int8-activation
+# GEMV lives here (mojo/kquant.mojo calls _matmul_path for them); the rest is in kquant.mojo.
+comptime Q5_0 = 6
+comptime Q5_1 = 7
 
 comptime QK = 32
 comptime SMALL_T = 8  # up to this many activation rows take the streaming (GEMV) path
@@ -74,8 +80,36 @@ def _block_bytes[qt: Int]() -> Int:
         return 18
     elif qt == Q4_1:
         return 20
+    elif qt == Q5_0:
+        return 22
+    elif qt == Q5_1:
+        return 24
     else:
         return 34
+
+
+@always_inline
+def _qs_off[qt: Int]() -> Int:
+    """Byte offset of the 16 nibble bytes in a Q4_* / Q5_* block."""
+    comptime if qt == Q4_0:
+        return 2
+    elif qt == Q4_1:
+        return 4
+    elif qt == Q5_0:
+        return 6
+    else:
+        return 8
+
+
+@always_inline
+def _is_q5[qt: Int]() -> Bool:
+    return qt == Q5_0 or qt == Q5_1
+
+
+@always_inline
+def _has_min[qt: Int]() -> Bool:
+    """Whether blocks carry an offset m (w = q * d + m), added as m * dx * sum(q)."""
+    return qt == Q4_1 or qt == Q5_1
 
 
 def _work_items(rows: Int, bytes_per_row: Int, min_rows: Int, min_bytes: Int = PARALLEL_MIN_BYTES) -> Int:
@@ -296,12 +330,17 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
 #
 # y[t, r] = sum_b float32(dw_b * dx_tb) * idot_b + (Q4_1) m_b * sx_tb, where per 32-block b:
 #   idot_b = sum_j c_j * q_j exactly in int32: c the weight codes (Q4_0: nibble - 8, Q4_1: nibble,
-#            Q8_0: the int8), q the activation codes (|q| <= 127);
-#   sx_tb  = float32(dx_tb * sum_j q_j), the activation block's sum for Q4_1's offset m (Q8_1-style).
+#            Q8_0: the int8, Q5_0: 5-bit code - 16, Q5_1: 5-bit code), q the activation codes
+#            (|q| <= 127);
+#   sx_tb  = float32(dx_tb * sum_j q_j), the activation block's sum for Q4_1's / Q5_1's offset m
+#            (Q8_1-style).
 # x86's byte dot products multiply UNSIGNED bytes by signed ones, so the VNNI paths feed offset
-# codes (Q4_0: the nibble 0..15, Q8_0: q + 128) and start each block's int32 sum from
-# -offset * sum_j q_j instead of zero (`corr`, computed with the activations); integer sums, so
-# this changes nothing in the result. The float work is one FMA per 8 int32 lanes.
+# codes (Q4_0: the nibble 0..15, Q5_0: the 5-bit code 0..31, Q8_0: q + 128) and start each
+# block's int32 sum from -offset * sum_j q_j instead of zero (`corr`, computed with the
+# activations); integer sums, so this changes nothing in the result. The float work is one FMA
+# per 8 int32 lanes. Q5_*: the nibbles are decoded as Q4_*'s, and each code's bit 4 is OR-ed in
+# from the block's 32-bit qh (_group_high: a byte shuffle and a bit test per 64 codes); the
+# AVX2 pair sums stay below 2^15 (4 * 31 * 127).
 #
 # int8 paths (PATH_*): every path produces the same int32 block sums; only the float32
 # accumulation of the scaled lanes differs in rounding. A path is compiled only when the host's
@@ -358,10 +397,12 @@ def _code_offset[qt: Int, path: Int]() -> Int:
     """What the path's weight codes exceed the true codes by (folded into `corr`): the unsigned
     x86 dot products need the nibble (Q4_0) and q + 128 (Q8_0, VNNI only: AVX2 multiplies |q| by
     sign-adjusted activations instead, since vpmaddubsw saturates 255 * 127 * 2)."""
-    comptime if path == PATH_GENERIC or qt == Q4_1:
+    comptime if path == PATH_GENERIC or qt == Q4_1 or qt == Q5_1:
         return 0
     elif qt == Q4_0:
         return 8
+    elif qt == Q5_0:
+        return 16
     elif path == PATH_AVX2:
         return 0
     else:
@@ -378,11 +419,20 @@ def _block_codes[qt: Int, path: Int](u8: U8Ptr, off: Int) -> U8x32:
             return q ^ 0x80
         return q
     else:
-        comptime qs = 2 if qt == Q4_0 else 4
-        var v = u8.unsafe_load[width=16](off + qs)
+        var v = u8.unsafe_load[width=16](off + _qs_off[qt]())
         var c = (v & 15).join(v >> 4)
+        comptime if _is_q5[qt]():
+            var qh = u8.unsafe_load[width=4](off + _qs_off[qt]() - 4)
+            var q8 = qh.join(qh)
+            var q16 = q8.join(q8)
+            var sel = q16.join(q16).shuffle[
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3]()
+            c |= _bit4[32](rebind[U8x32](sel))
         comptime if path == PATH_GENERIC and qt == Q4_0:
             return c - 8  # wraps to the int8 bit pattern of c - 8
+        elif path == PATH_GENERIC and qt == Q5_0:
+            return c - 16
         return c
 
 
@@ -458,11 +508,19 @@ def _group_codes[qt: Int, path: Int](u8: U8Ptr, goff: Int) -> U8x64:
     VNNI512: two 64-byte loads that stay inside the group and one two-source 16-bit permute
     (nibble arrays start at even offsets); else four 16-byte loads."""
     comptime BB = _block_bytes[qt]()
-    comptime qs = 2 if qt == Q4_0 else 4
-    comptime if path == PATH_VNNI512:
+    comptime qs = _qs_off[qt]()
+    comptime if path == PATH_VNNI512 and not _is_q5[qt]():
         var a = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff))
         var b = bitcast[DType.uint16, 32](u8.unsafe_load[width=64](goff + 4 * BB - 64))
-        comptime if qt == Q4_1:  # nibbles at bytes 4, 24 (a) and 44, 64 (b = bytes 16..79)
+        comptime if qt == Q5_0:  # nibbles at bytes 6, 28 (a) and 50, 72 (b = bytes 24..87)
+            return bitcast[DType.uint8, 64](a.shuffle[
+                3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17, 18, 19, 20, 21,
+                45, 46, 47, 48, 49, 50, 51, 52, 56, 57, 58, 59, 60, 61, 62, 63](b))
+        elif qt == Q5_1:  # nibbles at bytes 8, 32 (a) and 56, 80 (b = bytes 32..95)
+            return bitcast[DType.uint8, 64](a.shuffle[
+                4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23,
+                44, 45, 46, 47, 48, 49, 50, 51, 56, 57, 58, 59, 60, 61, 62, 63](b))
+        elif qt == Q4_1:  # nibbles at bytes 4, 24 (a) and 44, 64 (b = bytes 16..79)
             return bitcast[DType.uint8, 64](a.shuffle[
                 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18, 19,
                 46, 47, 48, 49, 50, 51, 52, 53, 56, 57, 58, 59, 60, 61, 62, 63](b))
@@ -474,6 +532,69 @@ def _group_codes[qt: Int, path: Int](u8: U8Ptr, goff: Int) -> U8x64:
         var b01 = u8.unsafe_load[width=16](goff + qs).join(u8.unsafe_load[width=16](goff + BB + qs))
         var b23 = u8.unsafe_load[width=16](goff + 2 * BB + qs).join(u8.unsafe_load[width=16](goff + 3 * BB + qs))
         return b01.join(b23)
+
+
+@always_inline
+def _bit4[W: Int](sel: SIMD[DType.uint8, W]) -> SIMD[DType.uint8, W]:
+    """Q5_*'s high code bits: 16 where bit p % 8 of sel[p] is set, else 0."""
+    var bits = SIMD[DType.uint8, W](0)
+    comptime for p in range(W):
+        bits[p] = UInt8(1 << (p % 8))
+    return (sel & bits).ne(0).select(SIMD[DType.uint8, W](16), SIMD[DType.uint8, W](0))
+
+
+@always_inline
+def _group_heads[qt: Int](u8: U8Ptr, goff: Int) -> U8x64:
+    """Q5_*: the first 16 bytes of each block of the four-block group at byte `goff` (scales and
+    qh), block i in 128-bit lane i: one load and three lane inserts from memory."""
+    comptime BB = _block_bytes[qt]()
+    var h01 = u8.unsafe_load[width=16](goff).join(u8.unsafe_load[width=16](goff + BB))
+    var h23 = u8.unsafe_load[width=16](goff + 2 * BB).join(u8.unsafe_load[width=16](goff + 3 * BB))
+    return h01.join(h23)
+
+
+@always_inline
+def _head_scales[qt: Int](heads: U8x64) -> SIMD[DType.float32, 8]:
+    """_group_scales from _group_heads: [d0..d3, m0..m3] (Q5_0: d0..d3 twice, m = 0 unused)."""
+    var w = bitcast[DType.uint16, 32](heads)
+    comptime if qt == Q5_1:
+        var p = w.shuffle[0, 8, 16, 24, 1, 9, 17, 25,
+                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]().slice[8, offset=0]()
+        return bitcast[DType.float16, 8](p).cast[DType.float32]()
+    else:
+        var p = w.shuffle[0, 8, 16, 24, 0, 8, 16, 24,
+                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]().slice[8, offset=0]()
+        return bitcast[DType.float16, 8](p).cast[DType.float32]()
+
+
+@always_inline
+def _group_high[qt: Int](heads: U8x64, mut hlo: U8x64, mut hhi: U8x64):
+    """Q5_*: bit 4 of the codes of the four-block group, in _group_codes's layout: hlo[16 i + j]
+    from bit j of block i's qh (elements 0..15), hhi from bit 16 + j (16..31). Block i's qh is in
+    lane i of `heads` (_group_heads), so a byte shuffle within the 128-bit lanes gives each output
+    byte its qh byte, and a test its bit (no lane crossing: the 32-byte paths take it as well)."""
+    comptime if qt == Q5_0:  # qh at byte 2 of each lane
+        hlo = _bit4[64](rebind[U8x64](heads.shuffle[
+                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+                18, 18, 18, 18, 18, 18, 18, 18, 19, 19, 19, 19, 19, 19, 19, 19,
+                34, 34, 34, 34, 34, 34, 34, 34, 35, 35, 35, 35, 35, 35, 35, 35,
+                50, 50, 50, 50, 50, 50, 50, 50, 51, 51, 51, 51, 51, 51, 51, 51]()))
+        hhi = _bit4[64](rebind[U8x64](heads.shuffle[
+                4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,
+                20, 20, 20, 20, 20, 20, 20, 20, 21, 21, 21, 21, 21, 21, 21, 21,
+                36, 36, 36, 36, 36, 36, 36, 36, 37, 37, 37, 37, 37, 37, 37, 37,
+                52, 52, 52, 52, 52, 52, 52, 52, 53, 53, 53, 53, 53, 53, 53, 53]()))
+    else:  # Q5_1: qh at byte 4
+        hlo = _bit4[64](rebind[U8x64](heads.shuffle[
+                4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,
+                20, 20, 20, 20, 20, 20, 20, 20, 21, 21, 21, 21, 21, 21, 21, 21,
+                36, 36, 36, 36, 36, 36, 36, 36, 37, 37, 37, 37, 37, 37, 37, 37,
+                52, 52, 52, 52, 52, 52, 52, 52, 53, 53, 53, 53, 53, 53, 53, 53]()))
+        hhi = _bit4[64](rebind[U8x64](heads.shuffle[
+                6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7,
+                22, 22, 22, 22, 22, 22, 22, 22, 23, 23, 23, 23, 23, 23, 23, 23,
+                38, 38, 38, 38, 38, 38, 38, 38, 39, 39, 39, 39, 39, 39, 39, 39,
+                54, 54, 54, 54, 54, 54, 54, 54, 55, 55, 55, 55, 55, 55, 55, 55]()))
 
 
 @always_inline
@@ -587,7 +708,13 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
         comptime for line in range(0, G * BB, 64):
             prefetch[PrefetchOptions().for_read().medium_locality().to_data_cache()](
                 u8.unsafe_offset(b * BB + line + PF_BYTES))
-        var sc = _group_scales[qt](h, b * HB)
+        var heads = U8x64(0)
+        var sc: SIMD[DType.float32, 8]
+        comptime if _is_q5[qt]():  # scales and high bits from the blocks' first 16 bytes
+            heads = _group_heads[qt](u8, b * BB)
+            sc = _head_scales[qt](heads)
+        else:
+            sc = _group_scales[qt](h, b * HB)
         var dw = sc.slice[4, offset=0]()
         var s4 = Array[F32x4, TT](fill=0)
         comptime for t in range(TT):
@@ -597,6 +724,12 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
             var nib = _group_codes[qt, path](u8, b * BB)
             var lo = nib & 15
             var hi = nib >> 4
+            comptime if _is_q5[qt]():
+                var hlo = U8x64(0)
+                var hhi = U8x64(0)
+                _group_high[qt](heads, hlo, hhi)
+                lo |= hlo
+                hi |= hhi
             comptime for t in range(TT):
                 var corr = I32x16(0)
                 comptime if use_corr:
@@ -617,7 +750,7 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
                         corr = a.corr.unsafe_load[width=16]((t * nb + bb) * 8)
                     var dot = _pair_dot[qt, path](w, a.q.unsafe_load[width=64](t * k + bb * QK), corr)
                     acc[2 * t + p] = dot.cast[DType.float32]().fma(_pair_scale[p](s4[t]), acc[2 * t + p])
-        comptime if qt == Q4_1:
+        comptime if _has_min[qt]():
             var m = sc.slice[4, offset=4]()
             comptime for t in range(TT):
                 accm[t] = m.fma(a.sx.unsafe_load[width=4](t * nb + b), accm[t])
@@ -633,13 +766,13 @@ def _gemv_i8_row[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: Ac
                 corr = a.corr.unsafe_load[width=8]((t * nb + b) * 8)
             var dot = _block_dot[qt, path](w, a.q.unsafe_load[width=32](t * k + b * QK), corr)
             tail[t] = dot.cast[DType.float32]().fma(F32x8(dw * a.d[unsafe_offset=t * nb + b]), tail[t])
-            comptime if qt == Q4_1:
+            comptime if _has_min[qt]():
                 tailm[t] += _scale(h, b * HB + 1) * a.sx[unsafe_offset=t * nb + b]
         b += 1
     comptime for t in range(TT):
         var total = acc[2 * t] + acc[2 * t + 1]
         var s = total.reduce_add() + tail[t].reduce_add()
-        comptime if qt == Q4_1:
+        comptime if _has_min[qt]():
             s += accm[t].reduce_add() + tailm[t]
         y[unsafe_offset=t * n + r] = s
 

@@ -1,8 +1,9 @@
 """int8-activation GEMV (mojo/quant.mojo, QuantLinear.forward(dot=...)) against numpy references.
 
+Q4_0 / Q4_1 / Q8_0, and Q5_0 / Q5_1 (mojo/kquant.mojo hands their int8 paths to quant.mojo's GEMV).
 The kernel quantizes each activation row per 32-block (dx = max|x| / 127, q = rint(x * (1/dx)) in
-float32), sums code products exactly in int32 and adds float32(dw * dx) * sum + (Q4_1) m * dx * sum(q)
-in float32. The reference here repeats the quantization in numpy (the same float32 operations,
+float32), sums code products exactly in int32 and adds float32(dw * dx) * sum + (Q4_1 / Q5_1)
+m * dx * sum(q) in float32. The reference here repeats the quantization in numpy (the same float32 operations,
 so the codes are identical) and sums in float64 from the raw block bytes, independently of the
 kernels. Checks, for every int8 path this host's build has (the others skip, naming the path):
   * exact: power-of-two scales and small codes put every float32 partial sum on a grid it can
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize as gguf_quantize
 
 from mojollm.kernels import quant
 from mojollm.kernels.quant import QuantLinear
 from mojollm.weights import WeightTensor
 
-QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"]
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q5_0": 22, "Q5_1": 24}
+CODE_OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q8_0": 128, "Q5_0": 16, "Q5_1": 0}  # the VNNI paths' (lane bound)
 ALL_PATHS = ["vnni512", "vnni256", "avx2", "generic"]
 F32 = np.float32
 
@@ -48,10 +52,14 @@ def decode_blocks(raw: np.ndarray, qtype: str, n: int, k: int):
     dw = b[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
     if qtype == "Q8_0":
         return b[..., 2:34].copy().view(np.int8).astype(np.int64), dw, None
-    qs = b[..., 2:18] if qtype == "Q4_0" else b[..., 4:20]
+    qs0 = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8}[qtype]
+    qs = b[..., qs0:qs0 + 16]
     codes = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int64)
-    if qtype == "Q4_0":
-        return codes - 8, dw, None
+    if qtype in ("Q5_0", "Q5_1"):  # bit j of the little-endian u32 qh before the nibbles: code j's bit 4
+        qh = b[..., qs0 - 4:qs0].copy().view("<u4")[..., 0].astype(np.int64)
+        codes |= ((qh[..., None] >> np.arange(32)) & 1) << 4
+    if qtype in ("Q4_0", "Q5_0"):
+        return codes - (8 if qtype == "Q4_0" else 16), dw, None
     return codes, dw, b[..., 2:4].copy().view(np.float16)[..., 0].astype(F32)
 
 
@@ -78,7 +86,7 @@ def int8_reference(raw: np.ndarray, qtype: str, x: np.ndarray):
     s = (dw[None, :, :] * dx[:, None, :]).astype(F32).astype(np.float64)  # float32(dw * dx)
     idot = np.einsum("rbj,tbj->trb", codes, q)
     y = (s * idot).sum(-1)
-    off = {"Q4_0": 8, "Q4_1": 0, "Q8_0": 128}[qtype]
+    off = CODE_OFFSET[qtype]
     lanes = np.einsum("rbj,tbj->trb", np.abs(codes) + off, np.abs(q)) + off * np.abs(q.sum(-1))[:, None, :]
     a = (np.abs(s) * lanes).sum(-1)
     if m is not None:
@@ -109,7 +117,10 @@ def linear(raw: np.ndarray, qtype: str, n: int, k: int) -> QuantLinear:
 def random_layer(rng, qtype: str, n: int, k: int):
     """A quantized layer from rows of varied scale (per-block scales matter)."""
     w = (rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 1, size=(n, 1)))).astype(F32)
-    raw = quant.quantize(w, qtype)
+    if qtype in quant.QUANTIZE_TYPES:
+        raw = quant.quantize(w, qtype)
+    else:  # Q5_*: gguf's quantizer
+        raw = np.ascontiguousarray(gguf_quantize(w, GGMLQuantizationType[qtype]))
     return linear(raw, qtype, n, k), raw
 
 
@@ -133,7 +144,7 @@ def exact_case(rng, qtype: str, t: int, n: int, k: int):
     raw = rng.integers(0, 256, size=(n, nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
     dw = (rng.choice([-1, 1], size=(n, nb)) * 2.0 ** rng.choice([-10, -9], size=(n, nb))).astype(np.float16)
     raw[..., 0:2] = dw.view(np.uint8).reshape(n, nb, 2)
-    if qtype == "Q4_1":
+    if qtype in ("Q4_1", "Q5_1"):
         m = (rng.integers(-32, 33, size=(n, nb)) * 2.0**-10).astype(np.float16)
         raw[..., 2:4] = m.view(np.uint8).reshape(n, nb, 2)
     raw = raw.reshape(n, nb * BLOCK_BYTES[qtype])
@@ -188,30 +199,32 @@ def test_int8_vs_float_path(path, qtype, t):
     assert 0 < rel < 0.05  # it is int8 (not the float path), and its error is the expected size
 
 
-def test_paths_agree(path):
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0", "Q5_1"])
+def test_paths_agree(path, qtype):
     # Every path sums the same integers; only float32 rounding of the scaled lanes may differ.
-    rng = rng_for("agree")
-    lin, raw = random_layer(rng, "Q4_1", 129, 1536)
+    rng = rng_for("agree", qtype)
+    lin, raw = random_layer(rng, qtype, 129, 1536)
     x = activations(rng, 2, 1536)
     best = lin.forward(x, dot="int8")
     y = lin.forward(x, dot=path)
-    _, a = int8_reference(raw, "Q4_1", x)
+    _, a = int8_reference(raw, qtype, x)
     assert np.all(np.abs(y.astype(np.float64) - best) <= 2 * accumulation_bound(a, 1536))
 
 
 # ---------------------------------------------------------------- threads, chunking, dispatch
 
 
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0"])
 @pytest.mark.parametrize("t", [1, 5])
-def test_int8_threads_agree(path, t):
-    # 2201 x 1536 Q4_1 (2.1 MB) is above the size where the kernel splits rows over the cores;
-    # a row's result must not depend on the split.
-    rng = rng_for("threads8", t)
-    lin, raw = random_layer(rng, "Q4_1", 2201, 1536)
+def test_int8_threads_agree(path, qtype, t):
+    # 2201 x 1536 Q4_1 (2.1 MB) / Q5_0 (2.3 MB) is above the size where the kernel splits rows
+    # over the cores; a row's result must not depend on the split.
+    rng = rng_for("threads8", qtype, t)
+    lin, raw = random_layer(rng, qtype, 2201, 1536)
     x = activations(rng, t, 1536)
     y = lin.forward(x, dot=path)
     np.testing.assert_array_equal(y, lin.forward(x, max_threads=1, dot=path))
-    assert_int8_close(y, raw, "Q4_1", x)
+    assert_int8_close(y, raw, qtype, x)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -226,9 +239,10 @@ def test_int8_forced_above_eight_rows(qtype):
     np.testing.assert_array_equal(y[16:], lin.forward(np.ascontiguousarray(x[16:]), dot="int8"))
 
 
-def test_auto_dispatch():
-    rng = rng_for("auto")
-    lin, _ = random_layer(rng, "Q4_1", 40, 256)
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0", "Q5_1"])
+def test_auto_dispatch(qtype):
+    rng = rng_for("auto", qtype)
+    lin, _ = random_layer(rng, qtype, 40, 256)
     for t in (1, 8):  # decode sizes: int8 on the host's best path
         x = activations(rng, t, 256)
         np.testing.assert_array_equal(lin.forward(x, dot="auto"), lin.forward(x, dot=quant.int8_paths()[0]))

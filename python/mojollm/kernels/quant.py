@@ -14,7 +14,8 @@ ValueError before any buffer address reaches Mojo.
     dequantize(raw uint8, qtype, shape)     -> float32 of `shape`               (== gguf.quants.dequantize)
     EmbeddingTable(w).lookup(ids[T] int)    -> [T, D] f32     rows of a float or block-quantized table
 
-Dot products (QuantLinear.forward's `dot`, default from MOJOLLM_QUANT_DOT, else "auto"):
+Dot products (QuantLinear.forward's `dot`, default from MOJOLLM_QUANT_DOT, else "auto"; Q4_0 / Q4_1 /
+Q8_0 / Q5_0 / Q5_1, the k-quants stay float32 apart from MODULAR_TYPES):
     "float"   activations stay float32 (the reference; every T)
     "int8"    activations quantized per 32-block to int8 + a float32 scale, once per call, and
               integer dot products on the host's best int8 path (every T: above 8 rows the
@@ -64,8 +65,9 @@ _kquant_kernels = kernel_loader("kquant")
 
 
 def _module(qtype: str):
-    """The loader of the kernel module for a type: kquant for Q5_0 / Q5_1 and the k-quants (their
-    matmul ignores the dot-product code: activations stay float32), quant for the others."""
+    """The loader of the kernel module for a type: kquant for Q5_0 / Q5_1 and the k-quants, quant
+    for the others. kquant's matmul takes the dot-product code for Q5_0 / Q5_1 (int8 activations on
+    quant.mojo's GEMV, as Q4_0 / Q4_1); the k-quants ignore it (float32 activations)."""
     return _kquant_kernels if qtype in KQUANT_TYPES else _kernels
 
 # mojo/quant.mojo's PATH_* codes.
