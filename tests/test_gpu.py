@@ -46,7 +46,8 @@ def _device_present(name: str) -> bool:
 def gpu(request):
     name = request.param
     if not _device_present(name):
-        pytest.skip(reason=_ABSENT[name])
+        pytest.skip(reason=f"{_ABSENT[name]} on this machine (these tests run on a GPU machine; the cpu backend "
+                           "is tested everywhere)")
     from mojollm.backends import registry
 
     probe = registry.probe(name)
