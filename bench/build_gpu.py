@@ -44,12 +44,12 @@ def main() -> None:
             (pdir / f"{name}.{n:03d}.ptx").write_text(t)
         print(f"{kdir / name}.so: {len(texts)} PTX modules")
     for preset in args.model_shape:
-        from mojollm.backends.cuda.backend import library_defines
-        from mojollm.models.llama import gemm_shapes
+        from mojollm.backends.cuda.backend import CudaBackend, library_defines
+        from mojollm.models.llama import kernel_specialisation
         from random_llama import preset_checkpoint
 
         c, weights = preset_checkpoint(preset)
-        defines = library_defines(gemm_shapes(c, weights), (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+        defines = library_defines(*kernel_specialisation(c, weights, CudaBackend.kv_cache_dtype))
         copy_module(build_module("gpu_library", "cuda", target, progress=print, defines=defines), kdir)
     if args.gemm_shape:
         from mojollm.backends.cuda.backend import library_defines

@@ -95,11 +95,12 @@ def specialise_like_8b(be) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from random_llama import preset_checkpoint
 
-    from mojollm.models.llama import gemm_shapes
+    from mojollm.models.llama import kernel_specialisation
 
     c, weights = preset_checkpoint("llama-3-8b")
-    assert set(LLAMA8B_SHAPES.values()) <= set(gemm_shapes(c, weights))
-    be.specialise(gemm_shapes(c, weights), LLAMA8B_HEADS, progress=print)
+    shapes, heads = kernel_specialisation(c, weights, be.kv_cache_dtype)
+    assert set(LLAMA8B_SHAPES.values()) <= set(shapes) and heads == LLAMA8B_HEADS
+    be.specialise(shapes, heads, progress=print)
 
 
 def gemm(be, torch, res, cube_sizes, model_ms):

@@ -417,7 +417,8 @@ class CudaBackend(Backend):
         instead of a paged cache (activations: ~1 GB at 8192 tokens of an 8B model)."""
         return 8192
 
-    def kv_cache_dtype(self, weight_qtype: str) -> str:
+    @staticmethod
+    def kv_cache_dtype(weight_qtype: str) -> str:
         """bfloat16 unless the model is float32: decode attention reads half the bytes, and the
         attention kernels accumulate in float32 either way."""
         return "float32" if weight_qtype == "F32" else "bfloat16"

@@ -363,13 +363,12 @@ def build(targets, out_dir, model, quiet):
     with _progress(quiet) as say:
         specialised = None
         if model is not None:
-            from mojollm.backends.cuda.backend import library_defines
+            from mojollm.backends.cuda.backend import CudaBackend, library_defines
             from mojollm.models import load_checkpoint
-            from mojollm.models.llama import gemm_shapes
+            from mojollm.models.llama import kernel_specialisation
 
             _, ckpt = load_checkpoint(None if model == "default" else model, progress=say)
-            c = ckpt.config
-            specialised = (gemm_shapes(c, ckpt.weights), (c.num_attention_heads, c.num_key_value_heads, c.head_dim))
+            specialised = kernel_specialisation(ckpt.config, ckpt.weights, CudaBackend.kv_cache_dtype)
         for target in parsed:
             backend = "cpu" if target.kind == "host" else target.kind
             names = available_modules(backend)

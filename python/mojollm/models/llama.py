@@ -115,16 +115,14 @@ class LlamaModel:
         self.max_positions = 0
         self.cos_sin = None
         self.scale = float(c.head_dim) ** -0.5
-        self.kv_dtype = b.kv_cache_dtype(weights["layers.0.q_proj"].qtype if c.num_hidden_layers else "F32")
+        self.kv_dtype = b.kv_cache_dtype(_attention_qtype(c, weights))
 
         # Bytes a decode step reads: every matrix and vector once, lm_head included. An untied
         # embedding table is not counted: a step reads only the rows of its tokens.
         counted = [k for k in weights if k != "rope_freqs" and (k != "embed_tokens" or c.tie_word_embeddings)]
         self.weight_bytes = int(sum(weights[k].nbytes for k in counted))
-        # Attention specialises only over a 16-bit cache: its kernels take bf16 q/k/v.
-        self.fresh_attention = self.kv_dtype != "float32"
-        heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim) if self.fresh_attention else None
-        b.specialise(gemm_shapes(c, weights), heads, progress=progress)
+        shapes, self.fresh_heads = kernel_specialisation(c, weights, b.kv_cache_dtype)
+        b.specialise(shapes, self.fresh_heads, progress=progress)
 
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
@@ -203,7 +201,7 @@ class LlamaModel:
                 attn = b.attention_decode(q, k_cache, v_cache, block_tables, context_lens, self.scale)
             else:
                 attn = (b.attention_prefill_fresh(q, k, v, fresh_lens, self.scale)
-                        if fresh_lens is not None and self.fresh_attention else None)
+                        if fresh_lens is not None and self.fresh_heads is not None else None)
                 if attn is None:
                     attn = b.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                                self.scale)
@@ -261,6 +259,21 @@ def gemm_shapes(config: ModelConfig, weights: dict[str, WeightTensor]) -> list[t
     if lm_head.qtype != "F32":
         shapes.append(tuple(lm_head.shape))
     return sorted(set(shapes))
+
+
+def _attention_qtype(config: ModelConfig, weights: dict[str, WeightTensor]) -> str:
+    """The type of the attention weights, which sets the KV cache's element type."""
+    return weights["layers.0.q_proj"].qtype if config.num_hidden_layers else "F32"
+
+
+def kernel_specialisation(config: ModelConfig, weights: dict[str, WeightTensor], kv_cache_dtype):
+    """(GEMM shapes, attention heads or None): what LlamaModel asks Backend.specialise for at load
+    and `mojollm build --model` builds ahead. kv_cache_dtype is the backend's rule (weight type ->
+    cache type); attention specialises only over a 16-bit cache (its kernels take bf16 q/k/v)."""
+    c = config
+    fresh = kv_cache_dtype(_attention_qtype(c, weights)) != "float32"
+    heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim) if fresh else None
+    return gemm_shapes(c, weights), heads
 
 
 def _split_heads(qkv, T: int, heads: tuple[int, int, int], D: int):
