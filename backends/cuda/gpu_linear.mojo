@@ -14,13 +14,13 @@
 from std.math import ceildiv
 from std.memory import stack_allocation, bitcast
 from std.sys import size_of, is_nvidia_gpu
-from max.gpu import thread_idx, block_idx, block_dim, grid_dim, global_idx, lane_id, WARP_SIZE
+from max.gpu import thread_idx, block_idx, grid_dim, lane_id, WARP_SIZE
 from max.gpu.sync import barrier
 from max.gpu.primitives import warp
 from max.gpu.memory import AddressSpace
 from std.sys._assembly import inlined_assembly
 
-from gpu_common import SharedPtr, Ptr, F32P, U8P, I8P, F16P, vload, Q4_0, Q4_1, Q8_0
+from gpu_common import Ptr, F32P, F16P, vload, Q4_0, Q4_1, Q8_0
 
 comptime GEMV_WARPS = 8
 
