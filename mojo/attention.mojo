@@ -618,94 +618,122 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
     return PythonObject(None)
 
 
+@fieldwise_init
+struct DecodeJobs(ImplicitlyCopyable, Movable):
+    """One attention_decode call cut into jobs, one (sequence, key chunk) each, that any thread
+    may run (`run`, with its own scratch slot w), then `merge` once every job is done."""
+
+    var a: Attn
+    var ctx_lens: I32Ptr
+    var out: F32Ptr
+    var scratch: Int
+    var part: Int
+    var n_seqs: Int
+    var n_splits: Int
+    var row_tiles: Int
+    var units: Int
+    var per_worker: Int
+    var slot: Int
+    var n_jobs: Int
+    var n_workers: Int  # how many threads the jobs are worth (1 below SERIAL_FLOPS)
+
+    @staticmethod
+    def of(meta: I64Ptr, scale: Float32) -> DecodeJobs:
+        var h = Int(meta[unsafe_offset=9])
+        var kvh_n = Int(meta[unsafe_offset=10])
+        var d = Int(meta[unsafe_offset=11])
+        var a = Attn(_f32(meta[unsafe_offset=0]), _f32(meta[unsafe_offset=1]), _f32(meta[unsafe_offset=2]),
+                     _i32(meta[unsafe_offset=3]), h, kvh_n, h // kvh_n, d, Int(meta[unsafe_offset=12]),
+                     Int(meta[unsafe_offset=13]), scale)
+        var ctx_lens = _i32(meta[unsafe_offset=4])
+        var n_seqs = Int(meta[unsafe_offset=8])
+        var n_splits = Int(meta[unsafe_offset=14])
+        var row_tiles = (a.g + ROWS - 1) // ROWS
+        var units = kvh_n * row_tiles
+        var flops = 0
+        for s in range(n_seqs):
+            flops += 4 * h * Int(ctx_lens[unsafe_offset=s]) * d
+        var n_jobs = n_seqs * n_splits
+        var workers = Int(meta[unsafe_offset=15])
+        return DecodeJobs(a, ctx_lens, _f32(meta[unsafe_offset=5]), Int(meta[unsafe_offset=6]),
+                          Int(meta[unsafe_offset=7]), n_seqs, n_splits, row_tiles, units, scratch_floats(d, units),
+                          ROWS * (d + 2), n_jobs, 1 if flops < SERIAL_FLOPS else min(workers, n_jobs))
+
+    def run(self, job: Int, w: Int):
+        var a = self.a
+        var row_tiles = self.row_tiles
+        var units = self.units
+        var base = self.scratch + 4 * w * self.per_worker
+        var uf = unit_floats(a.d)
+        var offs = Array[Int, BK](fill=0)
+        var s = job // self.n_splits
+        var c = job % self.n_splits
+        var ctx = Int(self.ctx_lens[unsafe_offset=s])
+        # Chunks are whole BK key blocks so that every chunk but the last is full.
+        var chunk = ((ctx + self.n_splits - 1) // self.n_splits + BK - 1) // BK * BK
+        var k_lo = c * chunk
+        var k_hi = min(ctx, k_lo + chunk)
+        for un in range(units):
+            var f_lo = (un % row_tiles) * ROWS
+            _init_unit(a, base + 4 * un * uf, un // row_tiles, s, 1, ctx, f_lo, min(ROWS, a.g - f_lo))
+        var k0 = k_lo
+        while k0 < k_hi:
+            var nk = min(BK, k_hi - k0)
+            _key_offsets(a, s, k0, nk, offs)
+            # Every phase walks keys in short runs and, inside a run, the kv heads in order:
+            # the [KVH, D] rows are then read in address order and the prefetchers keep up.
+            var j = 0
+            while j < nk:
+                var j_hi = min(nk, j + W)
+                for un in range(units):
+                    var f_lo = (un % row_tiles) * ROWS
+                    _scores(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, min(ROWS, a.g - f_lo))
+                j = j_hi
+            for un in range(units):
+                var f_lo = (un % row_tiles) * ROWS
+                _softmax(a, base + 4 * un * uf, k0, nk, min(ROWS, a.g - f_lo), False)
+            j = 0
+            while j < nk:
+                var j_hi = min(nk, j + W)
+                for un in range(units):
+                    var f_lo = (un % row_tiles) * ROWS
+                    _accumulate(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, j == 0,
+                                min(ROWS, a.g - f_lo))
+                j = j_hi
+            k0 += nk
+        for un in range(units):
+            var f_lo = (un % row_tiles) * ROWS
+            var nrows = min(ROWS, a.g - f_lo)
+            if self.n_splits == 1:
+                _write_rows(a, self.out, base + 4 * un * uf, un // row_tiles, s, f_lo, nrows)
+            else:
+                # An empty chunk (k_lo >= ctx) leaves m = NEG, l = 0: the merge skips it.
+                _write_partial(a.d, _at(self.part, (job * units + un) * self.slot), base + 4 * un * uf, nrows)
+
+    def merge(self):
+        if self.n_splits > 1:
+            _merge_splits(self.a, self.out, self.part, self.n_seqs, self.n_splits, self.units, self.row_tiles,
+                          self.slot)
+
+
 def decode_attention(meta: I64Ptr, scale: Float32) raises:
-    """attention_decode on a meta array (the entry for other Mojo modules: mojo/decode.mojo)."""
-    var h = Int(meta[unsafe_offset=9])
-    var kvh_n = Int(meta[unsafe_offset=10])
-    var d = Int(meta[unsafe_offset=11])
-    var a = Attn(_f32(meta[unsafe_offset=0]), _f32(meta[unsafe_offset=1]), _f32(meta[unsafe_offset=2]),
-                 _i32(meta[unsafe_offset=3]), h, kvh_n, h // kvh_n, d, Int(meta[unsafe_offset=12]),
-                 Int(meta[unsafe_offset=13]), scale)
-    var ctx_lens = _i32(meta[unsafe_offset=4])
-    var out = _f32(meta[unsafe_offset=5])
-    var scratch = Int(meta[unsafe_offset=6])
-    var part = Int(meta[unsafe_offset=7])
-    var n_seqs = Int(meta[unsafe_offset=8])
-    var n_splits = Int(meta[unsafe_offset=14])
-    var workers = Int(meta[unsafe_offset=15])
-    var row_tiles = (a.g + ROWS - 1) // ROWS
-    var units = kvh_n * row_tiles
-    var per_worker = scratch_floats(d, units)
-    var slot = ROWS * (d + 2)
-
-    var flops = 0
-    for s in range(n_seqs):
-        flops += 4 * h * Int(ctx_lens[unsafe_offset=s]) * d
-    var n_jobs = n_seqs * n_splits
-    var n_workers = 1 if flops < SERIAL_FLOPS else min(workers, n_jobs)
-
+    """attention_decode on a meta array."""
+    var jobs = DecodeJobs.of(meta, scale)
     var counter = Atomic[Int64](0)
     var next_job = Pointer(to=counter)
 
-    def worker(w: Int) {imm a, imm ctx_lens, imm out, imm scratch, imm part, imm per_worker, imm n_jobs, imm n_splits, imm row_tiles, imm units, imm slot, imm next_job}:
-        var base = scratch + 4 * w * per_worker
-        var uf = unit_floats(a.d)
-        var offs = Array[Int, BK](fill=0)
+    def worker(w: Int) {imm jobs, imm next_job}:
         while True:
             var job = Int(next_job[].fetch_add(1))
-            if job >= n_jobs:
+            if job >= jobs.n_jobs:
                 break
-            var s = job // n_splits
-            var c = job % n_splits
-            var ctx = Int(ctx_lens[unsafe_offset=s])
-            # Chunks are whole BK key blocks so that every chunk but the last is full.
-            var chunk = ((ctx + n_splits - 1) // n_splits + BK - 1) // BK * BK
-            var k_lo = c * chunk
-            var k_hi = min(ctx, k_lo + chunk)
-            for un in range(units):
-                var f_lo = (un % row_tiles) * ROWS
-                _init_unit(a, base + 4 * un * uf, un // row_tiles, s, 1, ctx, f_lo, min(ROWS, a.g - f_lo))
-            var k0 = k_lo
-            while k0 < k_hi:
-                var nk = min(BK, k_hi - k0)
-                _key_offsets(a, s, k0, nk, offs)
-                # Every phase walks keys in short runs and, inside a run, the kv heads in order:
-                # the [KVH, D] rows are then read in address order and the prefetchers keep up.
-                var j = 0
-                while j < nk:
-                    var j_hi = min(nk, j + W)
-                    for un in range(units):
-                        var f_lo = (un % row_tiles) * ROWS
-                        _scores(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, min(ROWS, a.g - f_lo))
-                    j = j_hi
-                for un in range(units):
-                    var f_lo = (un % row_tiles) * ROWS
-                    _softmax(a, base + 4 * un * uf, k0, nk, min(ROWS, a.g - f_lo), False)
-                j = 0
-                while j < nk:
-                    var j_hi = min(nk, j + W)
-                    for un in range(units):
-                        var f_lo = (un % row_tiles) * ROWS
-                        _accumulate(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, j == 0,
-                                    min(ROWS, a.g - f_lo))
-                    j = j_hi
-                k0 += nk
-            for un in range(units):
-                var f_lo = (un % row_tiles) * ROWS
-                var nrows = min(ROWS, a.g - f_lo)
-                if n_splits == 1:
-                    _write_rows(a, out, base + 4 * un * uf, un // row_tiles, s, f_lo, nrows)
-                else:
-                    # An empty chunk (k_lo >= ctx) leaves m = NEG, l = 0: the merge skips it.
-                    _write_partial(a.d, _at(part, (job * units + un) * slot), base + 4 * un * uf, nrows)
+            jobs.run(job, w)
 
-    if n_workers <= 1:
+    if jobs.n_workers <= 1:
         worker(0)
     else:
-        parallelize(worker, n_workers)
-
-    if n_splits > 1:
-        _merge_splits(a, out, part, n_seqs, n_splits, units, row_tiles, slot)
+        parallelize(worker, jobs.n_workers)
+    jobs.merge()
 
 
 def _merge_splits(a: Attn, dst_buf: F32Ptr, part: Int, n_seqs: Int, n_splits: Int, units: Int,

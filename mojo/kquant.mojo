@@ -419,7 +419,8 @@ def _gemv_rows[qt: Int, TT: Int](w_addr: Int, row_bytes: Int, nb: Int, x: F32Ptr
         r += 1
 
 
-def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int, max_items: Int) raises:
+def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int, max_items: Int,
+                           r0: Int = 0, r1: Int = -1) raises:
     comptime QB = _qb[qt]()
     comptime GS = _group[qt]()
     var nb = k // QB
@@ -439,7 +440,9 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
     var items = _work_items(n, row_bytes * TT, 16, GEMV_PARALLEL_MIN_BYTES)
     if max_items > 0:
         items = min(items, max_items)
-    if items == 1:
+    if r1 >= 0:  # a share of the rows, on this thread (mojo/decode.mojo's worker team)
+        _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, r0, r1)
+    elif items == 1:
         _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, 0, n)
     else:
         def work(i: Int) {imm w_addr, imm row_bytes, imm nb, imm x, imm k, imm sx, imm y, imm n, imm items}:
@@ -584,19 +587,23 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
 
 
 def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int,
-                     path: Int = PATH_FLOAT) raises:
+                     path: Int = PATH_FLOAT, r0: Int = 0, r1: Int = -1) raises:
     """`path` (quant.mojo's PATH_*) applies to Q5_0 / Q5_1 only, as for Q4_0 / Q4_1 there: int8
-    activations on quant.mojo's GEMV (auto: for T <= 8); the other types stay float32."""
+    activations on quant.mojo's GEMV (auto: for T <= 8); the other types stay float32.
+    r1 >= 0: only output rows [r0, r1), on the calling thread (T <= SMALL_T)."""
     comptime if qt == Q5_0 or qt == Q5_1:
         if path != PATH_FLOAT and (path != PATH_AUTO or t <= SMALL_T):
-            _matmul_i8_path[qt](_best_path() if path == PATH_AUTO else path, w_addr, x_addr, y_addr, t, n, k, max_items)
+            _matmul_i8_path[qt](_best_path() if path == PATH_AUTO else path, w_addr, x_addr, y_addr, t, n, k, max_items,
+                                r0, r1)
             return
     if t > SMALL_T:
+        if r1 >= 0:
+            raise Error("matmul: a row share needs at most ", SMALL_T, " activation rows")
         _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
         return
     comptime for tt in range(1, SMALL_T + 1):  # one GEMV instance per token count
         if t == tt:
-            _gemv[qt, tt](w_addr, x_addr, y_addr, n, k, max_items)
+            _gemv[qt, tt](w_addr, x_addr, y_addr, n, k, max_items, r0, r1)
 
 
 # ---------------------------------------------------------------- dequantize / embedding gather

@@ -302,7 +302,8 @@ def _gemv_rows[qt: Int, TT: Int](w_addr: Int, row_bytes: Int, nb: Int, x: F32Ptr
         r += 1
 
 
-def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int, max_items: Int) raises:
+def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: Int, max_items: Int,
+                           r0: Int = 0, r1: Int = -1) raises:
     comptime BB = _block_bytes[qt]()
     var nb = k // QK
     var row_bytes = nb * BB
@@ -318,7 +319,9 @@ def _gemv[qt: Int, TT: Int](w_addr: Int, x_addr: Int, y_addr: Int, n: Int, k: In
     var items = _work_items(n, row_bytes * TT, 16, GEMV_PARALLEL_MIN_BYTES)
     if max_items > 0:
         items = min(items, max_items)
-    if items == 1:
+    if r1 >= 0:  # a share of the rows, on this thread (mojo/decode.mojo's worker team)
+        _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, r0, r1)
+    elif items == 1:
         _gemv_rows[qt, TT](w_addr, row_bytes, nb, x, k, sx, y, n, 0, n)
     else:
         def work(i: Int) {imm w_addr, imm row_bytes, imm nb, imm x, imm k, imm sx, imm y, imm n, imm items}:
@@ -783,13 +786,16 @@ def _gemv_i8_rows[qt: Int, path: Int, TT: Int](w_addr: Int, row_bytes: Int, a: A
         _gemv_i8_row[qt, path, TT](w_addr, row_bytes, a, y, n, r)
 
 
-def _gemv_i8[qt: Int, path: Int, TT: Int](w_addr: Int, a: Acts, y: F32Ptr, n: Int, max_items: Int) raises:
+def _gemv_i8[qt: Int, path: Int, TT: Int](w_addr: Int, a: Acts, y: F32Ptr, n: Int, max_items: Int,
+                                          r0: Int, r1: Int) raises:
     comptime BB = _block_bytes[qt]()
     var row_bytes = a.nb * BB
     var items = _work_items(n, row_bytes * TT, 16, GEMV_PARALLEL_MIN_BYTES)
     if max_items > 0:
         items = min(items, max_items)
-    if items == 1:
+    if r1 >= 0:
+        _gemv_i8_rows[qt, path, TT](w_addr, row_bytes, a, y, n, r0, r1)
+    elif items == 1:
         _gemv_i8_rows[qt, path, TT](w_addr, row_bytes, a, y, n, 0, n)
     else:
         def work(i: Int) {imm w_addr, imm row_bytes, imm a, imm y, imm n, imm items}:
@@ -797,7 +803,8 @@ def _gemv_i8[qt: Int, path: Int, TT: Int](w_addr: Int, a: Acts, y: F32Ptr, n: In
         parallelize(work, items)
 
 
-def _matmul_i8[qt: Int, path: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+def _matmul_i8[qt: Int, path: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int,
+                                   r0: Int, r1: Int) raises:
     """Quantize the T activation rows once, then run the GEMV on them eight rows at a time (more
     than eight only when int8 is forced: the weights are then streamed once per eight rows)."""
     var nb = k // QK
@@ -814,18 +821,19 @@ def _matmul_i8[qt: Int, path: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int
         var y = F32Ptr(unsafe_from_address=y_addr + t0 * n * 4)
         comptime for c in range(1, SMALL_T + 1):  # one GEMV instance per row count
             if tt == c:
-                _gemv_i8[qt, path, c](w_addr, a.rows(t0), y, n, max_items)
+                _gemv_i8[qt, path, c](w_addr, a.rows(t0), y, n, max_items, r0, r1)
         t0 += tt
     _ = q_buf^
     _ = f_buf^
     _ = c_buf^
 
 
-def _matmul_path[qt: Int](path: Int, w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int) raises:
+def _matmul_path[qt: Int](path: Int, w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int,
+                          r0: Int = 0, r1: Int = -1) raises:
     comptime for p in range(PATH_GENERIC, N_PATHS):
         if path == p:
             comptime if _path_ok[p]():
-                _matmul_i8[qt, p](w_addr, x_addr, y_addr, t, n, k, max_items)
+                _matmul_i8[qt, p](w_addr, x_addr, y_addr, t, n, k, max_items, r0, r1)
                 return
             else:
                 raise Error("matmul: int8 path ", p, " needs instructions this host's build does not have")
@@ -1014,16 +1022,21 @@ def _gemm[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int
     xp_buf.free()
 
 
-def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int, path: Int) raises:
+def _matmul[qt: Int](w_addr: Int, x_addr: Int, y_addr: Int, t: Int, n: Int, k: Int, max_items: Int, path: Int,
+                     r0: Int = 0, r1: Int = -1) raises:
+    """r1 >= 0: only output rows [r0, r1), on the calling thread (T <= SMALL_T)."""
     if path != PATH_FLOAT and (path != PATH_AUTO or t <= SMALL_T):
-        _matmul_path[qt](_best_path() if path == PATH_AUTO else path, w_addr, x_addr, y_addr, t, n, k, max_items)
+        _matmul_path[qt](_best_path() if path == PATH_AUTO else path, w_addr, x_addr, y_addr, t, n, k, max_items,
+                         r0, r1)
         return
     if t > SMALL_T:
+        if r1 >= 0:
+            raise Error("matmul: a row share needs at most ", SMALL_T, " activation rows")
         _gemm[qt](w_addr, x_addr, y_addr, t, n, k, max_items)
         return
     comptime for tt in range(1, SMALL_T + 1):  # one GEMV instance per token count
         if t == tt:
-            _gemv[qt, tt](w_addr, x_addr, y_addr, n, k, max_items)
+            _gemv[qt, tt](w_addr, x_addr, y_addr, n, k, max_items, r0, r1)
 
 
 def matmul(qtype: PythonObject, w: PythonObject, x: PythonObject, y: PythonObject, dims: PythonObject) raises -> PythonObject:

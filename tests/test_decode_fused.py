@@ -1,7 +1,8 @@
 """The cpu backend's fused decode step (mojo/decode.mojo: every layer in one Mojo call) against
 the per-op forward on the same model object, which the model tests check against transformers
 and float64 references: logits of decode steps at batch 1..12 (GEMV and GEMM paths), short and
-long contexts (one and several flash-decoding splits), Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 weights, GQA; greedy
+long contexts (one and several flash-decoding splits), Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 weights, GQA,
+the worker team (every op shared out) and every op alone, the LM head inside the step; greedy
 output through the engine identical with the fused path on and off.
 """
 
@@ -27,7 +28,10 @@ def _quantize(dense, qt):
 
 def _quantized(model, qtypes, split_qkv=False):
     """Replace every projection by its `qtype` quantization (cycling through `qtypes`); with
-    split_qkv, q, k and v become separate weights of different types (as in a Q4_K_M file)."""
+    split_qkv, q, k and v become separate weights of different types (as in a Q4_K_M file).
+    The LM head takes the first type (then it runs inside the fused step)."""
+    dense = model.lm_head.weight.to_float32() if hasattr(model.lm_head, "weight") else np.asarray(model.lm_head.w)
+    model.lm_head = QuantLinear(WeightTensor("output", dense.shape, qtypes[0], _quantize(dense, qtypes[0])))
     k = 0
     for layer in model.layers:
         if split_qkv:
@@ -74,7 +78,8 @@ def tiny(make_hf_model, cpu_backend):
                                                (("Q4_0", "Q8_0", "Q4_1"), False), (("Q5_0", "Q5_1", "Q8_0"), False),
                                                (("Q4_1",), True)])
 @pytest.mark.parametrize("lens", [[0], [5, 17, 0], [700], [3, 400, 9, 1, 64, 2, 31, 8, 100, 5, 6, 250]])
-def test_fused_decode_step_equals_the_per_op_forward(tiny, qtypes, split_qkv, lens):
+@pytest.mark.parametrize("team", [True, False], ids=["team", "alone"])
+def test_fused_decode_step_equals_the_per_op_forward(tiny, qtypes, split_qkv, lens, team):
     model = _quantized(tiny(), qtypes, split_qkv)
     B, nblocks = 16, 200
     model.allocate_kv_cache(nblocks, B)
@@ -95,13 +100,26 @@ def test_fused_decode_step_equals_the_per_op_forward(tiny, qtypes, split_qkv, le
     for (k, v), (k0, v0) in zip(model.kv_caches, saved):   # rewind the caches in place
         k[...] = k0
         v[...] = v0
-    program = DecodeProgram(model, max_seqs=16)
-    got = model.backend.linear(program.run(batch), model.lm_head)
+    program = DecodeProgram(model, max_seqs=16, team=team)
+    hidden, got = program.run(batch)
+    assert program.fused_head and got.shape == want.shape
+    np.testing.assert_allclose(model.backend.linear(hidden, model.lm_head), got, atol=1e-5 * np.abs(got).max(), rtol=0)
     scale = np.abs(want).max()
     np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=0)
     for (k, v), (kw, vw) in zip(model.kv_caches, kv_want):
         np.testing.assert_allclose(k, kw, atol=1e-6, rtol=0)
         np.testing.assert_allclose(v, vw, atol=1e-6, rtol=0)
+
+
+def test_a_float_lm_head_runs_after_the_fused_step(tiny):
+    model = _quantized(tiny(), ("Q8_0",))
+    model.lm_head = tiny().lm_head                  # float32: not a block format the step takes
+    model.allocate_kv_cache(8, 16)
+    program = DecodeProgram(model, max_seqs=2)
+    rng = np.random.default_rng(4)
+    batch = _decode_batch(rng, [0, 0], [[0], [1]], 16, model.config.vocab_size)
+    hidden, logits = program.run(batch)
+    assert not program.fused_head and logits is None and hidden.shape == (2, model.config.hidden_size)
 
 
 def test_models_the_fused_step_cannot_run_say_why(tiny):

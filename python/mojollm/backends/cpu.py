@@ -154,5 +154,5 @@ class CpuRunner(ModelRunner):
                 or not np.array_equal(batch.logits_indices, np.arange(S))):
             return super().execute(batch, device_rows)
         m = self.model
-        x = self.program.run(batch)
-        return StepOutput(tokens=None, logits=m.backend.linear(x, m.lm_head))
+        x, logits = self.program.run(batch)
+        return StepOutput(tokens=None, logits=logits if logits is not None else m.backend.linear(x, m.lm_head))

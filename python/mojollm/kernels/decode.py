@@ -1,12 +1,13 @@
 """Every layer of a decode step in one Mojo call (mojo/decode.mojo), for the cpu backend.
 
-    program = DecodeProgram.for_model(model)     # None when the model has no fused path (reason logged)
-    hidden = program.run(batch)                  # final-normed hidden states [S, hidden]
+    program = DecodeProgram.for_model(model, max_seqs)  # None when the model has no fused path
+    hidden, logits = program.run(batch)  # final-normed hidden states [S, hidden], logits [S, vocab] or None
 
 Between per-op calls from Python the Mojo workers fall asleep and waking them costs 200-400 us,
 so the per-op path keeps small matrices on one core; one call per step keeps every core busy
-and drops the Python glue between ops. The embedding lookup, the first norm and the LM head
-stay per-op calls (one each, the LM head large enough to use every core anyway).
+(a team of threads shares out every op) and drops the Python glue between ops. The LM head
+runs inside the call when its weight is a supported block format; the embedding lookup and
+the first norm stay per-op calls.
 
 Supported: Llama-family layers whose projections are GGUF blocks (Q4_0 / Q4_1 / Q8_0 / Q5_0 /
 Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel), q/k/v fused or apart, gate/up fused (as
@@ -26,7 +27,7 @@ from mojollm.kernels.quant import TYPE_CODES, QuantLinear, default_dot
 _kernels = kernel_loader("decode")
 # the block formats decode.mojo dispatches (quant.mojo's and kquant.mojo's matmuls)
 _CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
-_HEADER = 13
+_HEADER = 16
 _LAYER_FIELDS = 16
 
 
@@ -53,7 +54,9 @@ def unsupported_reason(model) -> str | None:
 
 
 class DecodeProgram:
-    def __init__(self, model, max_seqs: int):
+    def __init__(self, model, max_seqs: int, team: bool = True):
+        """team=False runs every op alone on the calling thread with its kernel's own threads
+        (the layout before the worker team; tests compare both)."""
         c = model.config
         self.model = model
         self.max_seqs = max_seqs
@@ -63,9 +66,12 @@ class DecodeProgram:
         self._arrays = []  # everything whose address the program holds stays alive here
         rot = int(np.asarray(model.cos_sin).shape[1])
         table = [len(model.layers), self.hidden, self.h, self.kvh, self.d, self.f, rot, int(c.rope_neox),
-                 # GEMV work items: the kernels' own choice (splitting matrices under 2 MiB measured
-                 # slower on 2 shared cores even with the workers awake: 80 vs 113 tok/s)
-                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0, default_dot()]
+                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0 if team else 1,
+                 default_dot()]
+        head = model.lm_head
+        self.fused_head = isinstance(head, QuantLinear) and head.qtype in _CODES and not head._packed
+        table += [head._addr, _CODES[head.qtype], head.out_features] if self.fused_head else [0, 0, 0]
+        self.vocab = head.out_features if self.fused_head else 0
         for i, layer in enumerate(model.layers):
             k_cache, v_cache = model.kv_caches[i]
             q, k, v = (layer.qkv, None, None) if layer.qkv is not None else layer.q_k_v[:3]
@@ -91,8 +97,9 @@ class DecodeProgram:
     def for_model(cls, model, max_seqs: int) -> "DecodeProgram | None":
         return None if unsupported_reason(model) else cls(model, max_seqs)
 
-    def run(self, batch: StepBatch) -> np.ndarray:
-        """The final-normed hidden states [S, hidden] of a decode step (KV caches written)."""
+    def run(self, batch: StepBatch) -> tuple[np.ndarray, np.ndarray | None]:
+        """The final-normed hidden states [S, hidden] of a decode step (KV caches written) and,
+        when the LM head runs inside the step, its logits [S, vocab] (else None)."""
         m, b = self.model, self.model.backend
         S = batch.num_seqs
         if not batch.is_decode or S > self.max_seqs:
@@ -121,5 +128,7 @@ class DecodeProgram:
                          buf["qkv"].ctypes.data, buf["q"].ctypes.data, buf["attn"].ctypes.data,
                          buf["hbuf"].ctypes.data, buf["gate_up"].ctypes.data, buf["act"].ctypes.data,
                          scratch.ctypes.data, partial.ctypes.data, splits, workers], dtype=np.int64)
+        logits = np.empty((S, self.vocab), np.float32) if self.fused_head else None
+        step = np.append(step, logits.ctypes.data if logits is not None else 0)
         _kernels().decode_step(self.table.ctypes.data, step.ctypes.data, self.eps, self.scale)
-        return buf["x"]
+        return buf["x"], logits
