@@ -1,7 +1,10 @@
-"""End-to-end speed on one model, side by side in one run: mojollm vs llama.cpp vs transformers.
+"""End-to-end speed, side by side in one run: mojollm vs llama.cpp vs transformers.
 
     python bench/e2e.py [--model M] [--backend cpu] [--threads 2] [--prompt-len 512] [--decode-len 128]
-                        [--llama-python PATH] [--no-transformers] [--json PATH]
+                        [--llama-python PATH] [--requantize Q4_K_M,Q8_0] [--no-transformers] [--json PATH]
+
+--requantize adds versions of the model that llama.cpp's own quantizer makes (the file types
+people download), each run by every engine in turn after the model itself.
 
 * prefill tokens/s: one prompt of --prompt-len tokens, time to its first logits (median of repeats);
 * decode tokens/s: batch 1, --decode-len greedy tokens after a short prompt (median of repeats);
@@ -22,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -122,15 +126,41 @@ def main() -> None:
     ap.add_argument("--decode-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed")
+    ap.add_argument("--requantize", default="", help="llama.cpp file types to make from the model, e.g. Q4_K_M,Q8_0")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from mojollm.measure import bench_document, device_bandwidth
+    from mojollm.measure import bench_document
     from mojollm.model_store import resolve_model_path
 
     model_path = str(resolve_model_path(args.model))
+    types = [t for t in args.requantize.split(",") if t]
+    if types and not args.llama_python:
+        ap.error("--requantize needs --llama-python (llama.cpp's quantizer)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [model_path]
+        if types:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from kquant_llamacpp import FTYPES, llama, write_f16_gguf
+
+            f16 = Path(tmp) / "f16.gguf"
+            write_f16_gguf(Path(model_path), f16)
+            for name in types:
+                paths.append(str(Path(tmp) / f"{Path(model_path).stem}-{name}.gguf"))
+                if llama(args.llama_python, "quantize", f16, paths[-1], FTYPES[name], args.threads)["rc"] != 0:
+                    raise SystemExit(f"llama.cpp could not quantize to {name}")
+        for path, label in zip(paths, ["model", *types]):
+            rows += run_model(args, path, label)
+    if args.json:
+        doc = bench_document("e2e", vars(args), rows)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+
+
+def run_model(args, model_path: str, label: str) -> list[dict]:
     from mojollm import LLM
+    from mojollm.measure import device_bandwidth
 
     # Prefix caching off: every repeat must really prefill its prompt.
     llm = LLM(model=model_path, backend=args.backend, enable_prefix_caching=False)
@@ -156,6 +186,8 @@ def main() -> None:
         ours["bandwidth_gbs"] = round(bw, 2)
         ours["decode_roofline_tok_s"] = round(bw * 1e9 / weight_bytes, 1)
         ours["decode_roofline_fraction"] = round(ours["decode_tok_s"] / ours["decode_roofline_tok_s"], 3)
+    for r in rows:
+        r["model"] = label if label != "model" else Path(model_path).name
     print(f"model {model_path}  weights {weight_bytes / 1e6:.1f} MB/token  memory bandwidth {bw and round(bw, 1)} GB/s ({how})")
     print(f"{'engine':48s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'ours/prefill':>13s} {'ours/decode':>12s}")
     for r in rows:
@@ -164,9 +196,10 @@ def main() -> None:
             continue
         print(f"{r['engine']:48s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
               f"{r['mojollm_prefill_speedup']:13.2f} {r['mojollm_decode_speedup']:12.2f}")
-    if args.json:
-        doc = bench_document("e2e", vars(args), rows)
-        Path(args.json).write_text(json.dumps(doc, indent=2))
+    if bw:
+        print(f"mojollm decode reads {ours['decode_roofline_fraction']:.0%} of the measured bandwidth "
+              f"(roofline {ours['decode_roofline_tok_s']} tok/s)")
+    return rows
 
 
 if __name__ == "__main__":
