@@ -521,15 +521,15 @@ def _write_rows(a: Attn, dst_buf: F32Ptr, u: Int, kvh: Int, tok0: Int, f_lo: Int
 
 
 def _write_partial(d: Int, part: F32Ptr, u: Int, nrows: Int):
-    """Split decode: keep (m, l, unnormalised O) of each row for the merge. part: [ROWS*(D+2)]."""
+    """Split decode: keep (m, l, unnormalised O) of each row for the merge, row r at r * (D + 2)."""
     var o_buf = _o_of(u, d)
     var mv = _stat(u, d, 0)
     var lv = _stat(u, d, 1)
     for r in range(nrows):
-        part[unsafe_offset=r] = mv[unsafe_offset=r]
-        part[unsafe_offset=ROWS + r] = lv[unsafe_offset=r]
+        part[unsafe_offset=r * (d + 2)] = mv[unsafe_offset=r]
+        part[unsafe_offset=r * (d + 2) + 1] = lv[unsafe_offset=r]
         for i in range(d):
-            part[unsafe_offset=2 * ROWS + r * d + i] = o_buf[unsafe_offset=r * d + i]
+            part[unsafe_offset=r * (d + 2) + 2 + i] = o_buf[unsafe_offset=r * d + i]
 
 
 # ------------------------------------------------------------------ entry points
@@ -609,11 +609,11 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
 
 def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> PythonObject:
     """Meta (int64): q, k_cache, v_cache, block_tables, context_lens, out, scratch, partial,
-    S, H, KVH, D, B, M, n_splits, workers. One query per sequence at position ctx - 1.
-    A job is one (sequence, key chunk) with all its kv heads ("units": kv head x row tile of
-    up to ROWS group heads). With n_splits > 1 each sequence's keys are cut into n_splits
-    chunks (flash-decoding) whose partial softmaxes are merged at the end; partial holds
-    S * n_splits * units slots of ROWS * (D + 2) floats."""
+    S, H, KVH, D, B, M, chunk prefix sums (int32 [S + 1]), workers. One query per sequence at
+    position ctx - 1. A job is one (sequence, key chunk) with all its kv heads ("units": kv head
+    x row tile of up to ROWS group heads). A sequence with several chunks (flash-decoding) has
+    their partial softmaxes merged at the end; partial holds one slot of min(ROWS, G) * (D + 2)
+    floats per job and unit."""
     decode_attention(I64Ptr(unsafe_from_address=Int(py=meta_addr)), Float32(py=scale))
     return PythonObject(None)
 
@@ -621,19 +621,21 @@ def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> Pyt
 @fieldwise_init
 struct DecodeJobs(ImplicitlyCopyable, Movable):
     """One attention_decode call cut into jobs, one (sequence, key chunk) each, that any thread
-    may run (`run`, with its own scratch slot w), then `merge` once every job is done."""
+    may run (`run`, with its own scratch slot w), then `merge` once every job is done.
+    Sequence s has first[s + 1] - first[s] chunks: the caller picks them from the sequence's own
+    context length, so its result does not depend on the other sequences of the batch."""
 
     var a: Attn
     var ctx_lens: I32Ptr
     var out: F32Ptr
     var scratch: Int
     var part: Int
+    var first: I32Ptr  # [S + 1] prefix sums of the chunk counts
     var n_seqs: Int
-    var n_splits: Int
     var row_tiles: Int
     var units: Int
     var per_worker: Int
-    var slot: Int
+    var slot: Int  # floats of one unit's partial: min(ROWS, G) rows of (m, l, O)
     var n_jobs: Int
     var n_workers: Int  # how many threads the jobs are worth (1 below SERIAL_FLOPS)
 
@@ -647,17 +649,17 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
                      Int(meta[unsafe_offset=13]), scale)
         var ctx_lens = _i32(meta[unsafe_offset=4])
         var n_seqs = Int(meta[unsafe_offset=8])
-        var n_splits = Int(meta[unsafe_offset=14])
+        var first = _i32(meta[unsafe_offset=14])
         var row_tiles = (a.g + ROWS - 1) // ROWS
         var units = kvh_n * row_tiles
         var flops = 0
         for s in range(n_seqs):
             flops += 4 * h * Int(ctx_lens[unsafe_offset=s]) * d
-        var n_jobs = n_seqs * n_splits
+        var n_jobs = Int(first[unsafe_offset=n_seqs])
         var workers = Int(meta[unsafe_offset=15])
         return DecodeJobs(a, ctx_lens, _f32(meta[unsafe_offset=5]), Int(meta[unsafe_offset=6]),
-                          Int(meta[unsafe_offset=7]), n_seqs, n_splits, row_tiles, units, scratch_floats(d, units),
-                          ROWS * (d + 2), n_jobs, 1 if flops < SERIAL_FLOPS else min(workers, n_jobs))
+                          Int(meta[unsafe_offset=7]), first, n_seqs, row_tiles, units, scratch_floats(d, units),
+                          min(ROWS, a.g) * (d + 2), n_jobs, 1 if flops < SERIAL_FLOPS else min(workers, n_jobs))
 
     def run(self, job: Int, w: Int):
         var a = self.a
@@ -666,11 +668,20 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
         var base = self.scratch + 4 * w * self.per_worker
         var uf = unit_floats(a.d)
         var offs = Array[Int, BK](fill=0)
-        var s = job // self.n_splits
-        var c = job % self.n_splits
+        var lo = 0  # the sequence of this job: first[s] <= job < first[s + 1]
+        var hi = self.n_seqs
+        while hi - lo > 1:
+            var mid = (lo + hi) // 2
+            if Int(self.first[unsafe_offset=mid]) <= job:
+                lo = mid
+            else:
+                hi = mid
+        var s = lo
+        var n_splits = Int(self.first[unsafe_offset=s + 1] - self.first[unsafe_offset=s])
+        var c = job - Int(self.first[unsafe_offset=s])
         var ctx = Int(self.ctx_lens[unsafe_offset=s])
         # Chunks are whole BK key blocks so that every chunk but the last is full.
-        var chunk = ((ctx + self.n_splits - 1) // self.n_splits + BK - 1) // BK * BK
+        var chunk = ((ctx + n_splits - 1) // n_splits + BK - 1) // BK * BK
         var k_lo = c * chunk
         var k_hi = min(ctx, k_lo + chunk)
         for un in range(units):
@@ -704,16 +715,46 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
         for un in range(units):
             var f_lo = (un % row_tiles) * ROWS
             var nrows = min(ROWS, a.g - f_lo)
-            if self.n_splits == 1:
+            if n_splits == 1:
                 _write_rows(a, self.out, base + 4 * un * uf, un // row_tiles, s, f_lo, nrows)
             else:
                 # An empty chunk (k_lo >= ctx) leaves m = NEG, l = 0: the merge skips it.
                 _write_partial(a.d, _at(self.part, (job * units + un) * self.slot), base + 4 * un * uf, nrows)
 
     def merge(self):
-        if self.n_splits > 1:
-            _merge_splits(self.a, self.out, self.part, self.n_seqs, self.n_splits, self.units, self.row_tiles,
-                          self.slot)
+        """out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c over the chunks c of each row of
+        every sequence with more than one chunk, chunks in order."""
+        var a = self.a
+        var d = a.d
+        var out = self.out
+        for s in range(self.n_seqs):
+            var j0 = Int(self.first[unsafe_offset=s])
+            var n_splits = Int(self.first[unsafe_offset=s + 1]) - j0
+            if n_splits == 1:
+                continue
+            for un in range(self.units):
+                var kvh = un // self.row_tiles
+                var f_lo = (un % self.row_tiles) * ROWS
+                for r in range(min(ROWS, a.g - f_lo)):
+                    var m_all = NEG
+                    for c in range(n_splits):
+                        m_all = max(m_all, _at(self.part, ((j0 + c) * self.units + un) * self.slot)[unsafe_offset=r * (d + 2)])
+                    var dst = (s * a.h + kvh * a.g + f_lo + r) * d
+                    for i in range(d):
+                        out[unsafe_offset=dst + i] = 0
+                    var l_all: Float32 = 0
+                    for c in range(n_splits):
+                        var p = _at(self.part, ((j0 + c) * self.units + un) * self.slot + r * (d + 2))
+                        var l_c = p[unsafe_offset=1]
+                        if l_c == 0:  # an empty chunk (short sequence)
+                            continue
+                        var wgt = _exp0[1](p[unsafe_offset=0] - m_all)
+                        l_all += l_c * wgt
+                        for i in range(d):
+                            out[unsafe_offset=dst + i] += wgt * p[unsafe_offset=2 + i]
+                    var inv = 1.0 / l_all
+                    for i in range(d):
+                        out[unsafe_offset=dst + i] *= inv
 
 
 def decode_attention(meta: I64Ptr, scale: Float32) raises:
@@ -734,36 +775,6 @@ def decode_attention(meta: I64Ptr, scale: Float32) raises:
     else:
         parallelize(worker, jobs.n_workers)
     jobs.merge()
-
-
-def _merge_splits(a: Attn, dst_buf: F32Ptr, part: Int, n_seqs: Int, n_splits: Int, units: Int,
-                  row_tiles: Int, slot: Int):
-    """out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c over the chunks c of each row."""
-    var d = a.d
-    for s in range(n_seqs):
-        for un in range(units):
-            var kvh = un // row_tiles
-            var f_lo = (un % row_tiles) * ROWS
-            for r in range(min(ROWS, a.g - f_lo)):
-                var m_all = NEG
-                for c in range(n_splits):
-                    m_all = max(m_all, _at(part, ((s * n_splits + c) * units + un) * slot)[unsafe_offset=r])
-                var dst = (s * a.h + kvh * a.g + f_lo + r) * d
-                for i in range(d):
-                    dst_buf[unsafe_offset=dst + i] = 0
-                var l_all: Float32 = 0
-                for c in range(n_splits):
-                    var p = _at(part, ((s * n_splits + c) * units + un) * slot)
-                    var l_c = p[unsafe_offset=ROWS + r]
-                    if l_c == 0:  # an empty chunk (short sequence)
-                        continue
-                    var wgt = _exp0[1](p[unsafe_offset=r] - m_all)
-                    l_all += l_c * wgt
-                    for i in range(d):
-                        dst_buf[unsafe_offset=dst + i] += wgt * p[unsafe_offset=2 * ROWS + r * d + i]
-                var inv = 1.0 / l_all
-                for i in range(d):
-                    dst_buf[unsafe_offset=dst + i] *= inv
 
 
 def store_kv(meta_addr: PythonObject) raises -> PythonObject:

@@ -32,7 +32,7 @@
 #     [0] T [1] x [2] residual [3] positions (int32) [4] slots (int64) [5] block_tables (int32)
 #     [6] M (table width) [7] context_lens (int32) [8] qkv buf [9] q buf [10] attn buf
 #     [11] hidden buf [12] gate_up buf [13] act buf [14] attention scratch [15] attention
-#     partials [16] attention splits [17] workers [18] logits [T, vocab] (with an LM head)
+#     partials [16] attention chunk prefix sums (int32 [T + 1]) [17] workers [18] logits [T, vocab] (with an LM head)
 
 from std.math import exp, sqrt
 from std.os import abort
@@ -322,7 +322,7 @@ struct Step(ImplicitlyCopyable, Movable):
                     _done(ctr, p0 + 2)
                     c = _claim(ctr, p0 + 2)
                 _wait(ctr, p0 + 2, jobs.n_jobs)
-                if jobs.n_splits > 1:
+                if jobs.n_jobs > jobs.n_seqs:  # some sequence has several chunks: merge them
                     if _claim(ctr, p0 + 3) == 0:
                         jobs.merge()
                         _done(ctr, p0 + 3)

@@ -138,12 +138,27 @@ def test_decode_split_counts_agree(splits):
     run_decode(splits, [1500, 70, 1], 9, 3, 64, 16, num_splits=splits)
 
 
+def test_a_sequence_decodes_to_the_same_bits_alone_and_in_any_batch():
+    # Speculative verify rows and other requests share a decode step: a sequence's output must
+    # not depend on them (same chunking, same merge order), or greedy decoding would not be
+    # reproducible across batch compositions.
+    rng = np.random.default_rng(77)
+    ctx_lens = [1500, 7, 700, 300, 1, 2049]
+    tables, n_blocks = shuffled_tables(rng, ctx_lens, 16)
+    k_cache, v_cache = make_cache(rng, n_blocks, 16, 3, 64)
+    q = rng.standard_normal((len(ctx_lens), 9, 64)).astype(np.float32)
+    ctx = np.array(ctx_lens, dtype=np.int32)
+    together = attn.attention_decode(q, k_cache, v_cache, tables, ctx, 0.125)
+    for s in range(len(ctx_lens)):
+        alone = attn.attention_decode(q[s:s + 1], k_cache, v_cache, tables[s:s + 1], ctx[s:s + 1], 0.125)
+        np.testing.assert_array_equal(alone[0], together[s])
+
+
 def test_default_split_policy():
-    assert attn.decode_splits(n_seqs=16, max_ctx=4096, workers=2) == 1
-    assert attn.decode_splits(n_seqs=1, max_ctx=4096, workers=2) == 8
-    assert attn.decode_splits(n_seqs=1, max_ctx=300, workers=2) == 2  # chunks >= 256 keys
-    assert attn.decode_splits(n_seqs=1, max_ctx=100, workers=2) == 1
-    assert attn.decode_splits(n_seqs=1, max_ctx=4096, workers=1) == 1
+    counts = lambda lens, workers: np.diff(attn.decode_splits(np.array(lens), workers)).tolist()  # noqa: E731
+    assert counts([4096, 300, 100, 1], 2) == [8, 2, 1, 1]  # one chunk per 256 keys, at most 8
+    assert counts([4096] * 16, 2) == [8] * 16               # a sequence's own context decides
+    assert counts([4096, 300], 1) == [1, 1]
 
 
 def test_decode_equals_last_prefill_row():

@@ -118,8 +118,12 @@ class CudaRunner(ModelRunner):
             self.capture(greedy_only=True, progress=progress)
 
     # ---------------------------------------------------------------- the step
-    def execute(self, batch: StepBatch, device_rows=None) -> StepOutput:
+    def execute(self, batch: StepBatch, device_rows=None, layers=None) -> StepOutput:
         torch = self.torch
+        if layers is not None:  # a self-speculative draft: eager, every row to the host
+            with torch.no_grad():
+                logits = self.model.device_logits(batch, layers)
+                return StepOutput(tokens=None, logits=logits.float().cpu().numpy())
         L = batch.logits_indices.shape[0]
         # the sampler has max_num_seqs rows; a step with more logits rows (scoring) samples nothing
         rows = device_rows if device_rows is not None and L <= self.max_num_seqs else [None] * L

@@ -113,8 +113,12 @@ class LLM:
         """`model`: None (the default model), a .gguf path, a Hugging Face directory, or an already
         loaded model object (anything with forward/config/tokenizer). `backend`: cpu, cuda, rocm,
         tpu or auto; None means $MOJOLLM_BACKEND, else auto (the CLI's rule). Extra keyword
-        arguments go to Engine (block_size, num_blocks, kv_cache_memory, max_num_batched_tokens, ...)."""
+        arguments go to Engine (block_size, num_blocks, kv_cache_memory, max_num_batched_tokens, ...);
+        `speculative` turns on speculative decoding: a method name ("ngram", "self", "draft") or a
+        dict of mojollm.engine.speculative.SpeculativeConfig's fields, e.g.
+        {"method": "draft", "draft_model": "path/to/small.gguf", "num_tokens": 4}."""
         from mojollm.engine.engine import Engine
+        from mojollm.engine.speculative import SpeculativeConfig
 
         if model is not None and hasattr(model, "forward") and hasattr(model, "tokenizer"):
             self.model = model
@@ -126,7 +130,16 @@ class LLM:
             self.backend = get_backend(backend)
             self.model = load_model(model, self.backend, progress=progress)
         self.tokenizer = self.model.tokenizer
-        self.engine = Engine(self.model, progress=progress, **engine_kwargs)
+        speculative = SpeculativeConfig.of(engine_kwargs.pop("speculative", None))
+        draft = None
+        if speculative is not None and speculative.method == "draft":
+            draft = speculative.draft_model
+            if not (hasattr(draft, "forward") and hasattr(draft, "config")):
+                from mojollm.models import load_model
+
+                draft = load_model(draft, self.backend, progress=progress)
+        self.engine = Engine(self.model, progress=progress, speculative=speculative, draft_model=draft,
+                             **engine_kwargs)
         # newest output of every request, whoever stepped the engine (streams and generate calls
         # may interleave on one LLM; each takes only its own requests' outputs)
         self._latest: dict[str, object] = {}

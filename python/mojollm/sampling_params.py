@@ -32,6 +32,7 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0      # beam score = sum logprob / (generated tokens ** length_penalty)
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = None  # speculative decoding: None = the engine's k, 0 = off
 
     def __post_init__(self) -> None:
         self.stop = _as_list(self.stop, "stop", str, "strings")
@@ -70,6 +71,9 @@ class SamplingParams:
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             bad(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
+        if self.num_speculative_tokens is not None and (not _is_int(self.num_speculative_tokens)
+                                                        or self.num_speculative_tokens < 0):
+            bad(f"num_speculative_tokens must be None or an integer >= 0, got {self.num_speculative_tokens!r}")
         if not _is_int(self.beam_width) or self.beam_width < 1:
             bad(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
         if not _is_num(self.length_penalty) or abs(self.length_penalty) == float("inf") or self.length_penalty != self.length_penalty:

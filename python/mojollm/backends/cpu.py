@@ -139,20 +139,31 @@ class CpuRunner(ModelRunner):
 
     def __init__(self, model, max_num_seqs: int, max_model_len: int):
         super().__init__(model, max_num_seqs, max_model_len)
-        self.program = None
+        self.programs = {}  # layers run (None: all) -> DecodeProgram, when the model has a fused step
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, progress=None) -> None:
         from mojollm.kernels.decode import DecodeProgram
 
         super().allocate_kv_cache(num_blocks, block_size, progress)
         if os.environ.get("MOJOLLM_CPU_FUSED_DECODE", "1") != "0" and hasattr(self.model, "layers"):
-            self.program = DecodeProgram.for_model(self.model, self.max_num_seqs)
+            program = DecodeProgram.for_model(self.model, self.max_num_seqs)
+            if program is not None:
+                self.programs[None] = program
 
-    def execute(self, batch, device_rows=None) -> StepOutput:
+    @property
+    def program(self):
+        return self.programs.get(None)
+
+    def execute(self, batch, device_rows=None, layers=None) -> StepOutput:
+        from mojollm.kernels.decode import DecodeProgram
+
         S = batch.num_seqs
-        if (self.program is None or not batch.is_decode or S > self.program.max_seqs
+        if (self.program is None or not batch.is_decode
                 or not np.array_equal(batch.logits_indices, np.arange(S))):
-            return super().execute(batch, device_rows)
+            return super().execute(batch, device_rows, layers)
+        key = None if layers is None else tuple(layers)
+        if key not in self.programs:
+            self.programs[key] = DecodeProgram(self.model, self.max_num_seqs, layers=layers)
         m = self.model
-        x, logits = self.program.run(batch)
+        x, logits = self.programs[key].run(batch)
         return StepOutput(tokens=None, logits=logits if logits is not None else m.backend.linear(x, m.lm_head))

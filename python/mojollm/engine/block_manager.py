@@ -209,6 +209,13 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's computed tokens (slots of rejected speculative
+        drafts: they were never offered to the prefix cache)."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            self._decref(seq.block_table.pop())
+
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache (after a step ran them)."""
         if not self.enable_prefix_caching:

@@ -25,9 +25,10 @@ import numpy as np
 from mojollm.engine.block_manager import BlockManager
 from mojollm.engine.metrics import EngineStats
 from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, create_runner
-from mojollm.engine.sampler import Sampler, beam_candidates, beam_score, log_softmax
+from mojollm.engine.sampler import Sampler, beam_candidates, beam_score, filtered_candidates, log_softmax
 from mojollm.engine.scheduler import Scheduler, SchedulerOutput
 from mojollm.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
+from mojollm.engine.speculative import SpeculativeConfig, SpecState, accept_draft, make_proposer
 from mojollm.sampling_params import SamplingParams
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_blocks nor kv_cache_memory is given
@@ -70,7 +71,7 @@ class Engine:
                  kv_cache_memory: int | str | None = None, max_num_batched_tokens: int | None = None,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int | None = None, clock=time.perf_counter,
-                 progress=None):
+                 progress=None, speculative=None, draft_model=None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model = model
@@ -118,6 +119,11 @@ class Engine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
+        # speculative decoding (engine/speculative.py): None, or the config and its proposer
+        self.speculative = SpeculativeConfig.of(speculative)
+        self.proposer = None if self.speculative is None else make_proposer(self.speculative, self, draft_model)
+        if self.proposer is not None:
+            self.scheduler.on_release = self.proposer.release
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: Iterable[int], params: SamplingParams | None = None,
@@ -140,6 +146,8 @@ class Engine:
         req = Request(request_id, ids, params, arrival, int(priority), prompt, score_only=_score_only)
         req.base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2 ** 63))
         req.seqs[0].rng = np.random.default_rng([req.base_seed, 0])
+        if self._may_speculate(req):
+            req.seqs[0].spec = SpecState()
         self.requests[request_id] = req
         limit = self.max_model_len if _score_only else self.max_model_len - 1
         if len(ids) > limit:
@@ -164,7 +172,21 @@ class Engine:
             raise ValueError(f"beam_width ({params.beam_width}) exceeds max_num_seqs ({self.scheduler.max_num_seqs})")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        k = params.num_speculative_tokens
+        if k:
+            if self.speculative is None:
+                raise ValueError("num_speculative_tokens needs an engine with speculative decoding "
+                                 "(LLM(..., speculative=...) or --speculative)")
+            if k > self.speculative.num_tokens:
+                raise ValueError(f"num_speculative_tokens ({k}) exceeds the engine's "
+                                 f"({self.speculative.num_tokens})")
         return params
+
+    def _may_speculate(self, req: Request) -> bool:
+        """Speculation serves plain requests: one sample, no beams, no scoring, not turned off."""
+        p = req.params
+        return (self.proposer is not None and not req.score_only and not p.use_beam_search and p.n == 1
+                and p.num_speculative_tokens != 0)
 
     def _check_beams_fit(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Beam search needs all its beams in the pool at once (they advance in lockstep): refuse a
@@ -221,8 +243,12 @@ class Engine:
         """Run one model step; returns the outputs of requests that advanced or finished."""
         outputs, self._pending_outputs = self._pending_outputs, []
         t0 = self.clock()
+        if self.proposer is not None:
+            self._ask_lookahead()
         plan = self.scheduler.schedule()
         self.stats.schedule_time += self.clock() - t0
+        if self.proposer is not None:
+            self._propose(plan)
         self.stats.preemptions += len(plan.preempted)
         self.stats.recomputed_tokens += plan.num_recomputed_tokens
         if plan.is_empty:
@@ -236,7 +262,7 @@ class Engine:
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = t0
                 m.num_cached_tokens = s.seq.num_cached_tokens
-            if s.num_new_tokens == 1:
+            if s.num_new_tokens - s.num_drafts == 1:
                 self.stats.decode_tokens += 1
             else:
                 self.stats.prefill_tokens += s.num_new_tokens
@@ -283,6 +309,8 @@ class Engine:
                     raise FloatingPointError("the model produced NaN/inf logits")
                 if req.score_only:
                     self._score_rows(seq, rows, seq.num_computed_tokens - s.num_new_tokens)
+                elif s.num_drafts:
+                    self._verify(seq, rows, s.num_drafts)
                 elif req.params.use_beam_search:
                     seq.pending_logits = np.array(rows[0], dtype=np.float32)
                 else:
@@ -336,8 +364,89 @@ class Engine:
     def _append_sampled(self, seq: Sequence, token: int) -> None:
         seq.append_token(token)
         seq.request.metrics.num_generated_tokens += 1
-        seq.request.new_tokens_this_step = True
+        seq.request.new_tokens_this_step += 1
         self._check_stop(seq, token)
+
+    # ---------------------------------------------------------------- speculative decoding
+    def _ask_lookahead(self) -> None:
+        """Before scheduling: how many draft slots each decoding sequence asks for (0 when the
+        batch is too large to gain, or the request stopped speculating for a while)."""
+        running = self.scheduler.running
+        on = len(running) <= self.speculative.max_batch
+        for seq in running:
+            seq.num_lookahead = 0
+            spec = seq.spec
+            if not on or spec is None or seq.num_uncomputed_tokens != 1 or spec.off_until_step > self.stats.steps:
+                continue
+            p = seq.request.params
+            k = min(p.num_speculative_tokens or self.speculative.num_tokens,
+                    p.max_tokens - seq.num_output_tokens - 1,       # the bonus token is one more
+                    self.max_model_len - seq.num_tokens - 1)
+            if k > 0:
+                seq.num_lookahead = self.proposer.lookahead(seq, k)
+
+    def _propose(self, plan: SchedulerOutput) -> None:
+        """After scheduling: the drafts of the sequences that got draft slots, then the batch."""
+        spec = [(s.seq, s.num_drafts) for s in plan.scheduled if s.num_drafts]
+        if spec:
+            t = self.clock()
+            self.proposer.propose(spec)
+            self.stats.propose_time += self.clock() - t
+        self.scheduler.build_batch(plan)
+
+    def _verify(self, seq: Sequence, rows: np.ndarray, k: int) -> None:
+        """Keep the drafts the target agrees with (rows[j]: the target after draft j; rows[k]
+        gives one token more when all pass), append them and the target's own next token, and
+        roll the rejected drafts' slots back. Greedy: exact match with the target's argmax.
+        Sampling: the rejection rule (speculative.accept_draft), so tokens follow the target."""
+        req, spec = seq.request, seq.spec
+        params = req.params
+        drafts, q = spec.drafts[:k], spec.draft_probs
+        accepted = 0
+        for j in range(k + 1):
+            row = rows[j]
+            if j == k:
+                token, ok = self.sampler.sample(row, seq), False
+            elif params.greedy:
+                token = self.sampler.sample(row, seq)
+                ok = token == drafts[j]
+            else:
+                ids, p = filtered_candidates(self.sampler.processed_logits(row, seq), params)
+                ok, token = accept_draft(ids, p, drafts[j], None if q is None else q[j], seq.rng)
+            if params.logprobs is not None:
+                lp, entry = self.sampler.logprob_entry(row, token, params.logprobs)
+                seq.cumulative_logprob += lp
+                seq.output_logprobs.append(entry)
+            self._append_sampled(seq, token)
+            if ok:
+                accepted += 1
+                seq.num_computed_tokens += 1  # the draft's own row ran with this very token
+            if not ok or seq.is_finished:
+                break
+        spec.drafts, spec.draft_probs = [], None
+        m = req.metrics
+        m.num_spec_steps += 1
+        m.num_spec_proposed += k
+        m.num_spec_accepted += accepted
+        self.stats.spec_steps += 1
+        self.stats.spec_proposed += k
+        self.stats.spec_accepted += accepted
+        if not seq.is_finished:
+            self.block_manager.cache_computed_blocks(seq)
+            self.block_manager.trim(seq)
+        cfg = self.speculative
+        spec.recent.append((k, accepted))
+        while sum(n for n, _ in spec.recent) - spec.recent[0][0] >= cfg.window:
+            spec.recent.pop(0)
+        proposed = sum(n for n, _ in spec.recent)
+        if proposed >= cfg.window:
+            if sum(a for _, a in spec.recent) < cfg.min_acceptance * proposed:
+                # it does not pay here: pause, twice as long each time it fails again
+                spec.backoff = min(2 * spec.backoff, 64 * cfg.retry) if spec.backoff else cfg.retry
+                spec.off_until_step = self.stats.steps + spec.backoff
+                spec.recent.clear()
+            else:
+                spec.backoff = 0
 
     def _device_rows(self, plan: SchedulerOutput) -> list[Sequence | None]:
         """Per logits row, the sequence the runner samples on the device, or None when the row
@@ -475,7 +584,7 @@ class Engine:
                 self._add_hypothesis(req, seq, [], cum, None, None, "length", None)
                 seq.finish_reason = "length"
                 self.scheduler.finish(seq)
-        req.new_tokens_this_step = True
+        req.new_tokens_this_step = 1
         req.seqs = [s for s in req.seqs if not s.is_finished]
         if not req.seqs or self._beam_search_done(req):
             for s in req.seqs:
@@ -522,13 +631,18 @@ class Engine:
         """Token timing, and the request's end once every sequence has finished.
         Returns whether the request produced tokens this step."""
         m = req.metrics
-        advanced = req.new_tokens_this_step
+        count = req.new_tokens_this_step
+        advanced = count > 0
         if advanced:
-            req.new_tokens_this_step = False
+            req.new_tokens_this_step = 0
             if m.first_token_time is None:
                 m.first_token_time = now
-            else:
-                m.inter_token_latencies.append(now - m.last_token_time)
+                count -= 1  # the others came with it (speculative decoding): same instant
+            if m.last_token_time is not None and count > 0:
+                # one latency per token of a single-stream request (a verified speculative step
+                # yields several at once); one per step for n > 1 samples and beams
+                per_seq = count if req.params.n == 1 and not req.params.use_beam_search else 1
+                m.inter_token_latencies.extend([(now - m.last_token_time) / per_seq] * per_seq)
             m.last_token_time = now
         if req.score_only:
             if req.seqs[0].is_finished:

@@ -23,7 +23,10 @@ class RequestMetrics:
     num_cached_tokens: int = 0          # prompt tokens reused from the prefix cache
     num_generated_tokens: int = 0       # over all samples / beams
     num_preemptions: int = 0
-    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between token steps
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between tokens
+    num_spec_steps: int = 0             # speculative decoding: verify steps,
+    num_spec_proposed: int = 0          # draft tokens proposed,
+    num_spec_accepted: int = 0          # and accepted by the target
 
     @property
     def queue_time(self) -> float | None:
@@ -52,6 +55,16 @@ class RequestMetrics:
             return None
         return (len(self.inter_token_latencies) or self.num_generated_tokens - 1) / t
 
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens (None without speculation)."""
+        return self.num_spec_accepted / self.num_spec_proposed if self.num_spec_proposed else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens a verify step yields on average: accepted drafts + the target's own one."""
+        return (self.num_spec_accepted + self.num_spec_steps) / self.num_spec_steps if self.num_spec_steps else None
+
     def as_dict(self) -> dict:
         def ms(v):
             return None if v is None else round(v * 1e3, 3)
@@ -67,6 +80,8 @@ class RequestMetrics:
             if self.inter_token_latencies else None,
             "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 3),
             "preemptions": self.num_preemptions,
+            "spec_acceptance_rate": self.spec_acceptance_rate,
+            "spec_mean_accepted_length": self.spec_mean_accepted_length,
         }
 
 
@@ -80,9 +95,22 @@ class EngineStats:
     forward_time: float = 0.0
     sample_time: float = 0.0
     schedule_time: float = 0.0
+    propose_time: float = 0.0   # speculative decoding: drafting,
+    spec_steps: int = 0         # sequences' verify steps,
+    spec_proposed: int = 0      # draft tokens proposed,
+    spec_accepted: int = 0      # and accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        return (self.spec_accepted + self.spec_steps) / self.spec_steps if self.spec_steps else None
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "spec_acceptance_rate": self.spec_acceptance_rate,
+                "spec_mean_accepted_length": self.spec_mean_accepted_length}
 
 
 def summarize(outputs, wall_time: float) -> dict:

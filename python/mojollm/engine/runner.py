@@ -5,7 +5,7 @@ it itself (`device_rows[r]` is that row's Sequence) or must hand the row back (N
 teacher-forced scoring, the first draw of n > 1 samples, penalties, logprobs). The runner returns
 the sampled token ids and the handed-back rows only:
 
-    runner.execute(batch, device_rows) -> StepOutput(tokens [L] int32, logits [L_host, V] float32)
+    runner.execute(batch, device_rows, layers=None) -> StepOutput(tokens [L] int32, logits [L_host, V] float32)
 
 `tokens[r]` is the token drawn for a device row r (-1 for host rows, and -2 when row r's logits
 were not finite, so the engine fails that request); `logits` holds the host rows in order.
@@ -50,8 +50,11 @@ class ModelRunner:
         """The KV pool, and whatever the runner prepares with it (graphs); `progress(msg)` reports."""
         self.model.allocate_kv_cache(num_blocks, block_size)
 
-    def execute(self, batch: StepBatch, device_rows: list[Sequence | None] | None = None) -> StepOutput:
-        return StepOutput(tokens=None, logits=np.asarray(self.model.forward(batch)))
+    def execute(self, batch: StepBatch, device_rows: list[Sequence | None] | None = None,
+                layers: list[int] | None = None) -> StepOutput:
+        """layers: run only these layers of the model (a self-speculative draft; every row to the host)."""
+        logits = self.model.forward(batch) if layers is None else self.model.forward(batch, layers)
+        return StepOutput(tokens=None, logits=np.asarray(logits))
 
 
 # ---- shape buckets of runners that compile or capture per shape (cuda graphs, jax.jit)

@@ -12,8 +12,14 @@ after a copy-on-write. The scheduler fills a budget of `max_num_batched_tokens`:
 2. then waiting sequences, in the same order, while the budget, `max_num_seqs` and the pool
    allow; each first reuses the longest cached prefix of its tokens.
 
-The result is one StepBatch (engine/step.py) plus which rows of the returned logits belong to
-which sequence.
+Speculative decoding: a decoding sequence may ask for `num_lookahead` more slots than its one
+token (the engine sets it before scheduling); it gets them when the budget and pool allow, and
+its drafts (Sequence.spec.drafts, filled by the proposer after scheduling) run as extra rows
+whose logits all come back. The rows a verification rejects are rolled back by the engine.
+
+The result is a plan (which sequences run how many tokens), turned into one StepBatch
+(engine/step.py) by build_batch once the drafts are known, plus which rows of the returned
+logits belong to which sequence.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class ScheduledSeq:
     num_new_tokens: int
     logits_start: int = -1      # first row of this sequence in the step's logits (-1: none)
     num_logits: int = 0         # 1 for the last token of the sequence, all new tokens when scoring
+    num_drafts: int = 0         # speculative tokens among the new ones (after its one real token)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Scheduler:
         # both kept sorted by Sequence.priority_key: the head runs first, the tail is preempted first
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.on_release = None  # called with a sequence that gives its blocks back (a draft model's too)
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -83,10 +91,16 @@ class Scheduler:
         self.block_manager.free(seq, uncache=uncache)
         seq.status = SequenceStatus.FINISHED
         seq.pending_logits = None
+        seq.num_lookahead = 0
+        if self.on_release is not None:
+            self.on_release(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.num_lookahead = 0
         self.block_manager.free(seq)
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.pending_logits = None  # recomputed with the prefix
         seq.request.metrics.num_preemptions += 1
         self.add(seq)
@@ -112,7 +126,10 @@ class Scheduler:
                 continue
             if bm.needs_copy_on_write(seq):
                 recomputed += bm.copy_on_write(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            drafts = seq.num_lookahead if seq.num_uncomputed_tokens == 1 else 0
+            n = min(seq.num_uncomputed_tokens + drafts, budget)
+            if drafts and not bm.allocate_slots(seq, n):  # no room to speculate: one token then
+                n = 1
             while not bm.allocate_slots(seq, n):
                 victim = self.running[-1]  # lowest priority
                 self.preempt(victim)
@@ -120,7 +137,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSeq(seq, n))
+                scheduled.append(ScheduledSeq(seq, n, num_drafts=n - min(n, seq.num_uncomputed_tokens)))
                 budget -= n
                 i += 1
                 continue
@@ -152,11 +169,24 @@ class Scheduler:
             out = self.schedule()
             out.preempted[:0] = victims
             return out
-        return SchedulerOutput(scheduled, self._build_batch(scheduled) if scheduled else None,
+        drafts = any(s.num_drafts for s in scheduled)
+        return SchedulerOutput(scheduled, self._build_batch(scheduled) if scheduled and not drafts else None,
                                preempted, recomputed)
 
+    def build_batch(self, out: SchedulerOutput) -> None:
+        """The StepBatch of a plan with speculating sequences (schedule() builds the others), once
+        their drafts are known: each gets as many draft rows as it has drafts (at most the
+        slots it was given)."""
+        if out.batch is not None or not out.scheduled:
+            return
+        for s in out.scheduled:
+            if s.num_drafts:
+                s.num_drafts = min(s.num_drafts, len(s.seq.spec.drafts))
+                s.num_new_tokens = s.seq.num_uncomputed_tokens + s.num_drafts
+        out.batch = self._build_batch(out.scheduled)
+
     def _build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
-        if all(s.num_new_tokens == 1 and not s.seq.request.score_only for s in scheduled):
+        if all(s.num_new_tokens - s.num_drafts == 1 and not s.seq.request.score_only for s in scheduled):
             return self._build_decode_batch(scheduled)
         bs = self.block_size
         num_tokens = sum(s.num_new_tokens for s in scheduled)
@@ -175,7 +205,8 @@ class Scheduler:
             table = np.asarray(seq.block_table, dtype=np.int32)
             block_tables[i, :table.shape[0]] = table
             pos = np.arange(start, start + n, dtype=np.int32)
-            token_ids[t:t + n] = seq.token_ids[start:start + n]
+            token_ids[t:t + n - s.num_drafts] = seq.token_ids[start:start + n - s.num_drafts]
+            token_ids[t + n - s.num_drafts:t + n] = seq.spec.drafts[:s.num_drafts] if s.num_drafts else []
             positions[t:t + n] = pos
             slot_mapping[t:t + n] = table[pos // bs].astype(np.int64) * bs + pos % bs
             context_lens[i] = start + n
@@ -183,6 +214,9 @@ class Scheduler:
             if seq.request.score_only:  # every token's logits (teacher-forced scoring)
                 s.logits_start, s.num_logits = len(logits_indices), n
                 logits_indices.extend(range(t, t + n))
+            elif s.num_drafts:  # the last real token and every draft: the target's verdicts
+                s.logits_start, s.num_logits = len(logits_indices), s.num_drafts + 1
+                logits_indices.extend(range(t + n - s.num_drafts - 1, t + n))
             elif start + n == seq.num_tokens:  # the chunk reaches the last token: sample after it
                 s.logits_start, s.num_logits = len(logits_indices), 1
                 logits_indices.append(t + n - 1)
@@ -200,35 +234,41 @@ class Scheduler:
 
     def _build_decode_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         """The same plan when every sequence runs exactly its last token (the steady state of
-        decoding): plain Python ints, one array per field (a decode step of 64 sequences is
-        otherwise dominated by small numpy calls)."""
+        decoding), plus any drafts: plain Python ints, one array per field (a decode step of 64
+        sequences is otherwise dominated by small numpy calls). A speculating sequence's k + 1
+        tokens become k + 1 rows of their own, each with the context up to itself (the decode
+        attention's causal mask), sharing the sequence's block table."""
         bs = self.block_size
-        S = len(scheduled)
-        ids, pos, slots = [0] * S, [0] * S, [0] * S
+        ids, pos, slots, tables = [], [], [], []
         width = max(len(s.seq.block_table) for s in scheduled)
-        tables = [None] * S
-        for i, s in enumerate(scheduled):
+        for s in scheduled:
             seq = s.seq
             p = seq.num_computed_tokens
             table = seq.block_table
-            ids[i], pos[i] = seq.token_ids[p], p
-            slots[i] = table[p // bs] * bs + p % bs
-            tables[i] = table + [0] * (width - len(table))
-            s.logits_start, s.num_logits = i, 1
+            padded = table + [0] * (width - len(table))
+            s.logits_start, s.num_logits = len(ids), 1 + s.num_drafts
+            for j, tok in enumerate([seq.token_ids[p], *seq.spec.drafts[:s.num_drafts]] if s.num_drafts
+                                    else [seq.token_ids[p]]):
+                ids.append(tok)
+                pos.append(p + j)
+                slots.append(table[(p + j) // bs] * bs + (p + j) % bs)
+                tables.append(padded)
+        T = len(ids)
         positions = np.array(pos, dtype=np.int32)
         return StepBatch(
             token_ids=np.array(ids, dtype=np.int32),
             positions=positions,
             slot_mapping=np.array(slots, dtype=np.int64),
-            block_tables=np.array(tables, dtype=np.int32).reshape(S, width),
+            block_tables=np.array(tables, dtype=np.int32).reshape(T, width),
             context_lens=positions + 1,
-            cu_seqlens_q=np.arange(S + 1, dtype=np.int32),
-            logits_indices=np.arange(S, dtype=np.int32),
+            cu_seqlens_q=np.arange(T + 1, dtype=np.int32),
+            logits_indices=np.arange(T, dtype=np.int32),
             is_decode=True,
         )
 
     def step_done(self, out: SchedulerOutput) -> None:
-        """The model ran the plan: advance the sequences and offer full blocks to the prefix cache."""
+        """The model ran the plan: advance the sequences and offer full blocks to the prefix cache.
+        Drafts count only once the engine's verification accepts them."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens - s.num_drafts
             self.block_manager.cache_computed_blocks(s.seq)

@@ -54,6 +54,9 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict] = []
         self.pending_logits: np.ndarray | None = None  # beam search: waits for its sibling beams
+        # speculative decoding: slots asked for the next step's drafts, and the drafts' state
+        self.num_lookahead = 0
+        self.spec = None  # engine.speculative.SpecState while the request may speculate
         # detokenizer state (vLLM's incremental detokenization offsets)
         self.output_text = ""
         self.prefix_offset = max(num_prompt_tokens - 5, 0)
@@ -136,7 +139,7 @@ class Request:
         self.base_seed = 0                     # sample k draws from default_rng([base_seed, k])
         self.finished = False
         self.error: str | None = None
-        self.new_tokens_this_step = False
+        self.new_tokens_this_step = 0  # tokens appended to its sequences this step
         self.stop_token_set = set(params.stop_token_ids or ())
         self.stop_strings = list(params.stop or [])
         self.max_stop_len = max((len(s) for s in self.stop_strings), default=0)

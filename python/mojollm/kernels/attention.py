@@ -158,14 +158,29 @@ def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
     return out
 
 
-def decode_splits(n_seqs: int, max_ctx: int, workers: int) -> int:
-    """How many key chunks per sequence (flash-decoding). A decode job is one sequence with
-    all its heads; when there are fewer sequences than 4 jobs per worker (for balance), split
-    each into chunks of >= 256 keys."""
-    target = 4 * workers
-    if workers <= 1 or n_seqs >= target:
-        return 1
-    return max(1, min(math.ceil(target / n_seqs), math.ceil(max_ctx / 256)))
+SPLIT_KEYS = 256  # flash-decoding: a sequence's keys are cut into chunks of about this many
+MAX_SPLITS = 8
+
+
+def decode_splits(context_lens: np.ndarray, workers: int, num_splits: int | None = None) -> np.ndarray:
+    """Prefix sums [S + 1] (int32) of each sequence's key chunk count (flash-decoding): one per
+    SPLIT_KEYS keys, at most MAX_SPLITS, one on a single worker. A count depends on that
+    sequence's own context only, so a sequence's attention is the same bits whatever else the
+    batch holds (speculative verify rows, other requests). num_splits: that many chunks for
+    every sequence, of whole 64-key blocks (tests)."""
+    lens = np.asarray(context_lens, dtype=np.int64)
+    if num_splits is not None:
+        counts = np.minimum(num_splits, -(-lens // 64))
+    elif workers <= 1:
+        counts = np.ones_like(lens)
+    else:
+        counts = np.clip(-(-lens // SPLIT_KEYS), 1, MAX_SPLITS)
+    return np.concatenate([[0], np.cumsum(np.maximum(counts, 1))]).astype(np.int32)
+
+
+def partial_floats(first: np.ndarray, units: int, h: int, kvh: int, d: int) -> int:
+    """Floats of the split partials for chunk prefix sums `first`: a slot per chunk and unit."""
+    return int(first[-1]) * units * min(_info["rows"], h // kvh) * (d + 2)
 
 
 def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
@@ -183,19 +198,15 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
         return out
     workers = _workers()
     rows = _info["rows"]
-    if num_splits is None:
-        splits = decode_splits(n_seqs, int(context_lens.max()), workers)
-    else:
-        splits = int(num_splits)
-        if splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        splits = min(splits, math.ceil(int(context_lens.max()) / 64))  # chunks are whole 64-key blocks
+    if num_splits is not None and int(num_splits) < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    first = decode_splits(context_lens, workers, num_splits)
     units = kvh * math.ceil((h // kvh) / rows)  # row tiles of one sequence: kv heads x group-head tiles
-    partial = _buffer("partial", n_seqs * splits * units * rows * (d + 2) if splits > 1 else 1)
+    partial = _buffer("partial", partial_floats(first, units, h, kvh, d))
     scratch = _scratch(d, units)
     meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
                  context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data, partial.ctypes.data,
-                 n_seqs, h, kvh, d, b, block_tables.shape[1], splits, workers)
+                 n_seqs, h, kvh, d, b, block_tables.shape[1], first.ctypes.data, workers)
     _kernels().attention_decode(meta.ctypes.data, sc)
     return out
 

@@ -54,25 +54,27 @@ def unsupported_reason(model) -> str | None:
 
 
 class DecodeProgram:
-    def __init__(self, model, max_seqs: int, team: bool = True):
+    def __init__(self, model, max_seqs: int = 1, team: bool = True, layers: list[int] | None = None):
         """team=False runs every op alone on the calling thread with its kernel's own threads
-        (the layout before the worker team; tests compare both)."""
+        (the layout before the worker team; tests compare both). layers: run only these layers,
+        in order, then the final norm and the LM head (a self-speculative draft)."""
         c = model.config
         self.model = model
-        self.max_seqs = max_seqs
+        self.layers = list(range(len(model.layers))) if layers is None else list(layers)
         self.hidden, self.h, self.kvh, self.d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.f = c.intermediate_size
         self.eps, self.scale = float(c.rms_norm_eps), float(model.scale)
         self._arrays = []  # everything whose address the program holds stays alive here
         rot = int(np.asarray(model.cos_sin).shape[1])
-        table = [len(model.layers), self.hidden, self.h, self.kvh, self.d, self.f, rot, int(c.rope_neox),
+        table = [len(self.layers), self.hidden, self.h, self.kvh, self.d, self.f, rot, int(c.rope_neox),
                  self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0 if team else 1,
                  default_dot()]
         head = model.lm_head
         self.fused_head = isinstance(head, QuantLinear) and head.qtype in _CODES and not head._packed
         table += [head._addr, _CODES[head.qtype], head.out_features] if self.fused_head else [0, 0, 0]
         self.vocab = head.out_features if self.fused_head else 0
-        for i, layer in enumerate(model.layers):
+        for i in self.layers:
+            layer = model.layers[i]
             k_cache, v_cache = model.kv_caches[i]
             q, k, v = (layer.qkv, None, None) if layer.qkv is not None else layer.q_k_v[:3]
             table += [self._addr(layer.attn_norm), q._addr, _CODES[q.qtype],
@@ -82,9 +84,12 @@ class DecodeProgram:
                       k._addr if k is not None else 0, _CODES[k.qtype] if k is not None else 0,
                       v._addr if v is not None else 0, _CODES[v.qtype] if v is not None else 0]
         self.table = np.array(table, dtype=np.int64)
-        # step buffers, sized once for max_seqs rows
-        S, row = max_seqs, (self.h + 2 * self.kvh) * self.d
-        self.buffers = {name: np.empty((S, n), np.float32) for name, n in (
+        self.buffers = self._step_buffers(max_seqs)
+
+    def _step_buffers(self, rows: int) -> dict[str, np.ndarray]:
+        """Every intermediate of a step of `rows` rows (they grow with the largest step seen)."""
+        row = (self.h + 2 * self.kvh) * self.d
+        return {name: np.empty((rows, n), np.float32) for name, n in (
             ("x", self.hidden), ("residual", self.hidden), ("qkv", row), ("q", self.h * self.d),
             ("attn", self.h * self.d), ("hbuf", self.hidden), ("gate_up", 2 * self.f), ("act", self.f))}
 
@@ -102,9 +107,11 @@ class DecodeProgram:
         when the LM head runs inside the step, its logits [S, vocab] (else None)."""
         m, b = self.model, self.model.backend
         S = batch.num_seqs
-        if not batch.is_decode or S > self.max_seqs:
-            raise ValueError(f"the fused step runs decode steps of at most {self.max_seqs} sequences")
+        if not batch.is_decode:
+            raise ValueError("the fused step runs decode steps (one token per row)")
         m._check_batch(batch)
+        if S > self.buffers["x"].shape[0]:
+            self.buffers = self._step_buffers(S)
         nb = m.kv_caches[0][0].shape[0]
         attention._check_tables(batch.block_tables, batch.context_lens, S, nb, m.block_size)
         if int(batch.slot_mapping.min()) < 0 or int(batch.slot_mapping.max()) >= nb * m.block_size:
@@ -112,22 +119,22 @@ class DecodeProgram:
         buf = {k: v[:S] for k, v in self.buffers.items()}
         residual = b.embedding(m.embed, batch.token_ids)
         buf["residual"][...] = residual
-        buf["x"][...] = b.rms_norm(residual, m.layers[0].attn_norm, m.config.rms_norm_eps)
+        buf["x"][...] = b.rms_norm(residual, m.layers[self.layers[0]].attn_norm, m.config.rms_norm_eps)
         positions = np.ascontiguousarray(batch.positions, np.int32)
         slots = np.ascontiguousarray(batch.slot_mapping, np.int64)
         tables = np.ascontiguousarray(batch.block_tables, np.int32)
         lens = np.ascontiguousarray(batch.context_lens, np.int32)
         workers = attention._workers()
-        splits = attention.decode_splits(S, int(lens.max()), workers)
+        first = attention.decode_splits(lens, workers)
         rows = attention._info["rows"]
         units = self.kvh * -(-(self.h // self.kvh) // rows)
-        partial = attention._buffer("partial", S * splits * units * rows * (self.d + 2) if splits > 1 else 1)
+        partial = attention._buffer("partial", attention.partial_floats(first, units, self.h, self.kvh, self.d))
         scratch = attention._scratch(self.d, units)
         step = np.array([S, buf["x"].ctypes.data, buf["residual"].ctypes.data, positions.ctypes.data,
                          slots.ctypes.data, tables.ctypes.data, tables.shape[1], lens.ctypes.data,
                          buf["qkv"].ctypes.data, buf["q"].ctypes.data, buf["attn"].ctypes.data,
                          buf["hbuf"].ctypes.data, buf["gate_up"].ctypes.data, buf["act"].ctypes.data,
-                         scratch.ctypes.data, partial.ctypes.data, splits, workers], dtype=np.int64)
+                         scratch.ctypes.data, partial.ctypes.data, first.ctypes.data, workers], dtype=np.int64)
         logits = np.empty((S, self.vocab), np.float32) if self.fused_head else None
         step = np.append(step, logits.ctypes.data if logits is not None else 0)
         _kernels().decode_step(self.table.ctypes.data, step.ctypes.data, self.eps, self.scale)

@@ -144,14 +144,16 @@ class LlamaModel:
         return self.kv_caches
 
     # ---- forward ----
-    def forward(self, batch: StepBatch) -> np.ndarray:
-        """Run one step; returns float32 logits [len(batch.logits_indices), vocab] on the host."""
-        logits = self.device_logits(batch)
+    def forward(self, batch: StepBatch, layers: list[int] | None = None) -> np.ndarray:
+        """Run one step; returns float32 logits [len(batch.logits_indices), vocab] on the host.
+        layers: run only these layers, in order, then the final norm and the LM head (a draft of
+        the model itself for speculative decoding; their KV rows are written as usual)."""
+        logits = self.device_logits(batch, layers)
         if logits is None:  # a step of prefill chunks that all stop short of their last token
             return np.zeros((0, self.config.vocab_size), dtype=np.float32)
         return self.backend.to_numpy(logits)
 
-    def device_logits(self, batch: StepBatch):
+    def device_logits(self, batch: StepBatch, layers: list[int] | None = None):
         """forward's logits left on the backend (None when no row wants logits)."""
         self._check_batch(batch)
         b = self.backend
@@ -169,10 +171,10 @@ class LlamaModel:
             b.asarray(batch.token_ids, "int32"), b.asarray(batch.positions, "int32"),
             b.asarray(batch.slot_mapping, "int64"), b.asarray(batch.block_tables, "int32"),
             b.asarray(batch.context_lens, "int32"), b.asarray(batch.cu_seqlens_q, "int32"),
-            batch.is_decode, rows_t, fresh_lens=fresh)
+            batch.is_decode, rows_t, fresh_lens=fresh, layers=layers)
 
     def compute_logits(self, ids, positions, slots, block_tables, context_lens, cu_seqlens_q, is_decode: bool,
-                       logits_rows, fresh_lens: tuple[int, ...] | None = None):
+                       logits_rows, fresh_lens: tuple[int, ...] | None = None, layers: list[int] | None = None):
         """The step on backend tensors (the StepBatch fields, already on the device); returns the
         logits [L, vocab] of rows `logits_rows` (an int64 tensor, `...` for every row, None for no
         row: then only the KV cache is written and None is returned). No host synchronisation, so
@@ -181,9 +183,12 @@ class LlamaModel:
         b, c = self.backend, self.config
         T = ids.shape[0]
         H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        run = range(len(self.layers)) if layers is None else layers
         residual = b.embedding(self.embed, ids)                             # [T, hidden]
-        x = b.rms_norm(residual, self.layers[0].attn_norm, c.rms_norm_eps)
-        for i, layer in enumerate(self.layers):
+        x = b.rms_norm(residual, self.layers[run[0]].attn_norm, c.rms_norm_eps)
+        for n, i in enumerate(run):
+            layer = self.layers[i]
+            last = n + 1 == len(run)
             k_cache, v_cache = self.kv_caches[i]
             # -- attention --
             if layer.qkv is not None:
@@ -207,12 +212,12 @@ class LlamaModel:
                                                self.scale)
             attn_out = b.linear(attn.reshape(T, H * D), layer.o_proj)
             x, residual = b.add_rms_norm(attn_out, residual, layer.mlp_norm, c.rms_norm_eps)
-            if logits_rows is None and i + 1 == len(self.layers):
+            if logits_rows is None and last:
                 return None  # the last MLP only feeds the logits, and no row wants them
             # -- MLP (SwiGLU) --
             gate_up = b.linear(x, layer.gate_up)                            # [T, 2F]
             mlp_out = b.linear(b.silu_mul(gate_up), layer.down)
-            next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            next_norm = self.final_norm if last else self.layers[run[n + 1]].attn_norm
             x, residual = b.add_rms_norm(mlp_out, residual, next_norm, c.rms_norm_eps)
 
         # x is now the final-normed hidden state; project only the rows the engine samples from.
