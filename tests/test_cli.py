@@ -67,6 +67,22 @@ def fake_llm(monkeypatch):
     (["chat", "  "], "empty"),
     (["serve", "--max-body-size", "lots"], "memory size"),
     (["serve", "--port", "70000"], "port"),
+    # speculative decoding: bad combinations fail before anything loads
+    (["generate", "hi", "--speculative", "draft"], "--speculative draft needs --draft-model"),
+    (["generate", "hi", "--draft-model", __file__], "--draft-model needs --speculative draft"),
+    (["generate", "hi", "--speculative", "ngram", "--draft-model", __file__], "--draft-model goes with --speculative draft"),
+    (["generate", "hi", "--num-speculative-tokens", "3"], "--num-speculative-tokens needs --speculative"),
+    (["generate", "hi", "--draft-layers", "2"], "--draft-layers needs --speculative self"),
+    (["generate", "hi", "--speculative", "ngram", "--draft-layers", "2"], "--draft-layers goes with --speculative self"),
+    (["generate", "hi", "--speculative", "ngram", "--num-speculative-tokens", "0"], "--num-speculative-tokens"),
+    (["generate", "hi", "--speculative", "ngram", "--num-speculative-tokens", "17"], "--num-speculative-tokens"),
+    (["generate", "hi", "--speculative", "medusa"], "medusa"),
+    (["generate", "hi", "--speculative", "draft", "--draft-model", "/no/such/draft.gguf"], "does not exist"),
+    (["generate", "hi", "--speculative", "self", "--draft-layers", "0"], "--draft-layers"),
+    (["chat", "hi", "--speculative", "draft"], "--draft-model"),
+    (["serve", "--speculative", "draft"], "--draft-model"),
+    (["serve", "--num-speculative-tokens", "2"], "needs --speculative"),
+    (["bench", "throughput", "--speculative", "self", "--draft-model", __file__], "--draft-model goes with"),
 ])
 def test_bad_input_is_one_line_exit_2_before_loading(args, fragment, monkeypatch):
     monkeypatch.setattr(cli_mod, "_load_llm", lambda *a, **k: pytest.fail("loaded a model for bad input"))
@@ -230,3 +246,72 @@ def test_main_entry_point_exit_code(capsys):
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: top_p") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+def test_speculative_dict_from_options():
+    assert cli_mod.speculative_dict(None) is None
+    assert cli_mod.speculative_dict("ngram") == {"method": "ngram", "num_tokens": 4}
+    assert cli_mod.speculative_dict("NGRAM", 2) == {"method": "ngram", "num_tokens": 2}
+    assert cli_mod.speculative_dict("self", None, None, 3) == {"method": "self", "num_tokens": 4, "draft_layers": 3}
+    assert cli_mod.speculative_dict("draft", 5, "small.gguf") == {"method": "draft", "num_tokens": 5,
+                                                                  "draft_model": "small.gguf"}
+    assert cli_mod.speculative_argv({"method": "self", "num_tokens": 4, "draft_layers": 3}) == [
+        "--speculative", "self", "--num-speculative-tokens", "4", "--draft-layers", "3"]
+
+
+# the fake model's greedy text proposes prompt-lookup drafts after this prompt (its tokens are
+# single bytes that the greedy continuation revisits)
+SPEC_PROMPT = "0123456789abcdefghijklmnopqrstuvwxyzABCD"
+
+
+def test_generate_speculative_ngram_same_tokens_and_stats(fake_llm):
+    res = invoke(["generate", SPEC_PROMPT, "--max-tokens", "20", "--ignore-eos", "--speculative", "ngram",
+                  "--num-speculative-tokens", "3"])
+    assert res.exit_code == 0, res.stderr
+    llm = fake_llm[0]
+    spec = llm.engine.speculative
+    assert spec.method == "ngram" and spec.num_tokens == 3
+    ref = reference_greedy(llm.model, llm.tokenizer.encode(SPEC_PROMPT), 20, eos=False)
+    assert res.stdout == llm.tokenizer.decode(ref) + "\n"  # speculation does not change greedy text
+    stats = res.stderr.strip().splitlines()[-1]
+    assert "20 tokens" in stats and "speculative: " in stats and "drafts accepted" in stats and "tokens/step" in stats
+
+    res = invoke(["generate", SPEC_PROMPT, "--max-tokens", "20", "--ignore-eos", "--speculative", "ngram",
+                  "--json", "-q"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["token_ids"] == ref and fake_llm[-1].engine.speculative.num_tokens == 4  # the default k
+    assert doc["spec_proposed"] >= 1 and 0 <= doc["spec_accepted"] <= doc["spec_proposed"]
+    assert doc["spec_acceptance_rate"] == pytest.approx(doc["spec_accepted"] / doc["spec_proposed"])
+    assert doc["spec_mean_accepted_length"] == pytest.approx((doc["spec_accepted"] + doc["spec_steps"])
+                                                              / doc["spec_steps"])
+    # without --speculative the JSON keeps its shape (no speculative keys)
+    plain = json.loads(invoke(["generate", SPEC_PROMPT, "--max-tokens", "20", "--ignore-eos", "--json"]).stdout)
+    assert plain["token_ids"] == ref and not any(k.startswith("spec_") for k in plain)
+    assert fake_llm[-1].engine.speculative is None
+
+
+def test_chat_speculative_and_engine_refusal_is_one_line(fake_llm):
+    res = invoke(["chat", "hi", "--max-tokens", "4", "--json", "--speculative", "ngram", "--num-speculative-tokens", "2"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert fake_llm[0].engine.speculative.num_tokens == 2 and "spec_acceptance_rate" in doc
+    # the engine's own refusal (the fake model has no layers to skip) is one line too
+    assert_one_line_error(invoke(["generate", "hi", "--speculative", "self", "-q"]), "layers to skip")
+
+
+def test_bench_throughput_speculative_json(fake_llm):
+    res = invoke(["bench", "throughput", "--num-prompts", "2", "--input-len", "8", "--output-len", "6",
+                  "--shared-prefix-len", "0", "--speculative", "ngram", "--num-speculative-tokens", "2",
+                  "--json", "-q"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["config"]["speculative"] == {"method": "ngram", "num_tokens": 2}
+    assert "--speculative ngram --num-speculative-tokens 2" in doc["command"]
+    for row in doc["rows"]:
+        assert {"spec_steps", "spec_proposed", "spec_accepted", "spec_acceptance_rate",
+                "spec_mean_accepted_length"} <= set(row)
+        assert 0 <= row["spec_accepted"] <= row["spec_proposed"]
+    assert all(llm.engine.speculative is not None for llm in fake_llm)

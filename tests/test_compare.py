@@ -234,6 +234,79 @@ def test_plot_without_matplotlib_is_a_one_line_error(tiny, tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------
+# speculative decoding
+
+
+SPEC = {"steps": int, "proposed": int, "accepted": int, "method": str, "num_tokens": int,
+        "acceptance_rate": OPT_NUM, "mean_accepted_length": OPT_NUM}
+
+
+def test_speculative_run_reports_acceptance_per_backend(tiny, cli_run, extra_backends):
+    """Every backend (the reference too) runs with the same speculative config; each reports its
+    drafts and acceptance over the timed runs, and greedy decoding yields the same tokens as
+    without speculation."""
+    path, _ = tiny
+    config = CompareConfig(model=str(path), backends=["cpu", "cpu_copy"], prompt_len=L, output_len=N, batch=B,
+                           reference="cpu", repeats=1, warmup=0, speculative={"method": "self", "num_tokens": 3})
+    doc = run_compare(config)
+    validate_document(doc)
+    assert doc["ok"] is True and doc["config"]["speculative"] == {"method": "self", "num_tokens": 3}
+    plain = json.loads((cli_run[1] / "out.json").read_text())
+    plain_cpu = next(b for b in plain["backends"] if b["name"] == "cpu")
+    assert "speculative" not in plain_cpu and not plain["config"]["speculative"]
+    for b in doc["backends"]:
+        spec = b["speculative"]
+        _conforms(spec, SPEC, b["name"] + ".speculative")
+        assert spec["method"] == "self" and spec["num_tokens"] == 3
+        # the first steps of a fresh engine always draft (their cost is not measured yet)
+        assert spec["steps"] >= 1 and spec["steps"] <= spec["proposed"] <= 3 * spec["steps"]
+        assert 0 <= spec["accepted"] <= spec["proposed"]
+        assert spec["acceptance_rate"] == pytest.approx(spec["accepted"] / spec["proposed"])
+        assert spec["mean_accepted_length"] == pytest.approx((spec["accepted"] + spec["steps"]) / spec["steps"])
+        assert 1 <= spec["mean_accepted_length"] <= 4
+        assert b["engine"]["steps_per_run"] <= N and "warnings" not in b
+        assert b["greedy_tokens"] == plain_cpu["greedy_tokens"]  # speculation keeps the greedy tokens
+
+    from rich.console import Console
+
+    from mojollm.compare import markdown_table, print_table
+
+    console = Console(record=True, width=250)
+    print_table(doc, console)
+    text = console.export_text()
+    assert "spec accepted" in text and "tok/step" in text and "speculative self" in text
+    cpu = doc["backends"][0]["speculative"]
+    assert f"{cpu['acceptance_rate']:.1%} of {cpu['proposed']}" in text
+    assert f"{cpu['mean_accepted_length']:.2f}" in text
+    md = markdown_table(doc)
+    assert "| spec accepted | tok/step |" in md
+    # a run without speculation keeps its table
+    assert "spec accepted" not in markdown_table(plain)
+
+
+def test_cli_speculative_options(tiny, tmp_path):
+    out = tmp_path / "o.json"
+    result = CliRunner().invoke(compare, ["--model", str(tiny[0]), "--backends", "cpu", "--prompt-len", "5",
+                                          "--output-len", "4", "--repeats", "1", "--warmup", "0", "--quiet",
+                                          "--speculative", "ngram", "--num-speculative-tokens", "2",
+                                          "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    doc = json.loads(out.read_text())
+    assert doc["config"]["speculative"] == {"method": "ngram", "num_tokens": 2}
+    assert "--speculative ngram --num-speculative-tokens 2" in doc["command"]
+    spec = doc["backends"][0]["speculative"]
+    _conforms(spec, SPEC, "cpu.speculative")
+    assert spec["method"] == "ngram" and 0 <= spec["accepted"] <= spec["proposed"] <= 2 * spec["steps"]
+    assert "spec accepted" in result.output
+    for args, fragment in ((["--speculative", "draft"], "--draft-model"),
+                           (["--num-speculative-tokens", "3"], "needs --speculative"),
+                           (["--speculative", "ngram", "--draft-layers", "1"], "--draft-layers")):
+        result = CliRunner().invoke(compare, ["--model", str(tiny[0]), "--backends", "cpu", *args])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and fragment in lines[0], result.output
+
+
+# ---------------------------------------------------------------------------------------------
 # the cross-check
 
 

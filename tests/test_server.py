@@ -273,6 +273,97 @@ def test_metrics_count_the_requests_sent(server, client, model_name):
     assert after["mojollm:kv_cache_usage_perc"] == 0 and after["mojollm:kv_cache_used_blocks"] == 0
 
 
+# ---------------------------------------------------------------- speculative decoding
+
+# a prompt the model continues by repeating it: prompt lookup (ngram) drafts get accepted
+REPETITIVE = "one two three four one two three four one two three four one two"
+SPEC_COUNTERS = ("mojollm:spec_decode_num_drafts_total", "mojollm:spec_decode_num_draft_tokens_total",
+                 "mojollm:spec_decode_num_accepted_tokens_total")
+
+
+@pytest.fixture
+def spec_server(default_gguf):
+    """A fresh `mojollm serve --speculative ngram` per test: the engine measures its step costs
+    before it decides whether drafts pay, so the first request on a fresh server speculates."""
+    s = Server("--speculative", "ngram", "--num-speculative-tokens", "4", "-q").wait_ready()
+    yield s
+    assert s.stop() == 0, "\n".join(s.lines)
+
+
+@pytest.fixture
+def spec_client(spec_server):
+    return openai.OpenAI(base_url=spec_server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def spec_counts(server) -> tuple[float, ...]:
+    m = _wait_idle(server)  # after the last step's metrics update
+    return tuple(m[c] for c in SPEC_COUNTERS) + (m["mojollm:request_spec_acceptance_rate_count"],)
+
+
+def test_speculative_server_same_greedy_text_and_counters(spec_server, spec_client, client, model_name):
+    before = spec_counts(spec_server)
+    assert before == (0, 0, 0, 0)
+    kw = dict(model=model_name, prompt=REPETITIVE, max_tokens=24, temperature=0)
+    res = spec_client.completions.create(**kw)
+    plain = client.completions.create(**kw)  # the server without speculation
+    assert res.choices[0].text == plain.choices[0].text and res.choices[0].text.startswith(" three four one two")
+    assert res.usage == plain.usage
+    drafts, proposed, accepted, requests = spec_counts(spec_server)
+    assert drafts >= 1 and drafts <= proposed <= 4 * drafts  # k = 4 at most per verify step
+    assert 1 <= accepted <= proposed and requests == 1
+    # usage stays plain OpenAI: nothing speculative in it
+    raw = post(spec_server, "/v1/completions", kw).json()
+    assert raw["choices"][0]["text"] == plain.choices[0].text
+    assert set(raw["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    # streamed and chat: the same text as the plain server; the counters never go back
+    streamed = "".join(c.choices[0].text for c in spec_client.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == plain.choices[0].text
+    messages = [{"role": "user", "content": "Repeat after me: " + REPETITIVE}]
+    chat_spec = spec_client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0)
+    chat_plain = client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0)
+    assert chat_spec.choices[0].message.content == chat_plain.choices[0].message.content
+    after = spec_counts(spec_server)
+    assert all(a >= b for a, b in zip(after, (drafts, proposed, accepted, requests)))
+    assert after[2] <= after[1]
+
+
+def test_plain_server_speculative_counters_stay_zero(server):
+    """The server without --speculative exposes the counters, at 0."""
+    m = metrics(server)
+    assert all(m[c] == 0 for c in SPEC_COUNTERS)
+    assert m["mojollm:request_spec_acceptance_rate_count"] == 0
+
+
+def test_per_request_num_speculative_tokens(spec_server, spec_client, client, model_name):
+    kw = dict(model=model_name, prompt=REPETITIVE, max_tokens=20, temperature=0)
+    ref = client.completions.create(**kw).choices[0].text  # the plain server's
+    # 1: one draft per verify step at most
+    one = spec_client.completions.create(**kw, extra_body={"num_speculative_tokens": 1})
+    assert one.choices[0].text == ref
+    drafts, proposed, accepted, _ = before = spec_counts(spec_server)
+    assert drafts >= 1 and proposed == drafts and accepted <= proposed
+    # 0: this request does not speculate at all (it runs alone: the counters stand still)
+    off = spec_client.completions.create(**kw, extra_body={"num_speculative_tokens": 0})
+    assert off.choices[0].text == ref
+    chat = spec_client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4, temperature=0, extra_body={"num_speculative_tokens": 0})
+    assert chat.usage.completion_tokens == 4
+    assert spec_counts(spec_server) == before
+    # negative, more than the server's k, or not an integer: 400 with an OpenAI error object
+    for value, fragment in ((-1, ">= 0"), (5, "exceeds"), (2.5, "integer")):
+        for path, body in (("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            r = post(spec_server, path, {**body, "num_speculative_tokens": value})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["param"] == "num_speculative_tokens", err
+            assert fragment in err["message"], err
+    with pytest.raises(openai.BadRequestError) as ei:
+        spec_client.completions.create(**kw, extra_body={"num_speculative_tokens": -3})
+    assert ei.value.status_code == 400 and ei.value.body["param"] == "num_speculative_tokens"
+    assert spec_counts(spec_server) == before and spec_server.proc.poll() is None
+
+
 # ---------------------------------------------------------------- faults
 
 def _wait_idle(server, timeout=30.0) -> dict:
@@ -401,6 +492,12 @@ def test_queue_overflow_429_and_no_accepted_request_lost(server, model_name):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "messages"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/v1/nowhere", {}, 404, None),
+    # mojollm's num_speculative_tokens: >= 0, an integer, and > 0 only on a server that speculates
+    ("/v1/completions", {"prompt": "hi", "num_speculative_tokens": -1}, 400, "num_speculative_tokens"),
+    ("/v1/completions", {"prompt": "hi", "num_speculative_tokens": "2"}, 400, "num_speculative_tokens"),
+    ("/v1/completions", {"prompt": "hi", "num_speculative_tokens": 2}, 400, "num_speculative_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "num_speculative_tokens": -2}, 400,
+     "num_speculative_tokens"),
 ])
 def test_bad_input_status(server, path, body, status, param):
     r = post(server, path, body)

@@ -4,6 +4,7 @@
     mojollm chat                      # interactive, /exit to leave
     mojollm perplexity wiki.txt --json
     mojollm serve --port 8000         # OpenAI-compatible HTTP server (mojollm.server)
+    mojollm generate "..." --speculative ngram --num-speculative-tokens 4   # also chat, serve, bench
     mojollm pull | backends | build | bench throughput
 
 Every user error (bad option, unusable backend, missing or corrupt model, prompt too long)
@@ -105,13 +106,84 @@ def _load_llm(model, backend, quiet: bool, **engine_kwargs):
         return LLM(model=model, backend=backend, progress=say, **engine_kwargs)
 
 
-def _engine_kwargs(kv_cache_memory, max_model_len) -> dict:
+def _engine_kwargs(kv_cache_memory, max_model_len, speculative: dict | None = None) -> dict:
     kw = {}
     if kv_cache_memory is not None:
         kw["kv_cache_memory"] = kv_cache_memory
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
+    if speculative is not None:
+        kw["speculative"] = speculative
     return kw
+
+
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+SPECULATIVE_METHODS = ("ngram", "draft", "self")
+
+
+def speculative_options(f):
+    """--speculative, --num-speculative-tokens, --draft-model, --draft-layers (see speculative_dict)."""
+    opts = [
+        click.option("--speculative", type=click.Choice(SPECULATIVE_METHODS, case_sensitive=False), default=None,
+                     help="Speculative decoding: ngram (prompt lookup), draft (a smaller model, --draft-model) "
+                          "or self (the model's own first layers). Default: off."),
+        click.option("--num-speculative-tokens", type=click.IntRange(1, 16), default=None, metavar="K",
+                     help=f"Tokens proposed per step (default {DEFAULT_NUM_SPECULATIVE_TOKENS}; "
+                          "needs --speculative)."),
+        click.option("--draft-model", type=click.Path(exists=True), default=None, metavar="PATH",
+                     help="The draft model of --speculative draft (.gguf or Hugging Face directory, "
+                          "same vocabulary)."),
+        click.option("--draft-layers", type=click.IntRange(1), default=None, metavar="N",
+                     help="--speculative self: draft with the first N layers (default: half of them)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def speculative_dict(method, num_tokens=None, draft_model=None, draft_layers=None) -> dict | None:
+    """The `speculative` argument of LLM for the speculative options (None: off); a bad
+    combination is a click.UsageError, raised before anything loads."""
+    if method is None:
+        given = [(flag, need) for flag, v, need in (
+            ("--num-speculative-tokens", num_tokens, f"--speculative {' | '.join(SPECULATIVE_METHODS)}"),
+            ("--draft-model", draft_model, "--speculative draft"),
+            ("--draft-layers", draft_layers, "--speculative self")) if v is not None]
+        if given:
+            raise click.UsageError(f"{given[0][0]} needs {given[0][1]}")
+        return None
+    method = method.lower()
+    if draft_model is not None and method != "draft":
+        raise click.UsageError(f"--draft-model goes with --speculative draft, not {method}")
+    if draft_layers is not None and method != "self":
+        raise click.UsageError(f"--draft-layers goes with --speculative self, not {method}")
+    if method == "draft" and draft_model is None:
+        raise click.UsageError("--speculative draft needs --draft-model PATH (a smaller model with the same vocabulary)")
+    spec: dict = {"method": method,
+                  "num_tokens": DEFAULT_NUM_SPECULATIVE_TOKENS if num_tokens is None else num_tokens}
+    if draft_model is not None:
+        spec["draft_model"] = str(draft_model)
+    if draft_layers is not None:
+        spec["draft_layers"] = draft_layers
+    from mojollm.engine.speculative import SpeculativeConfig
+
+    try:
+        SpeculativeConfig.of(spec)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return spec
+
+
+def speculative_argv(spec: dict | None) -> list[str]:
+    """The command-line flags that give `spec` (for recorded commands)."""
+    if spec is None:
+        return []
+    argv = ["--speculative", spec["method"], "--num-speculative-tokens", str(spec["num_tokens"])]
+    if "draft_model" in spec:
+        argv += ["--draft-model", str(spec["draft_model"])]
+    if "draft_layers" in spec:
+        argv += ["--draft-layers", str(spec["draft_layers"])]
+    return argv
 
 
 def model_options(f):
@@ -171,6 +243,12 @@ def _output_json(llm, out) -> dict:
         "decode_tokens_per_s": None if m.decode_tokens_per_s is None else round(m.decode_tokens_per_s, 3),
         "backend": llm.backend_name,
     }
+    if getattr(llm.engine, "speculative", None) is not None:
+        doc["spec_steps"] = m.num_spec_steps
+        doc["spec_proposed"] = m.num_spec_proposed
+        doc["spec_accepted"] = m.num_spec_accepted
+        doc["spec_acceptance_rate"] = m.spec_acceptance_rate
+        doc["spec_mean_accepted_length"] = m.spec_mean_accepted_length
     if len(out.outputs) > 1 or any(o.logprobs is not None for o in out.outputs):
         doc["outputs"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
                            "cumulative_logprob": o.cumulative_logprob,
@@ -190,6 +268,12 @@ def _stats_line(llm, out) -> str:
         parts.append(f"TTFT {m.ttft * 1e3:.0f} ms")
     if m.decode_tokens_per_s is not None:
         parts.append(f"{m.decode_tokens_per_s:.1f} tok/s decode")
+    if getattr(llm.engine, "speculative", None) is not None:
+        if m.num_spec_proposed:
+            parts.append(f"speculative: {m.spec_acceptance_rate:.0%} of {m.num_spec_proposed} drafts accepted, "
+                         f"{m.spec_mean_accepted_length:.2f} tokens/step")
+        else:
+            parts.append("speculative: no drafts")
     if llm.backend_name:
         parts.append(f"backend {llm.backend_name}")
     return "[" + ", ".join(parts) + "]"
@@ -235,15 +319,18 @@ def _print_completion(llm, prompt_or_messages, params, as_json: bool, quiet: boo
 @click.argument("prompt")
 @model_options
 @sampling_options
+@speculative_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or statistics on stderr.")
-def generate(prompt, model, backend, kv_cache_memory, max_model_len, as_json, quiet, **kw):
+def generate(prompt, model, backend, kv_cache_memory, max_model_len, speculative, num_speculative_tokens, draft_model,
+             draft_layers, as_json, quiet, **kw):
     """Complete PROMPT (streams the text as it is decoded)."""
     if prompt == "":
         raise click.UsageError("the prompt is empty")
     check_text(prompt, "the prompt")  # undecodable bytes fail here, before the model loads
     params = _sampling_params(kw)  # bad values fail here, before the model loads
-    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
+    spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, spec))
     _print_completion(llm, prompt, params, as_json, quiet)
 
 
@@ -251,10 +338,12 @@ def generate(prompt, model, backend, kv_cache_memory, max_model_len, as_json, qu
 @click.argument("prompt", required=False)
 @model_options
 @sampling_options
+@speculative_options
 @click.option("--system", default=None, help="A system message opening the conversation.")
 @click.option("--json", "as_json", is_flag=True, help="One turn: print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or statistics on stderr.")
-def chat(prompt, model, backend, kv_cache_memory, max_model_len, system, as_json, quiet, **kw):
+def chat(prompt, model, backend, kv_cache_memory, max_model_len, speculative, num_speculative_tokens, draft_model,
+         draft_layers, system, as_json, quiet, **kw):
     """Chat with the model: one turn for PROMPT, else interactive (/exit or Ctrl-D to leave)."""
     if prompt is not None and prompt.strip() == "":
         raise click.UsageError("the prompt is empty")
@@ -262,7 +351,8 @@ def chat(prompt, model, backend, kv_cache_memory, max_model_len, system, as_json
         if text is not None:
             check_text(text, what)
     params = _sampling_params(kw)
-    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
+    spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, spec))
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         _print_completion(llm, history + [{"role": "user", "content": prompt}], params, as_json, quiet, chat=True)
@@ -399,16 +489,22 @@ def build(targets, out_dir, model, quiet):
               help="Largest request body; larger ones are answered 413.")
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.")
+@speculative_options
 @click.option("--quiet", "-q", is_flag=True, help="Warnings and errors only.")
 def serve(model, backend, kv_cache_memory, max_model_len, host, port, api_key, served_model_name, max_num_seqs,
-          max_queue, max_body_size, shutdown_timeout, quiet):
+          max_queue, max_body_size, shutdown_timeout, speculative, num_speculative_tokens, draft_model, draft_layers,
+          quiet):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
-    /v1/models, /health, /tokenize, /detokenize, /metrics)."""
+    /v1/models, /health, /tokenize, /detokenize, /metrics).
+
+    With --speculative, a request may ask for fewer drafts per step with the extra body field
+    `num_speculative_tokens` (0: none for that request; at most the server's K)."""
     from mojollm.engine.engine import parse_bytes
     from mojollm.server import default_model_name, serve as run_server
 
     body_limit = parse_bytes(max_body_size)
-    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len), max_num_seqs=max_num_seqs)
+    spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
+    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len, spec), max_num_seqs=max_num_seqs)
     name = served_model_name or default_model_name(model)
 
     def say(msg, *a, **k):
@@ -419,8 +515,9 @@ def serve(model, backend, kv_cache_memory, max_model_len, host, port, api_key, s
         from mojollm.llm import LLM
 
         llm = LLM(model=model, backend=backend, progress=say, **engine_kw)
+        extra = "" if spec is None else f", speculative {spec['method']} (k={spec['num_tokens']})"
         say(f"{name} loaded on {llm.backend_name}: context {llm.max_model_len} tokens, "
-            f"{llm.engine.num_blocks} KV blocks; ready")
+            f"{llm.engine.num_blocks} KV blocks{extra}; ready")
         return llm
 
     run_server(load, name, host=host, port=port, api_key=api_key, max_queue=max_queue, max_body_size=body_limit,
@@ -447,11 +544,12 @@ def bench():
 @click.option("--max-num-seqs", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--max-num-batched-tokens", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@speculative_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result document (bench/SCHEMA.md).")
 @click.option("--quiet", "-q", is_flag=True)
 def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts, input_len, output_len,
                      sequential_prompts, shared_prefix_len, max_num_seqs, max_num_batched_tokens, seed,
-                     as_json, quiet):
+                     speculative, num_speculative_tokens, draft_model, draft_layers, as_json, quiet):
     """Continuous batching vs one request at a time; prefix cache on vs off.
 
     Random-token prompts of mixed lengths, greedy, ignore_eos (every run produces the same number of
@@ -462,13 +560,18 @@ def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts
 
     from mojollm.measure import device_bandwidth
 
-    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len), max_num_seqs=max_num_seqs,
+    spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
+    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len, spec), max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens)
     llm = _load_llm(model, backend, quiet, **engine_kw)
+    run_kw = dict(engine_kw)
+    draft = getattr(getattr(llm.engine, "proposer", None), "model", None)
+    if spec is not None and spec["method"] == "draft" and draft is not None:
+        run_kw["speculative"] = dict(spec, draft_model=draft)  # every run's LLM reuses the loaded draft model
     with _progress(quiet) as say:
         res = throughput_benchmark(llm.model, num_prompts, input_len, output_len, seed=seed,
                                    sequential_prompts=sequential_prompts, shared_prefix_len=shared_prefix_len,
-                                   engine_kwargs=engine_kw, progress=say)
+                                   engine_kwargs=run_kw, progress=say)
         say("measuring memory bandwidth")
         bandwidth, how = device_bandwidth(llm.backend)
     rows = throughput_rows(res, llm.backend_name, bandwidth)
@@ -486,6 +589,7 @@ def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts
                         ("--max-model-len", max_model_len), ("--sequential-prompts", sequential_prompts)):
             if v is not None:
                 argv += [flag, str(v)]
+        argv += speculative_argv(spec)
         doc = bench_document("throughput", config, rows, shlex.join(argv + ["--json"]))
         doc["summary"] = {"batched_over_sequential": res["batched_over_sequential"],
                           "prefix_cache_speedup": res.get("prefix_cache_speedup")}
@@ -559,7 +663,21 @@ def run_workload(llm, workload, sequential: bool = False) -> dict:
     weight_bytes = getattr(llm.model, "weight_bytes", 0) or 0
     # every step streams all the weights once, however many sequences it carries
     summary["weight_read_gbs"] = round(st.steps * weight_bytes / wall / 1e9, 3) if weight_bytes and wall > 0 else None
+    if getattr(llm.engine, "speculative", None) is not None:
+        summary.update(_spec_summary(st))
     return summary
+
+
+def _spec_summary(stats) -> dict:
+    """Speculative decoding over an engine's life: verify steps, drafts proposed and accepted,
+    the acceptance rate and the tokens a verify step yields on average."""
+    def r(v):
+        return None if v is None else round(v, 4)
+
+    return {"spec_steps": stats.spec_steps, "spec_proposed": stats.spec_proposed,
+            "spec_accepted": stats.spec_accepted, "spec_acceptance_rate": r(stats.spec_acceptance_rate),
+            "spec_mean_accepted_length": r(stats.spec_mean_accepted_length),
+            "propose_s": round(stats.propose_time, 3)}
 
 
 def throughput_benchmark(model, num_prompts: int = 64, input_len: int = 64, output_len: int = 64,

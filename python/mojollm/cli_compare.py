@@ -50,23 +50,38 @@ def _check_matplotlib() -> None:
               help="Write the results as JSON (schema: bench/SCHEMA.md).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, writable=True),
               help="Write a PNG chart (needs mojollm[bench]).")
+@click.option("--speculative", type=click.Choice(["ngram", "draft", "self"], case_sensitive=False), default=None,
+              help="Run every backend (the reference too) with speculative decoding and report its acceptance "
+                   "rate and mean accepted length: ngram, draft (--draft-model) or self. Default: off.")
+@click.option("--num-speculative-tokens", type=click.IntRange(1, 16), default=None, metavar="K",
+              help="Tokens proposed per step (default 4; needs --speculative).")
+@click.option("--draft-model", type=click.Path(exists=True), default=None, metavar="PATH",
+              help="The draft model of --speculative draft (same vocabulary).")
+@click.option("--draft-layers", type=click.IntRange(1), default=None, metavar="N",
+              help="--speculative self: draft with the first N layers (default: half of them).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 def compare(model, backends, prompt_len, output_len, batch, reference, repeats, warmup, logprob_tol,
-            json_path, plot_path, quiet):
+            json_path, plot_path, speculative, num_speculative_tokens, draft_model, draft_layers, quiet):
     """Run the same prompts on several backends through the product's engine (LLM): speed,
     memory, roofline, energy, and a correctness cross-check against a reference backend. Exits 1
     when a backend disagrees or fails (after printing and writing everything), 2 on a user error."""
     from rich.console import Console
 
+    from mojollm.cli import speculative_argv, speculative_dict
     from mojollm.compare import CompareConfig, PlotUnavailable, Thresholds, print_table, run_compare, write_plot
     from mojollm.errors import MojollmError
 
+    try:
+        spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
+    except click.UsageError as e:
+        raise UserError(e.format_message())
     if plot_path:
         _check_matplotlib()  # fail before a long run, not after it
     err = Console(stderr=True)
     config = CompareConfig(model=model, backends=backends.split(","), prompt_len=prompt_len,
                            output_len=output_len, batch=batch, reference=reference.strip().lower(),
-                           repeats=repeats, warmup=warmup, thresholds=Thresholds(logprob_rel_tol=logprob_tol))
+                           repeats=repeats, warmup=warmup, thresholds=Thresholds(logprob_rel_tol=logprob_tol),
+                           speculative=spec)
     try:
         doc = run_compare(config, progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
     except (MojollmError, ValueError) as e:
@@ -75,7 +90,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
         ["mojollm", "compare"] + (["--model", model] if model else [])
         + ["--backends", backends, "--prompt-len", str(prompt_len), "--output-len", str(output_len),
            "--batch", str(batch), "--reference", reference, "--repeats", str(repeats), "--warmup", str(warmup),
-           "--logprob-tol", str(logprob_tol)]
+           "--logprob-tol", str(logprob_tol)] + speculative_argv(spec)
         + (["--json", json_path] if json_path else []) + (["--plot", plot_path] if plot_path else []))
     print_table(doc)
     if json_path:

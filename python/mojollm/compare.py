@@ -29,6 +29,10 @@ For each requested backend that probes available (the others are listed with the
          nearly tied the two candidates (its margin at most twice the observed log-prob error,
          capped by the tolerance: values each off by at most e can swap only within 2e).
      Anything else sets "ok": false, shown in red in the table. Never hidden.
+  6. with speculative decoding (`CompareConfig.speculative`, LLM's `speculative` argument, the same
+     for every backend, the reference included): the drafts proposed and accepted over the timed
+     runs, the acceptance rate and the mean accepted length (tokens a verify step yields). The
+     roofline still charges one weight read per token, so its fraction can pass 100%.
 
 The JSON document is described in bench/SCHEMA.md (SCHEMA_VERSION below).
 """
@@ -95,6 +99,7 @@ class CompareConfig:
     block_size: int = 16
     check_top_k: int = 20  # next-token log-probs compared per position
     thresholds: Thresholds = field(default_factory=Thresholds)
+    speculative: dict | None = None  # LLM's `speculative` argument for every backend, e.g. {"method": "ngram"}
 
     def validate(self) -> None:
         for name in ("prompt_len", "batch", "repeats", "block_size", "check_top_k"):
@@ -106,6 +111,12 @@ class CompareConfig:
             raise ValueError(f"warmup must be >= 0 (got {self.warmup})")
         if not self.backends:
             raise ValueError("no backends requested")
+        if self.speculative is not None:
+            from mojollm.engine.speculative import SpeculativeConfig
+
+            if not isinstance(self.speculative, dict):
+                raise ValueError("speculative must be a dict of SpeculativeConfig's fields")
+            SpeculativeConfig.of(self.speculative)  # a bad method or value fails before any load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +147,11 @@ def greedy_run(llm: Any, prompts: np.ndarray, output_len: int) -> dict:
 
     ttft_s: the batch's arrival to the last of its first tokens; decode_s: from there to its last
     token (every sequence decoding); itl_s: every inter-token latency of every request; steps,
-    forward_s: the engine's steps and model time in this run; wall_s: the generate call."""
+    forward_s: the engine's steps and model time in this run; wall_s: the generate call;
+    spec_steps, spec_proposed, spec_accepted: speculative verify steps, drafts proposed and accepted."""
     stats = llm.engine.stats
     steps0, forward0 = stats.steps, stats.forward_time
+    spec0 = (stats.spec_steps, stats.spec_proposed, stats.spec_accepted)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     t0 = time.perf_counter()
     outs = _generate(llm, prompts, params)
@@ -153,6 +166,27 @@ def greedy_run(llm: Any, prompts: np.ndarray, output_len: int) -> dict:
         "steps": stats.steps - steps0,
         "forward_s": stats.forward_time - forward0,
         "wall_s": wall,
+        "spec_steps": stats.spec_steps - spec0[0],
+        "spec_proposed": stats.spec_proposed - spec0[1],
+        "spec_accepted": stats.spec_accepted - spec0[2],
+    }
+
+
+def speculative_summary(spec: dict, runs: list[dict]) -> dict:
+    """Speculative decoding over the timed runs: the method and k, verify steps, drafts proposed
+    and accepted, acceptance rate (accepted / proposed) and mean accepted length (tokens a verify
+    step yields: accepted drafts + the target's own token, per step); None where nothing was proposed."""
+    steps = sum(r["spec_steps"] for r in runs)
+    proposed = sum(r["spec_proposed"] for r in runs)
+    accepted = sum(r["spec_accepted"] for r in runs)
+    return {
+        "method": spec["method"],
+        "num_tokens": spec.get("num_tokens", 4),
+        "steps": steps,
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "mean_accepted_length": (accepted + steps) / steps if steps else None,
     }
 
 
@@ -307,7 +341,10 @@ def run_backend(name: str, config: CompareConfig, path: str, reference: CheckDat
         backend = get_backend(name)
         with measure.PeakMemory(name) as mem:
             t0 = measure.sync_clock(backend)
-            llm = LLM(path, backend=name, **engine_options(b, L, n, config.block_size))
+            options = engine_options(b, L, n, config.block_size)
+            if config.speculative is not None:
+                options["speculative"] = dict(config.speculative)
+            llm = LLM(path, backend=name, **options)
             entry["load_s"] = measure.sync_clock(backend) - t0
             info = model_info(llm.model, path, config.block_size)
             prompts = make_prompts(llm.model, L, b)
@@ -320,7 +357,8 @@ def run_backend(name: str, config: CompareConfig, path: str, reference: CheckDat
         tokens = runs[-1]["tokens"]
         if any(not np.array_equal(r["tokens"], tokens) for r in runs):
             entry.setdefault("warnings", []).append("greedy tokens differ between repeats (non-deterministic backend)")
-        if any(r["steps"] != n for r in runs):
+        # speculation runs fewer steps than tokens (a verify step yields several): only more is wrong
+        if any(r["steps"] > n if config.speculative else r["steps"] != n for r in runs):
             entry.setdefault("warnings", []).append(
                 f"the engine ran {runs[-1]['steps']} steps per run, not 1 prefill + {n - 1} decode steps: "
                 "TTFT and decode time overlap")
@@ -336,6 +374,8 @@ def run_backend(name: str, config: CompareConfig, path: str, reference: CheckDat
                        "forward_fraction": sum(r["forward_s"] for r in runs) / sum(r["wall_s"] for r in runs)},
             "peak_memory": mem.result(),
         })
+        if config.speculative is not None:
+            entry["speculative"] = speculative_summary(config.speculative, runs)
         gen_tokens = config.repeats * b * n
         e = energy.result()
         entry["energy"] = {**e, "joules_per_token": e["joules"] / gen_tokens if e["joules"] is not None else None,
@@ -427,6 +467,7 @@ def json_safe(x):
 
 PERF_COLUMNS = ["backend", "device", "load s", "TTFT ms", "prefill tok/s", "decode tok/s",
                 "ITL p50/p99 ms", "peak MiB", "GB/s (roofline)", "J/token"]
+SPEC_COLUMNS = ["spec accepted", "tok/step"]  # appended when the run used speculative decoding
 CHECK_COLUMNS = ["backend", "vs", "max Δlog p", "rel. to max surprise", "near-tie margin", "greedy match", "check"]
 
 
@@ -448,15 +489,31 @@ def status_of(entry: dict) -> str:
     return "ok" if chk.get("ok") else "unchecked"
 
 
+def _speculative_run(doc: dict) -> bool:
+    return bool(doc["config"].get("speculative"))
+
+
+def perf_columns(doc: dict) -> list[str]:
+    """The performance table's columns: PERF_COLUMNS, then SPEC_COLUMNS for a speculative run."""
+    return PERF_COLUMNS + (SPEC_COLUMNS if _speculative_run(doc) else [])
+
+
+def _spec_cells(b: dict) -> list[str]:
+    spec = b.get("speculative") or {}
+    rate, length = spec.get("acceptance_rate"), spec.get("mean_accepted_length")
+    return [f"{_fmt(rate, '.1%')} of {spec.get('proposed', 0)}" if spec else "–", _fmt(length, ".2f")]
+
+
 def perf_rows(doc: dict) -> list[tuple[list[str], str]]:
     """Cells of the performance table, one row per backend that ran, with its status."""
     rows = []
+    width = len(perf_columns(doc))
     for b in doc["backends"]:
         status = status_of(b)
         if status == "unavailable":
             continue
         if status == "error":
-            rows.append(([b["name"], b.get("device", ""), f"error: {b['error']}"] + [""] * (len(PERF_COLUMNS) - 3), status))
+            rows.append(([b["name"], b.get("device", ""), f"error: {b['error']}"] + [""] * (width - 3), status))
             continue
         roof = b["roofline"]
         rows.append(([
@@ -466,7 +523,7 @@ def perf_rows(doc: dict) -> list[tuple[list[str], str]]:
             _fmt(b["peak_memory"]["peak_bytes"], ".0f", 1 / 2**20),
             f"{_fmt(roof['achieved_gbs'], '.2f')} of {_fmt(b['bandwidth']['gbs'], '.1f')} ({_fmt(roof['fraction'], '.1%')})",
             _fmt(b["energy"]["joules_per_token"], ".3g"),
-        ], status))
+        ] + (_spec_cells(b) if _speculative_run(doc) else []), status))
     return rows
 
 
@@ -509,6 +566,12 @@ def notes(doc: dict) -> list[tuple[str, str]]:
                         f"energy: {b['energy']['source'] or 'not reported by the hardware'}; engine: "
                         f"{engine['steps_per_run']} steps per run, model forward {engine['forward_fraction']:.0%} "
                         "of the generate time", "dim"))
+    spec = doc["config"].get("speculative")
+    if spec:
+        out.append((f"speculative decoding: {spec['method']}, {spec.get('num_tokens', 4)} drafts per step at most; "
+                    "spec accepted = accepted / proposed draft tokens over the timed runs, tok/step = tokens a "
+                    "verify step yields on average; the roofline still charges one weight read per token",
+                    "dim"))
     return out
 
 
@@ -522,9 +585,11 @@ def print_table(doc: dict, console=None) -> None:
             console = Console(width=160)
     cfg = doc["config"]
     styles = {"failed": "bold red", "error": "bold red", "unchecked": "yellow"}
+    spec = cfg.get("speculative")
     perf = Table(title=f"{str(cfg['model']).split('/')[-1]}: batch {cfg['batch']}, prompt {cfg['prompt_len']}, "
-                       f"output {cfg['output_len']} tokens (median of {cfg['repeats']})")
-    for c in PERF_COLUMNS:
+                       f"output {cfg['output_len']} tokens (median of {cfg['repeats']})"
+                       + (f", speculative {spec['method']}" if spec else ""))
+    for c in perf_columns(doc):
         perf.add_column(c, justify="left" if c in ("backend", "device") else "right")
     for cells, status in perf_rows(doc):
         perf.add_row(*cells, style=styles.get(status))
@@ -552,7 +617,7 @@ def _md(columns: list[str], rows: list[tuple[list[str], str]]) -> list[str]:
 
 def markdown_table(doc: dict) -> str:
     """Both tables and the notes, as GitHub markdown (failed rows in bold)."""
-    lines = _md(PERF_COLUMNS, perf_rows(doc)) + [""] + _md(CHECK_COLUMNS, check_rows(doc)) + [""]
+    lines = _md(perf_columns(doc), perf_rows(doc)) + [""] + _md(CHECK_COLUMNS, check_rows(doc)) + [""]
     for text, kind in notes(doc):
         lines.append(f"- {'**' + text + '**' if kind == 'problem' else text}")
     return "\n".join(lines)

@@ -203,12 +203,16 @@ def create_app(loop: EngineLoop, model_name: str, metrics, api_key: str | None =
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise APIError(400, f"at most {MAX_TOP_LOGPROBS} top log-probabilities per token, got {logprobs}",
                            param="logprobs")
+        k = body.num_speculative_tokens
+        if k is not None and k < 0:
+            raise APIError(400, f"num_speculative_tokens must be an integer >= 0 (0: no speculative decoding for "
+                                f"this request), got {k}", param="num_speculative_tokens")
         try:
             sp = SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 top_k=body.top_k, min_p=body.min_p, presence_penalty=body.presence_penalty,
                                 frequency_penalty=body.frequency_penalty,
                                 repetition_penalty=body.repetition_penalty, stop=body.stop, seed=body.seed,
-                                logprobs=logprobs, ignore_eos=body.ignore_eos)
+                                logprobs=logprobs, ignore_eos=body.ignore_eos, num_speculative_tokens=k)
             return loop.llm.engine.check_params(sp)
         except ValueError as e:
             raise _bad_value(e) from None

@@ -4,7 +4,9 @@ Requests are parsed strictly (a string where a number belongs is a 400, not a co
 the API defines but mojollm does not implement are refused when set (`unsupported_fields`) rather
 than silently ignored, and fields no version of the API defines are ignored, as OpenAI's own
 clients add new ones over time. vLLM's extensions that map onto SamplingParams (top_k, min_p,
-repetition_penalty, ignore_eos) are accepted too.
+repetition_penalty, ignore_eos) are accepted too, and mojollm's `num_speculative_tokens` (a server
+started with speculative decoding: drafts per step for this request, 0 = none, at most the server's
+K; null or absent = the server's K).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    num_speculative_tokens: int | None = None  # mojollm: speculative drafts per step (0 = off for this request)
     user: str | None = None
     logit_bias: dict[str, float] | None = None
 
