@@ -149,8 +149,9 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str, seed: int,
-                             device: str, std: float) -> int:
+                             device: str, std: float, zero: tuple[str, ...] = ()) -> int:
     """Stream seeded random tensors into one safetensors file; returns its size in bytes.
+    Tensors whose names end with one of `zero` are written as zeros.
 
     The header is written first (every shape is known), then each tensor is drawn on `device`,
     copied to the host and appended, so memory holds one tensor at a time.
@@ -173,6 +174,8 @@ def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dty
         for name, shape in shapes.items():
             if name.endswith("norm.weight"):
                 t = torch.ones(shape, dtype=torch_dtype)
+            elif zero and name.endswith(zero):
+                t = torch.zeros(shape, dtype=torch_dtype)
             else:
                 # Drawn in float32 then rounded: randn has no bfloat16 kernel on every device.
                 t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(torch_dtype)
@@ -209,10 +212,13 @@ def preset_checkpoint(shape: str, dtype: str = "bfloat16"):
 
 
 def write_random_llama(out_dir, shape: str = "llama-3.2-1b", dtype: str = "bfloat16", seed: int = 0,
-                       device: str = "cpu", std: float = 0.02, **config_overrides) -> Path:
+                       device: str = "cpu", std: float = 0.02, zero: tuple[str, ...] = (),
+                       **config_overrides) -> Path:
     """Write a random-weight HF Llama directory for `shape` (a key of SHAPES); returns its path.
 
     `config_overrides` replace config.json fields (e.g. tie_word_embeddings=False, num_hidden_layers=2).
+    `zero`: name suffixes of tensors written as zeros (e.g. "o_proj.weight": no attention output,
+    so each next token depends on the last token alone).
     """
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_SAFETENSORS_DTYPES)}, got {dtype!r}")
@@ -222,7 +228,7 @@ def write_random_llama(out_dir, shape: str = "llama-3.2-1b", dtype: str = "bfloa
     ids = write_tokenizer(out_dir, cfg["vocab_size"])
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps({**ids, "do_sample": False}, indent=2))
-    write_random_safetensors(out_dir / "model.safetensors", tensor_shapes(cfg), dtype, seed, device, std)
+    write_random_safetensors(out_dir / "model.safetensors", tensor_shapes(cfg), dtype, seed, device, std, tuple(zero))
     return out_dir
 
 

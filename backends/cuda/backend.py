@@ -631,9 +631,35 @@ class CudaBackend(Backend):
             # Never inside a CUDA graph: the static-shape build's split-K workspace is allocated
             # per call, so a replay would write to memory freed after the capture (seen on the H200
             # as corrupted results and illegal addresses); cuBLAS behind the dynamic path is capture-safe.
-            bucket = next((m for m in _TUNE_M if m >= M), _TUNE_M[-1])
-            static = (spec is not None and M >= _TUNE_M[0] and bucket in spec[1]
-                      and not self.torch.cuda.is_current_stream_capturing())
+            # And only at the token counts where it was verified at load (_tune_static: correct,
+            # the same bits twice, faster): at others it can fault (an illegal address at
+            # M = 385 for [2048, 8192] on the H200). Rows are covered by the largest verified
+            # counts first; the remainder takes the dynamic GEMM.
+            sizes = sorted(spec[1], reverse=True) if spec is not None else ()
+            if not sizes or M < sizes[-1] or self.torch.cuda.is_current_stream_capturing():
+                static_rows = []
+            else:
+                static_rows, done = [], 0
+                for m in sizes:
+                    while M - done >= m:
+                        static_rows.append((done, m))
+                        done += m
+            if static_rows:
+                a_row, c_row = K * a.element_size(), N * c.element_size()
+                calls = [(spec[0], (self._ctx_ptr, c.data_ptr() + r0 * c_row, a.data_ptr() + r0 * a_row, w.data_ptr(),
+                                    m, N, K, code, 1)) for r0, m in static_rows]
+                r0 = sum(m for _, m in static_rows)
+                if r0 < M:
+                    calls.append((self._lib, (self._ctx_ptr, c.data_ptr() + r0 * c_row, a.data_ptr() + r0 * a_row,
+                                              w.data_ptr(), M - r0, N, K, code, 0)))
+
+                def launch():
+                    for mod, args in calls:
+                        mod.gemm(args)
+
+                self._on_own_stream(self._s(), launch)
+                return
+            static = False
         elif path == "static":
             if spec is None:
                 raise ValueError(f"no static-shape build of [{N}, {K}] (specialise first)")

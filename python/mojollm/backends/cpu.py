@@ -137,6 +137,11 @@ class CpuRunner(ModelRunner):
     layers allow it; prefill, mixed steps and other models run the per-op forward. Sampling
     stays on the host (numpy), so every logits row comes back."""
 
+    # Up to 8 rows a decode step's GEMVs stream the weights once for all rows and give each row
+    # the bits it gets alone (int8 activations); more rows take the float GEMM. Speculative
+    # verification stays within this, so it keeps the tokens plain decoding would give.
+    max_verify_rows = 8
+
     def __init__(self, model, max_num_seqs: int, max_model_len: int):
         super().__init__(model, max_num_seqs, max_model_len)
         self.programs = {}  # layers run (None: all) -> DecodeProgram, when the model has a fused step

@@ -28,7 +28,7 @@ from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, create_runner
 from mojollm.engine.sampler import Sampler, beam_candidates, beam_score, filtered_candidates, log_softmax
 from mojollm.engine.scheduler import Scheduler, SchedulerOutput
 from mojollm.engine.sequence import CompletionOutput, Request, RequestOutput, Sequence
-from mojollm.engine.speculative import SpeculativeConfig, SpecState, accept_draft, make_proposer
+from mojollm.engine.speculative import Governor, SpeculativeConfig, SpecState, accept_draft, make_proposer
 from mojollm.sampling_params import SamplingParams
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes, when neither num_blocks nor kv_cache_memory is given
@@ -124,6 +124,7 @@ class Engine:
         self.proposer = None if self.speculative is None else make_proposer(self.speculative, self, draft_model)
         if self.proposer is not None:
             self.scheduler.on_release = self.proposer.release
+            self.governor = Governor(self.speculative)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: Iterable[int], params: SamplingParams | None = None,
@@ -285,6 +286,8 @@ class Engine:
             return outputs
         t2 = self.clock()
         self.stats.forward_time += t2 - t1
+        if self.proposer is not None and plan.batch.is_decode:
+            self.governor.record_step(plan.batch.num_tokens, t2 - t1)
         self.scheduler.step_done(plan)
 
         touched: dict[str, Request] = {}
@@ -298,9 +301,13 @@ class Engine:
                 continue
             try:
                 if tokens is not None and tokens[s.logits_start] != TOKEN_HOST:
-                    if tokens[s.logits_start] == TOKEN_NOT_FINITE:
+                    drawn = tokens[s.logits_start:s.logits_start + s.num_logits]
+                    if (drawn == TOKEN_NOT_FINITE).any():
                         raise FloatingPointError("the model produced NaN/inf logits")
-                    self._append_sampled(seq, int(tokens[s.logits_start]))
+                    if s.num_drafts:
+                        self._verify(seq, s.num_drafts, argmax=drawn)
+                    else:
+                        self._append_sampled(seq, int(drawn[0]))
                     touched[req.request_id] = req
                     continue
                 first = s.logits_start if host_row is None else int(host_row[s.logits_start])
@@ -310,7 +317,7 @@ class Engine:
                 if req.score_only:
                     self._score_rows(seq, rows, seq.num_computed_tokens - s.num_new_tokens)
                 elif s.num_drafts:
-                    self._verify(seq, rows, s.num_drafts)
+                    self._verify(seq, s.num_drafts, rows=rows)
                 elif req.params.use_beam_search:
                     seq.pending_logits = np.array(rows[0], dtype=np.float32)
                 else:
@@ -370,20 +377,27 @@ class Engine:
     # ---------------------------------------------------------------- speculative decoding
     def _ask_lookahead(self) -> None:
         """Before scheduling: how many draft slots each decoding sequence asks for (0 when the
-        batch is too large to gain, or the request stopped speculating for a while)."""
+        batch is too large to gain, or the request stopped speculating for a while). A runner
+        whose per-row numerics change above some step size (runner.max_verify_rows) gets no
+        more rows than that, so verified tokens are the ones plain decoding would give."""
         running = self.scheduler.running
         on = len(running) <= self.speculative.max_batch
+        decoding = sum(1 for seq in running if seq.num_uncomputed_tokens == 1)
+        limit = getattr(self.runner, "max_verify_rows", None)
+        spare = (limit - decoding) if limit else len(running) * self.speculative.num_tokens
         for seq in running:
             seq.num_lookahead = 0
             spec = seq.spec
-            if not on or spec is None or seq.num_uncomputed_tokens != 1 or spec.off_until_step > self.stats.steps:
+            if not on or spec is None or seq.num_uncomputed_tokens != 1 or spare <= 0:
                 continue
             p = seq.request.params
             k = min(p.num_speculative_tokens or self.speculative.num_tokens,
                     p.max_tokens - seq.num_output_tokens - 1,       # the bonus token is one more
-                    self.max_model_len - seq.num_tokens - 1)
+                    self.max_model_len - seq.num_tokens - 1, spare)
+            k = self.governor.choose(spec, decoding, k, self.stats.steps) if k > 0 else 0
             if k > 0:
                 seq.num_lookahead = self.proposer.lookahead(seq, k)
+                spare -= seq.num_lookahead
 
     def _propose(self, plan: SchedulerOutput) -> None:
         """After scheduling: the drafts of the sequences that got draft slots, then the batch."""
@@ -391,21 +405,29 @@ class Engine:
         if spec:
             t = self.clock()
             self.proposer.propose(spec)
-            self.stats.propose_time += self.clock() - t
+            dt = self.clock() - t
+            self.stats.propose_time += dt
+            if self.proposer.needs_slots:  # a model drafted: what a draft token costs
+                self.governor.record_drafts(sum(len(seq.spec.drafts) for seq, _ in spec), dt)
         self.scheduler.build_batch(plan)
 
-    def _verify(self, seq: Sequence, rows: np.ndarray, k: int) -> None:
+    def _verify(self, seq: Sequence, k: int, rows: np.ndarray | None = None,
+                argmax: np.ndarray | None = None) -> None:
         """Keep the drafts the target agrees with (rows[j]: the target after draft j; rows[k]
         gives one token more when all pass), append them and the target's own next token, and
-        roll the rejected drafts' slots back. Greedy: exact match with the target's argmax.
-        Sampling: the rejection rule (speculative.accept_draft), so tokens follow the target."""
+        roll the rejected drafts' slots back. Greedy: exact match with the target's argmax
+        (`argmax`: the runner's per-row draws, instead of rows). Sampling: the rejection rule
+        (speculative.accept_draft), so tokens follow the target's distribution."""
         req, spec = seq.request, seq.spec
         params = req.params
         drafts, q = spec.drafts[:k], spec.draft_probs
         accepted = 0
         for j in range(k + 1):
-            row = rows[j]
-            if j == k:
+            row = None if rows is None else rows[j]
+            if argmax is not None:
+                token = int(argmax[j])
+                ok = j < k and token == drafts[j]
+            elif j == k:
                 token, ok = self.sampler.sample(row, seq), False
             elif params.greedy:
                 token = self.sampler.sample(row, seq)
@@ -417,10 +439,10 @@ class Engine:
                 lp, entry = self.sampler.logprob_entry(row, token, params.logprobs)
                 seq.cumulative_logprob += lp
                 seq.output_logprobs.append(entry)
-            self._append_sampled(seq, token)
-            if ok:
+            if ok:  # the draft's own row ran with this very token: its KV is in place
                 accepted += 1
-                seq.num_computed_tokens += 1  # the draft's own row ran with this very token
+                seq.num_computed_tokens += 1
+            self._append_sampled(seq, token)  # may finish the sequence (its blocks then cached)
             if not ok or seq.is_finished:
                 break
         spec.drafts, spec.draft_probs = [], None
@@ -434,34 +456,24 @@ class Engine:
         if not seq.is_finished:
             self.block_manager.cache_computed_blocks(seq)
             self.block_manager.trim(seq)
-        cfg = self.speculative
-        spec.recent.append((k, accepted))
-        while sum(n for n, _ in spec.recent) - spec.recent[0][0] >= cfg.window:
-            spec.recent.pop(0)
-        proposed = sum(n for n, _ in spec.recent)
-        if proposed >= cfg.window:
-            if sum(a for _, a in spec.recent) < cfg.min_acceptance * proposed:
-                # it does not pay here: pause, twice as long each time it fails again
-                spec.backoff = min(2 * spec.backoff, 64 * cfg.retry) if spec.backoff else cfg.retry
-                spec.off_until_step = self.stats.steps + spec.backoff
-                spec.recent.clear()
-            else:
-                spec.backoff = 0
+        self.governor.after_verify(spec, k, accepted)
 
     def _device_rows(self, plan: SchedulerOutput) -> list[Sequence | None]:
         """Per logits row, the sequence the runner samples on the device, or None when the row
         must come back to the host: scoring, beam search, penalties (they need the token history),
-        logprobs, and the first draw of n > 1 samples (one row forks into n)."""
+        logprobs, and the first draw of n > 1 samples (one row forks into n). A speculative
+        verification samples on the device only when greedy (each row's argmax is all it needs);
+        the rejection rule needs the distributions on the host."""
         rows: list[Sequence | None] = [None] * plan.batch.logits_indices.shape[0]
         for s in plan.scheduled:
-            if s.num_logits != 1:
+            if s.num_logits != 1 and not s.num_drafts:
                 continue
             req = s.seq.request
             p = req.params
             if (req.score_only or p.use_beam_search or p.has_penalties or p.logprobs is not None
-                    or (p.n > 1 and not req.forked)):
+                    or (p.n > 1 and not req.forked) or (s.num_drafts and not p.greedy)):
                 continue
-            rows[s.logits_start] = s.seq
+            rows[s.logits_start:s.logits_start + s.num_logits] = [s.seq] * s.num_logits
         return rows
 
     def _check_stop(self, seq: Sequence, token: int) -> None:

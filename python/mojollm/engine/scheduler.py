@@ -88,6 +88,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        if not uncache:  # blocks completed by a last verify step's accepted drafts, too
+            self.block_manager.cache_computed_blocks(seq)
         self.block_manager.free(seq, uncache=uncache)
         seq.status = SequenceStatus.FINISHED
         seq.pending_logits = None

@@ -22,9 +22,14 @@ normalize(max(p - q, 0)); so every emitted token has the target's distribution. 
 KV slots lie past the sequence's computed tokens: they are never read, their blocks go back to
 the pool, and no block holding them is ever offered to the prefix cache.
 
-Speculation switches itself off where it does not pay: above `max_batch` running sequences
-(the step is then compute-bound), and per request once its acceptance over the last
-`window` proposed tokens falls below `min_acceptance` (it probes again every `retry` steps).
+Speculation switches itself off where it does not pay (Governor): it measures what a decode
+step of T rows costs on this machine and what drafting costs, estimates each request's
+acceptance rate a over its last `window` proposed tokens (starting from the engine-wide rate),
+and picks the k that maximises the expected tokens per second,
+(1 + a + ... + a^k) / (cost(S + k) + k * draft_cost), against one token per cost(S). When no k
+gains `min_gain`, the request decodes plainly, then probes once with the full k after `retry`
+steps (doubling while it keeps failing), which refreshes both the costs and its rate. Above
+`max_batch` running sequences nobody speculates (the step is compute-bound there).
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ class SpeculativeConfig:
     draft_layers: int | list[int] | None = None  # self: the first n layers (default: half), or a list
     draft_model: str | None = None  # draft: the second model (path or name)
     max_batch: int = 8              # no speculation while more sequences than this are running
-    min_acceptance: float = 0.3     # a request stops speculating below this acceptance rate ...
-    window: int = 32                # ... over its last `window` proposed tokens,
-    retry: int = 16                 # and tries again after this many steps (doubling while it fails)
+    min_gain: float = 1.05          # speculate only where the expected speedup is at least this
+    window: int = 32                # acceptance is estimated over this many last proposed tokens
+    retry: int = 16                 # steps before a request that stopped speculating probes again
     extra: dict = field(default_factory=dict)  # the draft model's load options (draft)
 
     def __post_init__(self) -> None:
@@ -64,8 +69,8 @@ class SpeculativeConfig:
             raise ValueError(f"speculative num_tokens must be at most 16, got {self.num_tokens}")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"speculative ngram_min ({self.ngram_min}) exceeds ngram_max ({self.ngram_max})")
-        if not isinstance(self.min_acceptance, (int, float)) or not 0.0 <= self.min_acceptance <= 1.0:
-            raise ValueError(f"speculative min_acceptance must be in [0, 1], got {self.min_acceptance!r}")
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not self.min_gain > 0:
+            raise ValueError(f"speculative min_gain must be a number > 0, got {self.min_gain!r}")
         dl = self.draft_layers
         if isinstance(dl, (list, tuple)):
             if not dl or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in dl):
@@ -106,6 +111,82 @@ class SpecState:
     proposed: int = 0
     accepted: int = 0
     steps: int = 0
+
+
+# ---------------------------------------------------------------- when to speculate
+
+class Governor:
+    """Measured costs and each request's acceptance decide k (0: do not speculate)."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.step_cost: dict[int, float] = {}  # decode-step rows -> seconds (moving average)
+        self.draft_cost = 0.0                  # seconds per drafted token (moving average)
+        self.proposed = 0.0                    # engine-wide drafts proposed / accepted (decaying):
+        self.accepted = 0.0                    # a new request's prior acceptance rate
+
+    def record_step(self, rows: int, seconds: float) -> None:
+        old = self.step_cost.get(rows)
+        self.step_cost[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def record_drafts(self, tokens: int, seconds: float) -> None:
+        if tokens:
+            self.draft_cost = 0.8 * self.draft_cost + 0.2 * seconds / tokens if self.draft_cost else seconds / tokens
+
+    def cost(self, rows: int) -> float | None:
+        """A step of `rows` rows: measured, else interpolated, else extrapolated from the two
+        largest measured sizes (None before any measurement: optimistic, so it gets tried)."""
+        known = sorted(self.step_cost)
+        if not known:
+            return None
+        if rows in self.step_cost:
+            return self.step_cost[rows]
+        lo = max((r for r in known if r < rows), default=None)
+        hi = min((r for r in known if r > rows), default=None)
+        if lo is not None and hi is not None:
+            f = (rows - lo) / (hi - lo)
+            return self.step_cost[lo] + f * (self.step_cost[hi] - self.step_cost[lo])
+        if hi is not None:
+            return self.step_cost[hi]
+        if len(known) == 1:
+            return None  # nothing to extrapolate from: try it
+        a, b = known[-2], known[-1]
+        slope = max(0.0, (self.step_cost[b] - self.step_cost[a]) / (b - a))
+        return self.step_cost[b] + slope * (rows - b)
+
+    def choose(self, spec: "SpecState", decoding: int, kmax: int, step: int) -> int:
+        """Draft tokens for one request in a step where `decoding` sequences decode."""
+        if spec.off_until_step > step:
+            return 0
+        if spec.backoff and not spec.recent:  # a pause just ended: probe with the full k
+            return kmax
+        prior = (self.accepted + 1) / (self.proposed + 2)  # the engine's rate (0.5 before any)
+        proposed = sum(n for n, _ in spec.recent)
+        alpha = (sum(a for _, a in spec.recent) + 4 * prior) / (proposed + 4)
+        base = self.cost(decoding)
+        best_k, best_gain = 0, self.config.min_gain
+        for k in range(1, kmax + 1):
+            cost = self.cost(decoding + k)
+            if base is None or cost is None:
+                return kmax  # not measured yet: measure it
+            tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+            gain = tokens * base / (cost + k * self.draft_cost)
+            if gain > best_gain:
+                best_k, best_gain = k, gain
+        if best_k == 0:  # it does not pay for this request now: pause, longer each time
+            spec.backoff = min(2 * spec.backoff, 64 * self.config.retry) if spec.backoff else self.config.retry
+            spec.off_until_step = step + spec.backoff
+            spec.recent.clear()  # after the pause: a fresh estimate
+        return best_k
+
+    def after_verify(self, spec: "SpecState", k: int, accepted: int) -> None:
+        self.proposed = 0.99 * self.proposed + k
+        self.accepted = 0.99 * self.accepted + accepted
+        spec.recent.append((k, accepted))
+        while sum(n for n, _ in spec.recent) - spec.recent[0][0] >= self.config.window:
+            spec.recent.pop(0)
+        if accepted:
+            spec.backoff = 0
 
 
 # ---------------------------------------------------------------- proposers
