@@ -454,21 +454,52 @@ def _small_gqa_specialisation(gpu):
     return shapes, heads
 
 
-@pytest.mark.parametrize("M", [9, 77, 300])
+@pytest.mark.parametrize("M", [9, 77, 300, 512, 1300])
 def test_library_gemm_static_and_dynamic_shapes(gpu, M):
-    """Modular's GEMM, float32 out: each specialised [N, K] forced static and as the load-time tuning
-    picks, and the dynamic-shape path (bf16 and f16), vs float64 on the same bf16-rounded inputs
+    """Modular's GEMM, float32 out: each specialised [N, K] as the load-time tuning picks (static
+    only at the token counts it verified, the rest dynamic), forced static at a verified count,
+    and the dynamic-shape path (bf16 and f16), vs float64 on the same bf16-rounded inputs
     (float32 accumulation: ~1e-6)."""
     torch = gpu.torch
     shapes, _ = _small_gqa_specialisation(gpu)
     rng = np.random.default_rng(M)
-    for (N, K), path, dtype in [*((nk, p, "bfloat16") for nk in shapes for p in ("static", None)),
+    paths = ("static", None) if M in (256, 512, 1024) else (None,)
+    for (N, K), path, dtype in [*((nk, p, "bfloat16") for nk in shapes for p in paths),
                                  ((200, 136), "dynamic", "bfloat16"), (shapes[0], "dynamic", "float16")]:
         a = bf16_round(rng.standard_normal((M, K)).astype(np.float32))
         w = bf16_round(rng.standard_normal((N, K)).astype(np.float32))
         c = torch.full((M, N), float("nan"), device=gpu.device)
         gpu.library_gemm(gpu.asarray(a, dtype), gpu.asarray(w, dtype), c, path)
         assert rel_err(gpu.to_numpy(c), a.astype(np.float64) @ w.astype(np.float64).T) < F32, (N, K, dtype)
+
+
+@pytest.mark.parametrize("M", [257, 385, 1300])
+def test_library_gemm_of_a_1b_model_at_unverified_token_counts(gpu, M):
+    """Llama-3.2-1B's down projection [2048, 8192]: Modular's static-shape build faulted (illegal
+    address) at M = 385 on the H200, so linear's GEMM covers such M with the verified counts and
+    the dynamic path; the result equals float64 on the bf16-rounded inputs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from random_llama import preset_checkpoint
+
+    from mojollm.models.llama import gemm_shapes
+
+    if getattr(gpu, "_lib", None) is None:
+        pytest.skip("Modular's GPU kernels are used on NVIDIA GPUs only (AMD builds are compile-checked)")
+    c, weights = preset_checkpoint("llama-3.2-1b")
+    gpu.specialise(gemm_shapes(c, weights), None)
+    if (2048, 8192) not in gpu._lib_gemm:
+        pytest.skip("no llama-3.2-1b build of Modular's kernels here (bench/build_gpu.py --model-shape llama-3.2-1b)")
+    torch = gpu.torch
+    g = torch.Generator(device=gpu.device).manual_seed(M)
+    a = torch.randn(M, 8192, device=gpu.device, generator=g).to(torch.bfloat16)
+    w = torch.randn(2048, 8192, device=gpu.device, generator=g).to(torch.bfloat16)
+    out = torch.empty(M, 2048, device=gpu.device)
+    gpu.library_gemm(a, w, out)
+    ref = a.double() @ w.double().T
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < F32
 
 
 def test_library_gemm_through_linear_and_in_a_cuda_graph(gpu):
@@ -831,3 +862,37 @@ def test_runner_greedy_alone_equals_batched_and_transformers(gpu, make_hf_model,
             if best != t:
                 assert row[best] - row[t] <= 2e-2 * np.abs(row).max(), (i, t, best)
                 break
+
+
+def test_speculative_decoding_on_the_cuda_runner(gpu, make_hf_model):
+    """ngram, self and draft speculation through LLM on the cuda runner (greedy verify rows
+    sampled on the device inside the decode graphs, sampled ones on the host): drafts are
+    proposed and verified (the prompt repeats itself), every request finishes, and
+    every KV block of the target's and the draft's pools comes back. (Token equality with plain
+    decoding is a cpu property: bf16 GEMMs pick their algorithm by row count.)"""
+    import torch
+
+    from mojollm.llm import LLM
+
+    if gpu.name != "cuda":
+        pytest.skip("the graph runner is exercised on the cuda backend")
+    path, _ = make_hf_model("llama", dtype=torch.bfloat16, seed=6, **RUNNER_CONFIG)
+    draft, _ = make_hf_model("llama", dtype=torch.bfloat16, seed=7, **{**RUNNER_CONFIG, "num_hidden_layers": 1})
+    rng = np.random.default_rng(3)
+    phrase = rng.integers(5, 300, size=40).tolist()
+    for spec in ({"method": "ngram", "min_gain": 1e-9}, {"method": "self", "draft_layers": 1, "min_gain": 1e-9},
+                 {"method": "draft", "draft_model": str(draft), "min_gain": 1e-9}):
+        llm = LLM(model=str(path), backend=gpu.name, kv_cache_memory="64MiB", max_num_seqs=8, speculative=spec)
+        plain = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, num_speculative_tokens=0)
+        prompt = phrase + llm.generate([phrase], plain)[0].token_ids + phrase
+        params = [SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
+                  SamplingParams(temperature=0.8, top_k=20, max_tokens=48, ignore_eos=True, seed=1)]
+        outs = llm.generate([prompt, prompt], params)
+        assert all(o.finished and not o.error and len(o.token_ids) == 48 for o in outs)
+        s = llm.engine.stats
+        assert s.spec_proposed > 0 and s.spec_steps > 0, spec
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts)
+        if spec["method"] == "draft":
+            pool = llm.engine.proposer.blocks
+            assert pool.num_free_blocks == pool.num_blocks

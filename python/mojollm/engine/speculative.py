@@ -27,8 +27,8 @@ step of T rows costs on this machine and what drafting costs, estimates each req
 acceptance rate a over its last `window` proposed tokens (starting from the engine-wide rate),
 and picks the k that maximises the expected tokens per second,
 (1 + a + ... + a^k) / (cost(S + k) + k * draft_cost), against one token per cost(S). When no k
-gains `min_gain`, the request decodes plainly, then probes once with the full k after `retry`
-steps (doubling while it keeps failing), which refreshes both the costs and its rate. Above
+gains `min_gain`, the request decodes plainly, then probes with one draft after `retry` steps
+(the pause doubling while it keeps failing), which refreshes its rate. Above
 `max_batch` running sequences nobody speculates (the step is compute-bound there).
 """
 
@@ -158,8 +158,8 @@ class Governor:
         """Draft tokens for one request in a step where `decoding` sequences decode."""
         if spec.off_until_step > step:
             return 0
-        if spec.backoff and not spec.recent:  # a pause just ended: probe with the full k
-            return kmax
+        if spec.backoff and not spec.recent:  # a pause just ended: probe, with one draft (cheap)
+            return 1
         prior = (self.accepted + 1) / (self.proposed + 2)  # the engine's rate (0.5 before any)
         proposed = sum(n for n, _ in spec.recent)
         alpha = (sum(a for _, a in spec.recent) + 4 * prior) / (proposed + 4)
