@@ -77,25 +77,12 @@ def llama(python: str, *args) -> dict:
 def write_f16_gguf(src: Path, dst: Path) -> None:
     """src widened to float16 (norms stay float32), every metadata key with its own GGUF type."""
     import gguf
-    from gguf.quants import dequantize
 
-    reader = gguf.GGUFReader(str(src))
-    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))
-        w = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
-        writer.add_tensor(t.name, w if w.ndim == 1 else w.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    from mojollm.model_quantizer import read_gguf, write_gguf
+
+    reader, tensors = read_gguf(src)
+    write_gguf(reader, dst, {n: (w if w.ndim == 1 else w.astype(np.float16), None) for n, (w, _) in tensors.items()},
+               gguf.LlamaFileType.MOSTLY_F16)
 
 
 def mojollm_run(path: Path, ids: list[int], decode_len: int) -> dict:

@@ -407,6 +407,61 @@ def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens,
 
 
 @cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="rtn", show_default=True,
+              help="Round to nearest, GPTQ (Hessian from calibration activations) or AWQ (activation-aware scales).")
+@click.option("--bits", type=int, default=4, show_default=True, help="8 (Q8_0) or 4 (Q4_1; Q4_0 with --symmetric).")
+@click.option("--symmetric", is_flag=True, help="4 bits without a per-block minimum (Q4_0).")
+@click.option("--group-size", type=int, default=32, show_default=True,
+              help="Weights per scale; GGUF's block formats hold 32.")
+@click.option("--calib", "calib_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Calibration text (default: the docs that ship with CPython, ~150k tokens).")
+@click.option("--calib-tokens", type=int, default=16384, show_default=True)
+@click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing activation energy.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The output .gguf file.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True)
+def quantize(model, method, bits, symmetric, group_size, calib_file, calib_tokens, act_order, out, as_json, quiet):
+    """Quantize a Llama-family GGUF MODEL into a new GGUF (Q8_0 / Q4_1 / Q4_0 blocks, which the cpu
+    and cuda kernels run), by RTN, GPTQ or AWQ."""
+    from mojollm.model_quantizer import quantize_model, target_type
+
+    if not out.endswith(".gguf"):
+        raise click.UsageError(f"--out must name a .gguf file, got {out}")
+    try:
+        target_type(bits, symmetric)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    if symmetric and bits != 4:
+        raise click.UsageError("--symmetric applies to 4 bits (Q4_0); 8 bits are always symmetric (Q8_0)")
+    if calib_tokens < 16:
+        raise click.UsageError(f"--calib-tokens must be >= 16, got {calib_tokens}")
+    if group_size != 32:
+        raise click.UsageError(f"group_size must be 32: GGUF's Q8_0 / Q4_0 / Q4_1 blocks hold 32 weights, "
+                               f"got {group_size}")
+    if method == "rtn" and (calib_file or act_order):
+        raise click.UsageError("--calib and --act-order apply to gptq / awq (rtn uses no calibration)")
+    if act_order and method != "gptq":
+        raise click.UsageError("--act-order applies to gptq")
+    text = None
+    if calib_file:
+        try:
+            with open(calib_file, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as e:
+            raise click.UsageError(f"{calib_file} is not UTF-8 text ({e.reason})")
+    with _progress(quiet) as say:
+        summary = quantize_model(model, out, method=method, bits=bits, symmetric=symmetric,
+                                 group_size=group_size, calib_text=text, calib_tokens=calib_tokens,
+                                 act_order=act_order, progress=say)
+    if as_json:
+        click.echo(json.dumps({**summary, "out": out}))
+    else:
+        click.echo(f"{out}: {summary['type']} by {method}, {summary['bytes'] / 2**20:.1f} MiB "
+                   f"({summary['bits_per_weight']} bits/weight), {summary['seconds']} s")
+
+
+@cli.command()
 @click.option("--quiet", "-q", is_flag=True)
 def pull(quiet):
     """Download the default model into the cache (once)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mojollm.engine.sampler import filtered_candidates
+from mojollm.engine.sampler import draw, filtered_candidates
 from mojollm.engine.sequence import Sequence
 
 METHODS = ("ngram", "self", "draft")
@@ -254,9 +254,7 @@ class _ModelDrafter:
         ids, p = filtered_candidates(z, params)
         q = np.zeros(row.shape[0], dtype=np.float64)
         q[ids] = p
-        cum = np.cumsum(p)
-        i = int(np.searchsorted(cum, seq.rng.random() * cum[-1], side="right"))
-        return int(ids[min(i, ids.shape[0] - 1)]), q
+        return draw(ids, p, seq.rng), q
 
     def _record(self, seq: Sequence, token: int, q: np.ndarray | None) -> None:
         seq.spec.drafts.append(token)
@@ -343,9 +341,8 @@ class DraftModelProposer(_ModelDrafter):
         return d
 
     def propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        from mojollm.engine.step import StepBatch
-
-        bs = self.blocks.block_size
+        # The draft's own sequence keeps the tokens it ran, drafts included: at the next step the
+        # ones the target rejected no longer match its tokens and are rolled back (_truncate).
         live = []
         for seq, k in scheduled:
             if k <= 0:
@@ -373,13 +370,10 @@ class DraftModelProposer(_ModelDrafter):
         for j in range(1, kmax):
             rows = [(seq, d, k) for seq, d, k in live if k > j]
             self._run([(d, [seq.spec.drafts[j - 1]]) for seq, d, _ in rows], rows)
-        for seq, d, _ in live:  # the draft tokens are not the target's: forget them from the tokens
-            d.token_ids = d.token_ids[:d.num_computed_tokens]
 
     def _run(self, chunks: list[tuple[Sequence, list[int]]], rows) -> None:
         from mojollm.engine.step import StepBatch
 
-        bs = self.blocks.block_size
         ids, pos, slots, cu, lens, last = [], [], [], [0], [], []
         width = max(len(d.block_table) for d, _ in chunks)
         tables = np.zeros((len(chunks), width), np.int32)
@@ -443,9 +437,6 @@ def accept_draft(p_ids: np.ndarray, p: np.ndarray, draft: int, q: np.ndarray | N
         resid = np.where(p_ids == draft, 0.0, p)
     else:
         resid = np.maximum(p - q[p_ids], 0.0)
-    total = resid.sum()
-    if total <= 0.0:  # p <= q everywhere that p lives (only rounding can get here): p itself
-        resid, total = p, p.sum()
-    cum = np.cumsum(resid)
-    i = int(np.searchsorted(cum, rng.random() * total, side="right"))
-    return False, int(p_ids[min(i, p_ids.shape[0] - 1)])
+    if resid.sum() <= 0.0:  # p <= q everywhere that p lives (only rounding can get here): p itself
+        resid = p
+    return False, draw(p_ids, resid, rng)
