@@ -422,6 +422,13 @@ def test_real_tiny_model_batching_prefix_cache_and_preemption(tiny_llm_path, cpu
         agree.append(n)
         compared += n
     assert compared >= 0.7 * 12 * len(texts), "greedy tokens leave transformers' too early (not near ties?)"
+    # seeded sampling: same tokens alone and batched on the real kernels
+    sp = SamplingParams(temperature=0.8, max_tokens=8, seed=5, ignore_eos=True)
+    one = llm.generate(texts[1], sp)[0].token_ids
+    many = llm.generate(texts, [SamplingParams(temperature=0.8, max_tokens=8, seed=5 + i, ignore_eos=True)
+                                for i in range(-1, 4)])
+    assert many[1].token_ids == one
+    # a small pool over the same model object (it replaces llm's KV cache: llm is done)
     tight = LLM(model=llm.model, num_blocks=12, block_size=4, max_num_batched_tokens=32)
     squeezed = [o.token_ids for o in tight.generate(texts, params)]
     assert tight.engine.stats.preemptions > 0
@@ -431,12 +438,6 @@ def test_real_tiny_model_batching_prefix_cache_and_preemption(tiny_llm_path, cpu
         assert s[:n] == b[:n]
         compared += n
     assert compared >= 0.7 * 12 * len(texts)
-    # seeded sampling: same tokens alone and batched on the real kernels
-    sp = SamplingParams(temperature=0.8, max_tokens=8, seed=5, ignore_eos=True)
-    one = llm.generate(texts[1], sp)[0].token_ids
-    many = llm.generate(texts, [SamplingParams(temperature=0.8, max_tokens=8, seed=5 + i, ignore_eos=True)
-                                for i in range(-1, 4)])
-    assert many[1].token_ids == one
 
 
 def test_real_tiny_model_score_matches_transformers(tiny_llm_path, cpu_backend):
@@ -451,3 +452,17 @@ def test_real_tiny_model_score_matches_transformers(tiny_llm_path, cpu_backend):
     ref = torch.log_softmax(logits, dim=-1)[torch.arange(len(sc.token_ids) - 1), torch.tensor(sc.token_ids[1:])]
     # float32 kernels vs float32 torch over 2 layers: log-probs agree to ~1e-4 absolute
     np.testing.assert_allclose(sc.logprobs, ref.numpy(), atol=2e-3, rtol=1e-3)
+
+
+def test_a_second_engine_on_one_model_object_stops_the_first_instead_of_sharing_its_cache():
+    """The KV cache lives on the model object: a newer engine over the same object replaces it, so
+    the older one refuses to step (a clear error) rather than decode from the newer one's cache."""
+    model = FakeModel()
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    first = engine_for(model)
+    second = engine_for(model)
+    first.add_request([5, 6, 7], params)
+    with pytest.raises(RuntimeError, match="newer LLM"):
+        first.step()
+    out = run(second, [([5, 6, 7], params)])[0]
+    assert out.token_ids == reference_greedy(model, [5, 6, 7], 6)

@@ -8,6 +8,8 @@ runner (every row sampled on the host) for the rows that must stay on the host; 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -53,10 +55,12 @@ class TorchSamplingRunner(ModelRunner):
 
 
 def engines(model, **kw):
+    """An engine sampling on the "device" and a host-sampling one, each over its own copy of the
+    model (a model object's KV cache serves one engine)."""
     kw = dict(block_size=4, num_blocks=256, **kw)
     dev = Engine(model, **kw)
     dev.runner = TorchSamplingRunner(model, dev.scheduler.max_num_seqs, dev.max_model_len)
-    return dev, Engine(model, **kw)
+    return dev, Engine(copy.copy(model), **kw)
 
 
 def run(engine, items):

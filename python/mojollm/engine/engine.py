@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import weakref
 from typing import Iterable
 
 import numpy as np
@@ -105,6 +106,12 @@ class Engine:
         self.max_model_len = min(model_len, num_blocks * block_size)
         self.runner = create_runner(model, max_num_seqs, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks, block_size, progress=progress)
+        # The KV cache lives on the model object: a second engine over the same object replaces
+        # it, so the first must stop rather than read another engine's cache (step() checks).
+        try:
+            model._kv_owner = weakref.ref(self)
+        except AttributeError:  # a model object that takes no attributes: nothing to guard
+            pass
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         if max_num_batched_tokens is None:
             backend = getattr(model, "backend", None)
@@ -242,6 +249,10 @@ class Engine:
     # ---------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
         """Run one model step; returns the outputs of requests that advanced or finished."""
+        owner = getattr(self.model, "_kv_owner", None)
+        if owner is not None and owner() is not self:
+            raise RuntimeError("this LLM's model object now serves a newer LLM, which replaced its KV cache: "
+                               "load the model again for a second LLM")
         outputs, self._pending_outputs = self._pending_outputs, []
         t0 = self.clock()
         if self.proposer is not None:

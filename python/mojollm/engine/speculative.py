@@ -319,6 +319,8 @@ class DraftModelProposer(_ModelDrafter):
         from mojollm.engine.block_manager import BlockManager
         from mojollm.engine.runner import create_runner
 
+        if draft_model is engine.model:
+            raise ValueError("the draft model must be a model object of its own (it gets its own KV cache)")
         if int(draft_model.config.vocab_size) != engine.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size} tokens) differs "
                              f"from the target's ({engine.vocab_size})")
