@@ -74,6 +74,9 @@ def read_gguf(path: Path):
     import gguf
     from gguf.quants import dequantize
 
+    from mojollm.models.gguf_loader import load_gguf
+
+    load_gguf(str(path))  # the product's own checks first: a damaged file gets its one-line reason
     reader = gguf.GGUFReader(str(path))
     if reader.fields["general.architecture"].contents() != "llama":
         raise ValueError(f"{path.name}: mojollm quantize takes Llama-family GGUF files "
