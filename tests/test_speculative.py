@@ -810,3 +810,13 @@ def test_metrics_of_a_batch_sum_to_engine_stats(tiny):
         if m.num_spec_steps:
             assert m.spec_mean_accepted_length == pytest.approx(1 + m.num_spec_accepted / m.num_spec_steps)
             assert 0 <= m.spec_acceptance_rate <= 1
+
+
+def test_self_speculation_is_refused_where_the_runner_cannot_run_a_layer_subset(monkeypatch):
+    """The tpu runner jits the whole model per step shape: 'self' says so at construction rather
+    than failing in the first step."""
+    from mojollm.engine.runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "layer_subsets", False, raising=False)
+    with pytest.raises(ValueError, match="not supported"):
+        Engine(FakeModel(), block_size=4, num_blocks=32, speculative={"method": "self"})

@@ -57,6 +57,7 @@ def bucket(n: int, buckets: list[int]) -> int:
 
 class TpuRunner(ModelRunner):
     samples_on_device = True
+    layer_subsets = False  # one jitted program per step shape, all layers (no self-speculative drafts)
 
     def __init__(self, model, max_num_seqs: int, max_model_len: int):
         super().__init__(model, max_num_seqs, max_model_len)
@@ -111,7 +112,10 @@ class TpuRunner(ModelRunner):
         return logits, tokens, new_caches
 
     # ---------------------------------------------------------------- the step
-    def execute(self, batch: StepBatch, device_rows=None) -> StepOutput:
+    def execute(self, batch: StepBatch, device_rows=None, layers=None) -> StepOutput:
+        if layers is not None:  # a program per layer subset is not built here
+            raise ValueError("the tpu runner compiles the whole model: speculative method 'self' "
+                             "(a subset of layers) is not supported on the tpu backend")
         self.model._check_batch(batch)
         check_step(batch, self.num_blocks, self.block_size)
         S, L = batch.num_seqs, batch.logits_indices.shape[0]

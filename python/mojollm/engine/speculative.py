@@ -271,6 +271,9 @@ class SelfProposer(_ModelDrafter):
 
     def __init__(self, config: SpeculativeConfig, engine):
         super().__init__(config, engine)
+        if getattr(engine.runner, "layer_subsets", True) is False:
+            raise ValueError(f"speculative method 'self' is not supported by the {type(engine.runner).__name__} "
+                             "(it compiles the whole model); use ngram or draft")
         n = len(getattr(engine.model, "layers", ()))
         if n < 2:
             raise ValueError("speculative method 'self' needs a model with layers to skip (a Llama-family model)")
