@@ -98,6 +98,33 @@ def _progress(quiet: bool):
         yield lambda msg, *a, **k: status.update(str(msg))
 
 
+@contextmanager
+def _progress_bar(quiet: bool):
+    """Like _progress, for work with counted steps (progress(msg, done=i, total=n)): a rich bar
+    on a terminal, the messages with their counts otherwise."""
+    if quiet:
+        yield lambda *a, **k: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda msg, done=None, total=None: console.print(
+            f"[dim]{msg}{f' {done}/{total}' if total else ''}[/]", highlight=False)
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        tasks = {}
+
+        def say(msg, done=None, total=None):
+            if msg not in tasks:
+                tasks[msg] = bar.add_task(msg, total=total)
+            bar.update(tasks[msg], completed=done, total=total)
+
+        yield say
+
+
 def _load_llm(model, backend, quiet: bool, **engine_kwargs):
     """Load the model (progress on stderr); tests replace this to run the CLI on a fake model."""
     from mojollm.llm import LLM
@@ -450,7 +477,7 @@ def quantize(model, method, bits, symmetric, group_size, calib_file, calib_token
                 text = fh.read()
         except UnicodeDecodeError as e:
             raise click.UsageError(f"{calib_file} is not UTF-8 text ({e.reason})")
-    with _progress(quiet) as say:
+    with _progress_bar(quiet) as say:
         summary = quantize_model(model, out, method=method, bits=bits, symmetric=symmetric,
                                  group_size=group_size, calib_text=text, calib_tokens=calib_tokens,
                                  act_order=act_order, progress=say)

@@ -185,7 +185,7 @@ def calibrate(float_gguf: Path, text: str, tokens: int, progress=None) -> tuple[
             chunk = ids[start:start + window]
             model.forward(StepBatch.single_sequence(chunk, 0, list(range(-(-len(chunk) // 16))), 16))
             if progress:
-                progress(f"calibration: {min(start + window, len(ids))}/{len(ids)} tokens")
+                progress("calibration tokens", done=min(start + window, len(ids)), total=len(ids))
     finally:
         backend.linear = linear
     return seen, len(ids)
@@ -224,7 +224,8 @@ def fold_awq_scales(weights: dict[str, np.ndarray], inputs: dict, i: int, qtype:
 def quantize_model(src, dst, method: str = "rtn", bits: int = 4, symmetric: bool = False,
                    group_size: int = 32, calib_text: str | None = None, calib_tokens: int = 16384,
                    act_order: bool = False, progress=None) -> dict:
-    """Write `dst`, a GGUF of `src` quantized by `method`; returns a summary (sizes, types, timing)."""
+    """Write `dst`, a GGUF of `src` quantized by `method`; returns a summary (sizes, types, timing).
+    progress(message, done=..., total=...) hears of calibration windows and of each layer."""
     import time
 
     import gguf
@@ -266,7 +267,7 @@ def quantize_model(src, dst, method: str = "rtn", bits: int = 4, symmetric: bool
                     q = qz.rtn(w, qtype)
                 out[n] = (q.gguf_blocks(), gguf.GGMLQuantizationType[qtype])
         if progress:
-            progress(f"layer {i + 1}/{n_layers} ({method}, {qtype})")
+            progress(f"quantizing ({method}, {qtype})", done=i + 1, total=n_layers)
     for n, (w, src_type) in tensors.items():
         if n in out:
             continue
