@@ -18,8 +18,8 @@
 #
 # Layout of the int64 `model` array (built once per model):
 #     [0] layers [1] hidden [2] H [3] KVH [4] D [5] F [6] rot_dim [7] neox [8] final_norm
-#     [9] cos_sin [10] block_size [11] 0: a worker team shares out every op of steps of up to
-#     SMALL_T rows; 1: every op alone, with its kernel's own threads
+#     [9] cos_sin [10] block_size [11] threads of the worker team that shares out every op of
+#     steps of up to SMALL_T rows (1: every op alone, with its kernel's own threads)
 #     [12] matmul path (quant.PATH_*: -1 = int8 activations where the kernel prefers them; the
 #     per-op path's choice, mojollm.kernels.quant.default_dot)
 #     [13] LM head blocks (0: the caller runs the LM head) [14] its type code [15] its rows (vocab)
@@ -404,7 +404,7 @@ def decode_step(model_addr: PythonObject, step_addr: PythonObject, eps_py: Pytho
     meta[unsafe_offset=14] = st[unsafe_offset=16]
     meta[unsafe_offset=15] = Int64(workers)
     # A team for the GEMV sizes (up to SMALL_T rows); more rows take the GEMM and its own threads.
-    var team = workers if t <= SMALL_T and Int(m[unsafe_offset=11]) != 1 else 1
+    var team = min(workers, Int(m[unsafe_offset=11])) if t <= SMALL_T else 1
     var step = Step(m, Int(m[unsafe_offset=0]), Int(m[unsafe_offset=1]), Int(m[unsafe_offset=2]),
                     Int(m[unsafe_offset=3]), Int(m[unsafe_offset=4]), Int(m[unsafe_offset=5]),
                     Int(m[unsafe_offset=6]), m[unsafe_offset=7] != 0, _f32(m[unsafe_offset=9]),

@@ -28,6 +28,7 @@ _kernels = kernel_loader("decode")
 # the block formats decode.mojo dispatches (quant.mojo's and kquant.mojo's matmuls)
 _CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 _HEADER = 16
+TEAM_BYTES = 256 << 10  # weight bytes of one layer per team thread, at least
 _LAYER_FIELDS = 16
 
 
@@ -67,7 +68,8 @@ class DecodeProgram:
         self._arrays = []  # everything whose address the program holds stays alive here
         rot = int(np.asarray(model.cos_sin).shape[1])
         table = [len(self.layers), self.hidden, self.h, self.kvh, self.d, self.f, rot, int(c.rope_neox),
-                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size, 0 if team else 1,
+                 self._addr(model.final_norm), self._addr(model.cos_sin), model.block_size,
+                 self._team_threads(model) if team else 1,
                  default_dot()]
         head = model.lm_head
         self.fused_head = isinstance(head, QuantLinear) and head.qtype in _CODES and not head._packed
@@ -92,6 +94,15 @@ class DecodeProgram:
         return {name: np.empty((rows, n), np.float32) for name, n in (
             ("x", self.hidden), ("residual", self.hidden), ("qkv", row), ("q", self.h * self.d),
             ("attn", self.h * self.d), ("hbuf", self.hidden), ("gate_up", 2 * self.f), ("act", self.f))}
+
+    def _team_threads(self, model) -> int:
+        """Threads of the worker team: every core, but at least TEAM_BYTES of a layer's weights
+        per thread, so a small model on a many-core host does not pay more in hand-offs between
+        phases (an atomic per chunk, a wait per phase) than the extra cores read."""
+        layer = model.layers[self.layers[0]]
+        parts = [layer.o_proj, layer.gate_up, layer.down, *([layer.qkv] if layer.qkv is not None else layer.q_k_v[:3])]
+        nbytes = sum(w.nbytes for w in parts)
+        return max(2, min(attention._workers(), nbytes // TEAM_BYTES))
 
     def _addr(self, a) -> int:
         a = np.ascontiguousarray(a)
