@@ -108,9 +108,6 @@ class SpecState:
     recent: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per step
     off_until_step: int = 0                                  # adaptive switch-off ...
     backoff: int = 0                                         # ... and its next pause (steps)
-    proposed: int = 0
-    accepted: int = 0
-    steps: int = 0
 
 
 # ---------------------------------------------------------------- when to speculate
