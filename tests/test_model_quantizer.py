@@ -118,3 +118,12 @@ def test_bad_requests_are_refused_in_one_line(tiny, tmp_path):
     assert json.loads(res.output.strip().splitlines()[-1])["type"] == "Q8_0"
     with pytest.raises(ValueError, match="Llama-family|.gguf"):
         mq.quantize_model(tmp_path / "missing.gguf", tmp_path / "y.gguf")
+
+
+def test_a_model_too_large_for_memory_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    from mojollm.backends.base import Backend
+
+    monkeypatch.setattr(Backend, "free_memory_bytes", lambda self: 1000)
+    with pytest.raises(ValueError, match="memory is available"):
+        mq.quantize_model(tiny, tmp_path / "z.gguf", method="gptq")
+    assert not (tmp_path / "z.gguf").exists()

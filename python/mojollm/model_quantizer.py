@@ -74,9 +74,6 @@ def read_gguf(path: Path):
     import gguf
     from gguf.quants import dequantize
 
-    from mojollm.models.gguf_loader import load_gguf
-
-    load_gguf(str(path))  # the product's own checks first: a damaged file gets its one-line reason
     reader = gguf.GGUFReader(str(path))
     if reader.fields["general.architecture"].contents() != "llama":
         raise ValueError(f"{path.name}: mojollm quantize takes Llama-family GGUF files "
@@ -221,6 +218,23 @@ def fold_awq_scales(weights: dict[str, np.ndarray], inputs: dict, i: int, qtype:
         inputs[key].h = inputs[key].h / np.outer(s, s)  # the scaled input's X^T X
 
 
+def _check_memory(src: Path, calibrated: bool) -> None:
+    """Refuse, before any work, a model whose float32 copy would not fit in the host's available
+    memory (the methods hold every tensor in float32; calibration loads a float32 model as well),
+    rather than being killed half way."""
+    from mojollm.backends.base import Backend
+    from mojollm.models.gguf_loader import load_gguf
+
+    # the loader's checks first: a damaged file gets its one-line reason
+    weights = sum(int(np.prod(w.shape)) for w in load_gguf(str(src)).weights.values())
+    need = weights * 4 * (2 if calibrated else 1)
+    avail = Backend.free_memory_bytes(None)
+    if avail is not None and need > avail:
+        raise ValueError(f"quantizing {src.name} holds its {weights / 1e9:.2f}B weights in float32 "
+                         f"({'twice, with calibration: ' if calibrated else ''}{need / 2**30:.1f} GiB) but "
+                         f"{avail / 2**30:.1f} GiB of memory is available")
+
+
 def quantize_model(src, dst, method: str = "rtn", bits: int = 4, symmetric: bool = False,
                    group_size: int = 32, calib_text: str | None = None, calib_tokens: int = 16384,
                    act_order: bool = False, progress=None) -> dict:
@@ -243,6 +257,7 @@ def quantize_model(src, dst, method: str = "rtn", bits: int = 4, symmetric: bool
     if src.suffix != ".gguf" or not src.is_file():
         raise ValueError(f"{src}: mojollm quantize takes a .gguf file (Llama family)")
     qtype = target_type(bits, symmetric)
+    _check_memory(src, calibrated=method != "rtn")
     t0 = time.perf_counter()
     reader, tensors = read_gguf(src)
     n_layers = 1 + max(int(n.split(".")[1]) for n in tensors if n.startswith("blk."))
