@@ -324,7 +324,8 @@ def test_weight_tensor_checks_k_quant_rows():
 
 
 def test_tpu_backend_widens_types_it_has_no_kernel_for():
-    pytest.importorskip("jax", reason="jax not installed")
+    pytest.importorskip("jax", reason="jax is the tpu backend's optional dependency (the test extra "
+                                         "installs it); the cpu path needs none of it")
     from mojollm.backends.tpu.backend import TpuBackend
 
     with pytest.MonkeyPatch.context() as mp:

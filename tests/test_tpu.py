@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax", reason="jax not installed")
+jax = pytest.importorskip("jax", reason="jax is the tpu backend's optional dependency (the test extra "
+                                         "installs it); the cpu path needs none of it")
 
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
@@ -391,7 +392,8 @@ def test_model_logits_match_transformers(make_hf_model):
     """Random-weight Llama (GQA 4/2, safetensors): prefill of 11 tokens + 4 decode steps through a
     shuffled paged cache, every position's logits vs transformers' full forward, with the ops run
     one by one (model.forward; the runner's jitted steps are checked in test_tpu_runner.py)."""
-    torch = pytest.importorskip("torch", reason="torch not installed")
+    torch = pytest.importorskip("torch", reason="torch is an optional dependency (the test extra "
+                                               "installs it); the cpu path needs none of it")
     from mojollm.engine.step import StepBatch
     from mojollm.models import load_model
 

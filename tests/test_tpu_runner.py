@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax", reason="jax not installed")
+jax = pytest.importorskip("jax", reason="jax is the tpu backend's optional dependency (the test extra "
+                                         "installs it); the cpu path needs none of it")
 
 from fake_model import FakeTokenizer  # noqa: E402
 from mojollm.backends.tpu.backend import DenseWeight, TpuBackend  # noqa: E402
