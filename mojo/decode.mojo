@@ -229,6 +229,22 @@ struct Step(ImplicitlyCopyable, Movable):
             var r = _share(n, c, self.gemv_chunks)
             _linear(qt, w, x, y, self.t, n, k, 1, self.path, r[0], r[1])
 
+    def gemv_phase(self, ctr: I64Ptr, phase: Int, qt: Int, w: Int64, x: Int, y: Int, n: Int, k: Int) raises:
+        """A phase that is one GEMV: claim its row shares until none is left, then wait for all."""
+        var c = _claim(ctr, phase)
+        while c < self.gemv_chunks:
+            self.gemv(qt, w, x, y, n, k, c)
+            _done(ctr, phase)
+            c = _claim(ctr, phase)
+        _wait(ctr, phase, self.gemv_chunks)
+
+    def serial_phase(self, ctr: I64Ptr, phase: Int, layer: Int, op: Int) raises:
+        """A phase of one chunk (`serial`), run by whichever thread claims it first."""
+        if _claim(ctr, phase) == 0:
+            self.serial(layer, op)
+            _done(ctr, phase)
+        _wait(ctr, phase, 1)
+
     def serial(self, layer: Int, op: Int) raises:
         """The phases that run as one chunk: 1 rope + cache writes, 5 / 9 the residual norms."""
         var m = self.m
@@ -305,10 +321,7 @@ struct Step(ImplicitlyCopyable, Movable):
                 c = _claim(ctr, p0)
             _wait(ctr, p0, n0)
             # 1: rope, cache writes
-            if _claim(ctr, p0 + 1) == 0:
-                self.serial(layer, 1)
-                _done(ctr, p0 + 1)
-            _wait(ctr, p0 + 1, 1)
+            self.serial_phase(ctr, p0 + 1, layer, 1)
             # 2, 3: attention (jobs on the team; alone: the kernel's own threads), then the split merge
             meta[unsafe_offset=1] = m[unsafe_offset=L + 10]
             meta[unsafe_offset=2] = m[unsafe_offset=L + 11]
@@ -327,25 +340,12 @@ struct Step(ImplicitlyCopyable, Movable):
                         jobs.merge()
                         _done(ctr, p0 + 3)
                     _wait(ctr, p0 + 3, 1)
-            # 4: o
-            c = _claim(ctr, p0 + 4)
-            while c < gc:
-                self.gemv(Int(m[unsafe_offset=L + 4]), m[unsafe_offset=L + 3], self.attn, self.hbuf, self.hidden, hd, c)
-                _done(ctr, p0 + 4)
-                c = _claim(ctr, p0 + 4)
-            _wait(ctr, p0 + 4, gc)
-            # 5: residual + norm
-            if _claim(ctr, p0 + 5) == 0:
-                self.serial(layer, 5)
-                _done(ctr, p0 + 5)
-            _wait(ctr, p0 + 5, 1)
-            # 6: gate | up
-            c = _claim(ctr, p0 + 6)
-            while c < gc:
-                self.gemv(Int(m[unsafe_offset=L + 7]), m[unsafe_offset=L + 6], self.x, self.gu, 2 * self.f, self.hidden, c)
-                _done(ctr, p0 + 6)
-                c = _claim(ctr, p0 + 6)
-            _wait(ctr, p0 + 6, gc)
+            # 4: o; 5: residual + norm; 6: gate | up
+            self.gemv_phase(ctr, p0 + 4, Int(m[unsafe_offset=L + 4]), m[unsafe_offset=L + 3], self.attn, self.hbuf,
+                            self.hidden, hd)
+            self.serial_phase(ctr, p0 + 5, layer, 5)
+            self.gemv_phase(ctr, p0 + 6, Int(m[unsafe_offset=L + 7]), m[unsafe_offset=L + 6], self.x, self.gu,
+                            2 * self.f, self.hidden)
             # 7: silu(g) * u, by column shares
             c = _claim(ctr, p0 + 7)
             while c < gc:
@@ -354,29 +354,14 @@ struct Step(ImplicitlyCopyable, Movable):
                 _done(ctr, p0 + 7)
                 c = _claim(ctr, p0 + 7)
             _wait(ctr, p0 + 7, gc)
-            # 8: down
-            c = _claim(ctr, p0 + 8)
-            while c < gc:
-                self.gemv(Int(m[unsafe_offset=L + 9]), m[unsafe_offset=L + 8], self.act, self.hbuf, self.hidden, self.f, c)
-                _done(ctr, p0 + 8)
-                c = _claim(ctr, p0 + 8)
-            _wait(ctr, p0 + 8, gc)
-            # 9: residual + the next norm
-            if _claim(ctr, p0 + 9) == 0:
-                self.serial(layer, 9)
-                _done(ctr, p0 + 9)
-            _wait(ctr, p0 + 9, 1)
+            # 8: down; 9: residual + the next norm
+            self.gemv_phase(ctr, p0 + 8, Int(m[unsafe_offset=L + 9]), m[unsafe_offset=L + 8], self.act, self.hbuf,
+                            self.hidden, self.f)
+            self.serial_phase(ctr, p0 + 9, layer, 9)
         # the LM head on the final-normed rows
         if self.logits != 0:
-            var pl = self.layers * PHASES_PER_LAYER
-            var vocab = Int(m[unsafe_offset=HEAD_VOCAB])
-            var c = _claim(ctr, pl)
-            while c < gc:
-                self.gemv(Int(m[unsafe_offset=HEAD_QTYPE]), m[unsafe_offset=HEAD_W], self.x, self.logits, vocab,
-                          self.hidden, c)
-                _done(ctr, pl)
-                c = _claim(ctr, pl)
-            _wait(ctr, pl, gc)
+            self.gemv_phase(ctr, self.layers * PHASES_PER_LAYER, Int(m[unsafe_offset=HEAD_QTYPE]),
+                            m[unsafe_offset=HEAD_W], self.x, self.logits, Int(m[unsafe_offset=HEAD_VOCAB]), self.hidden)
         _ = meta_list^
 
 

@@ -121,9 +121,9 @@ def test_bad_requests_are_refused_in_one_line(tiny, tmp_path):
 
 
 def test_a_model_too_large_for_memory_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
-    from mojollm.backends.base import Backend
+    from mojollm.backends import base
 
-    monkeypatch.setattr(Backend, "free_memory_bytes", lambda self: 1000)
+    monkeypatch.setattr(base, "host_available_bytes", lambda: 1000)
     with pytest.raises(ValueError, match="memory is available"):
         mq.quantize_model(tiny, tmp_path / "z.gguf", method="gptq")
     assert not (tmp_path / "z.gguf").exists()

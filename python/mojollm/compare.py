@@ -49,6 +49,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mojollm import measure
+from mojollm.engine.metrics import acceptance_rate, mean_accepted_length
 from mojollm.sampling_params import SamplingParams
 
 SCHEMA_VERSION = 2  # of this kind (bench/SCHEMA.md): 2 since the cross-check compares log-probs, not logits
@@ -185,8 +186,8 @@ def speculative_summary(spec: dict, runs: list[dict]) -> dict:
         "steps": steps,
         "proposed": proposed,
         "accepted": accepted,
-        "acceptance_rate": accepted / proposed if proposed else None,
-        "mean_accepted_length": (accepted + steps) / steps if steps else None,
+        "acceptance_rate": acceptance_rate(accepted, proposed),
+        "mean_accepted_length": mean_accepted_length(accepted, steps),
     }
 
 

@@ -110,11 +110,12 @@ def write_gguf(reader, dst: Path, tensors: dict[str, tuple[np.ndarray, object]],
     writer.close()
 
 
-def write_float_gguf(src, dst) -> Path:
-    """The source's tensors dequantized to float32 (the methods' baseline)."""
-    reader, tensors = read_gguf(Path(src))
+def write_float_gguf(src, dst, read=None) -> Path:
+    """The source's tensors dequantized to float32 (the methods' baseline); `read`: read_gguf(src)
+    when the caller has it already."""
     import gguf
 
+    reader, tensors = read if read is not None else read_gguf(Path(src))
     write_gguf(reader, Path(dst), {n: (w, None) for n, (w, _) in tensors.items()}, gguf.LlamaFileType.ALL_F32)
     return Path(dst)
 
@@ -222,13 +223,13 @@ def _check_memory(src: Path, calibrated: bool) -> None:
     """Refuse, before any work, a model whose float32 copy would not fit in the host's available
     memory (the methods hold every tensor in float32; calibration loads a float32 model as well),
     rather than being killed half way."""
-    from mojollm.backends.base import Backend
+    from mojollm.backends import base
     from mojollm.models.gguf_loader import load_gguf
 
     # the loader's checks first: a damaged file gets its one-line reason
     weights = sum(int(np.prod(w.shape)) for w in load_gguf(str(src)).weights.values())
     need = weights * 4 * (2 if calibrated else 1)
-    avail = Backend.free_memory_bytes(None)
+    avail = base.host_available_bytes()
     if avail is not None and need > avail:
         raise ValueError(f"quantizing {src.name} holds its {weights / 1e9:.2f}B weights in float32 "
                          f"({'twice, with calibration: ' if calibrated else ''}{need / 2**30:.1f} GiB) but "
@@ -264,7 +265,7 @@ def quantize_model(src, dst, method: str = "rtn", bits: int = 4, symmetric: bool
     inputs, used = {}, 0
     if method != "rtn":
         with tempfile.TemporaryDirectory() as tmp:
-            fp = write_float_gguf(src, Path(tmp) / "float.gguf")
+            fp = write_float_gguf(src, Path(tmp) / "float.gguf", read=(reader, tensors))
             inputs, used = calibrate(fp, calib_text or default_calibration_text(), calib_tokens, progress)
 
     weights = {n: w for n, (w, _) in tensors.items()}

@@ -49,6 +49,18 @@ class Probe:
         return {"name": self.name, "available": self.available, "device": self.device, "reason": self.reason}
 
 
+def host_available_bytes() -> int | None:
+    """The host's available memory (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Backend(abc.ABC):
     """One device's implementation of the model ops. Instances are created by the registry."""
 
@@ -83,14 +95,7 @@ class Backend(abc.ABC):
     def free_memory_bytes(self) -> int | None:
         """Bytes the KV cache can still take on this backend's device (None if unknown).
         Default: the host's available memory, where the cpu backend keeps everything."""
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+        return host_available_bytes()
 
     def load_kernels(self, progress=None) -> None:
         """Build (first time) and load the backend's kernel modules now, so that no compile lands

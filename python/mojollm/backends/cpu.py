@@ -160,14 +160,14 @@ class CpuRunner(ModelRunner):
         return self.programs.get(None)
 
     def execute(self, batch, device_rows=None, layers=None) -> StepOutput:
-        from mojollm.kernels.decode import DecodeProgram
-
         S = batch.num_seqs
         if (self.program is None or not batch.is_decode
                 or not np.array_equal(batch.logits_indices, np.arange(S))):
             return super().execute(batch, device_rows, layers)
         key = None if layers is None else tuple(layers)
-        if key not in self.programs:
+        if key not in self.programs:  # a self-speculative draft's layers: built on first use
+            from mojollm.kernels.decode import DecodeProgram
+
             self.programs[key] = DecodeProgram(self.model, self.max_num_seqs, layers=layers)
         m = self.model
         x, logits = self.programs[key].run(batch)

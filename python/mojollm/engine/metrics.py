@@ -12,6 +12,16 @@ from dataclasses import dataclass, field
 from mojollm.measure import percentile
 
 
+def acceptance_rate(accepted: int, proposed: int) -> float | None:
+    """Speculative decoding: accepted / proposed draft tokens (None without speculation)."""
+    return accepted / proposed if proposed else None
+
+
+def mean_accepted_length(accepted: int, steps: int) -> float | None:
+    """Tokens a verify step yields on average: accepted drafts + the target's own one."""
+    return (accepted + steps) / steps if steps else None
+
+
 @dataclass
 class RequestMetrics:
     arrival_time: float
@@ -57,13 +67,11 @@ class RequestMetrics:
 
     @property
     def spec_acceptance_rate(self) -> float | None:
-        """Accepted / proposed draft tokens (None without speculation)."""
-        return self.num_spec_accepted / self.num_spec_proposed if self.num_spec_proposed else None
+        return acceptance_rate(self.num_spec_accepted, self.num_spec_proposed)
 
     @property
     def spec_mean_accepted_length(self) -> float | None:
-        """Tokens a verify step yields on average: accepted drafts + the target's own one."""
-        return (self.num_spec_accepted + self.num_spec_steps) / self.num_spec_steps if self.num_spec_steps else None
+        return mean_accepted_length(self.num_spec_accepted, self.num_spec_steps)
 
     def as_dict(self) -> dict:
         def ms(v):
@@ -102,11 +110,11 @@ class EngineStats:
 
     @property
     def spec_acceptance_rate(self) -> float | None:
-        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
+        return acceptance_rate(self.spec_accepted, self.spec_proposed)
 
     @property
     def spec_mean_accepted_length(self) -> float | None:
-        return (self.spec_accepted + self.spec_steps) / self.spec_steps if self.spec_steps else None
+        return mean_accepted_length(self.spec_accepted, self.spec_steps)
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "spec_acceptance_rate": self.spec_acceptance_rate,

@@ -38,8 +38,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mojollm.engine.block_manager import BlockManager
+from mojollm.engine.runner import create_runner
 from mojollm.engine.sampler import draw, filtered_candidates
 from mojollm.engine.sequence import Sequence
+from mojollm.engine.step import StepBatch
 
 METHODS = ("ngram", "self", "draft")
 
@@ -281,8 +284,6 @@ class SelfProposer(_ModelDrafter):
                              f"got {config.draft_layers!r}")
 
     def propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        from mojollm.engine.step import StepBatch
-
         bm = self.engine.block_manager
         live = [(seq, k) for seq, k in scheduled if k > 0]
         kmax = max((k for _, k in live), default=0)
@@ -316,9 +317,6 @@ class DraftModelProposer(_ModelDrafter):
 
     def __init__(self, config: SpeculativeConfig, engine, draft_model):
         super().__init__(config, engine)
-        from mojollm.engine.block_manager import BlockManager
-        from mojollm.engine.runner import create_runner
-
         if draft_model is engine.model:
             raise ValueError("the draft model must be a model object of its own (it gets its own KV cache)")
         if int(draft_model.config.vocab_size) != engine.vocab_size:
@@ -344,7 +342,7 @@ class DraftModelProposer(_ModelDrafter):
 
     def propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
         # The draft's own sequence keeps the tokens it ran, drafts included: at the next step the
-        # ones the target rejected no longer match its tokens and are rolled back (_truncate).
+        # ones the target rejected no longer match its tokens and are rolled back (BlockManager.trim).
         live = []
         for seq, k in scheduled:
             if k <= 0:
@@ -358,7 +356,8 @@ class DraftModelProposer(_ModelDrafter):
                 same += 1
             same = min(same, seq.num_tokens - 1)  # at least the last token runs (it yields logits)
             d.token_ids = list(seq.token_ids)
-            self._truncate(d, same)
+            d.num_computed_tokens = min(d.num_computed_tokens, same)  # roll back the rest ...
+            self.blocks.trim(d)  # ... and free its blocks
             need = seq.num_tokens - same + k - 1
             if not self.blocks.allocate_slots(d, need):
                 self.release(seq)  # no room in the draft's pool: this sequence does not speculate
@@ -374,8 +373,6 @@ class DraftModelProposer(_ModelDrafter):
             self._run([(d, [seq.spec.drafts[j - 1]]) for seq, d, _ in rows], rows)
 
     def _run(self, chunks: list[tuple[Sequence, list[int]]], rows) -> None:
-        from mojollm.engine.step import StepBatch
-
         ids, pos, slots, cu, lens, last = [], [], [], [0], [], []
         width = max(len(d.block_table) for d, _ in chunks)
         tables = np.zeros((len(chunks), width), np.int32)
@@ -398,13 +395,6 @@ class DraftModelProposer(_ModelDrafter):
         logits = self.runner.execute(batch, None).logits
         for (seq, _, _), row in zip(rows, logits):
             self._record(seq, *self._draw(seq, row))
-
-    def _truncate(self, d: Sequence, n: int) -> None:
-        """Keep the draft's first n computed tokens; free the blocks past them."""
-        d.num_computed_tokens = min(d.num_computed_tokens, n)
-        keep = -(-d.num_computed_tokens // self.blocks.block_size)
-        while len(d.block_table) > keep:
-            self.blocks._decref(d.block_table.pop())
 
     def release(self, seq: Sequence) -> None:
         d = self._seqs.pop(seq.seq_id, None)

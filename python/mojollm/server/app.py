@@ -239,8 +239,16 @@ def create_app(loop: EngineLoop, model_name: str, metrics, api_key: str | None =
         except EngineNotReady as e:
             raise APIError(503, str(e)) from None
 
-    async def final_outputs(stream, request: Request) -> dict:
-        """Wait for every request of `stream` to finish; None if the client went away first."""
+    async def final_outputs(stream, request: Request) -> list | None:
+        """Wait for every request of `stream` to finish, then close it: their final outputs in
+        request order, or None if the client went away first."""
+        try:
+            final = await _collect(stream, request)
+        finally:
+            loop.close(stream)
+        return None if final is None else [final[r] for r in stream.request_ids]
+
+    async def _collect(stream, request: Request) -> dict | None:
         final = {}
 
         async def consume():
@@ -370,13 +378,9 @@ def create_app(loop: EngineLoop, model_name: str, metrics, api_key: str | None =
                 return p.CompletionResponse(id=rid, created=now, model=model_name, choices=[], usage=u)
 
             return streaming_response(stream, stream_events(stream, n, include_usage, prompts, chunk, usage_chunk))
-        try:
-            final = await final_outputs(stream, request)
-        finally:
-            loop.close(stream)
-        if final is None:
+        outs = await final_outputs(stream, request)
+        if outs is None:
             return Response(status_code=499)  # nobody is listening
-        outs = [final[r] for r in stream.request_ids]
         choices = []
         for i, out in enumerate(outs):
             for o in out.outputs:
@@ -416,13 +420,10 @@ def create_app(loop: EngineLoop, model_name: str, metrics, api_key: str | None =
                 return p.ChatCompletionChunk(id=rid, created=now, model=model_name, choices=[], usage=u)
 
             return streaming_response(stream, stream_events(stream, body.n, include_usage, [ids], chunk, usage_chunk))
-        try:
-            final = await final_outputs(stream, request)
-        finally:
-            loop.close(stream)
-        if final is None:
-            return Response(status_code=499)
-        (out,) = final.values()
+        outs = await final_outputs(stream, request)
+        if outs is None:
+            return Response(status_code=499)  # nobody is listening
+        (out,) = outs
         choices = [p.ChatChoice(index=o.index, message=p.ChatMessageOut(content=o.text), finish_reason=o.finish_reason,
                                 logprobs=chat_logprobs(o.logprobs) if o.logprobs is not None else None)
                    for o in out.outputs]
