@@ -414,11 +414,72 @@ def bench_quant(opts: Options) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# fp8: FP8 E4M3 blocks (mojollm.fp8; float32 activations, E4M3 decoded in registers) against Q8_0,
+# which stores the same 34 bytes per 32 weights, on the default model's (SmolLM2-135M) shapes
+
+
+def bench_fp8(opts: Options) -> list[dict]:
+    """GEMV (one token) and prefill GEMM (T = 64) on F8_E4M3 and Q8_0 blocks of the same weights:
+    GB/s of the blocks (34 B per 32 weights for both), on every core and on one (`/1`). Q8_0 runs
+    its float32 path and its default int8-activation path (the decode default); F8_E4M3 has only
+    the float32 path. Shapes: qkv, o, gate_up, down and the LM head of SmolLM2-135M, and
+    4096x4096 (16 MiB, beyond the caches: a DRAM-bound figure). max_rel_err: |y - float64 on the
+    dequantized weight| / sum |x| |w|."""
+    from mojollm import fp8
+    from mojollm.backends import get_backend
+    from mojollm.kernels.quant import QuantLinear, quantize
+    from mojollm.kernels.quant import _kernels as quant_kernels
+    from mojollm.weights import WeightTensor
+
+    threads = int(quant_kernels().num_threads())
+    bw = get_backend("cpu").memory_bandwidth_gbs()
+    shapes = [(960, 576), (3072, 576), (4096, 4096)] if opts.quick else \
+        [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (4096, 4096)]
+    rows: list[dict] = []
+    for n, k in shapes:
+        rng = _rng(7, n, k)
+        w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
+        layers = {"F8_E4M3": QuantLinear(WeightTensor("w", (n, k), "F8_E4M3", fp8.quantize_blocks(w))),
+                  "Q8_0": QuantLinear(WeightTensor("w", (n, k), "Q8_0", quantize(w, "Q8_0")))}
+        for t_tok in (1, 64):
+            x = rng.standard_normal((t_tok, k), dtype=np.float32)
+            cases = {"F8_E4M3 float": (layers["F8_E4M3"], "float"), "Q8_0 float": (layers["Q8_0"], "float"),
+                     "Q8_0 int8": (layers["Q8_0"], "int8")}
+            if t_tok > 1:
+                del cases["Q8_0 int8"]  # prefill's default is the float GEMM
+            fns = {name: (lambda lin=lin, d=d: lin.forward(x, dot=d)) for name, (lin, d) in cases.items()}
+            if t_tok == 1:
+                fns.update({f"{name}/1": (lambda lin=lin, d=d: lin.forward(x, 1, dot=d))
+                            for name, (lin, d) in cases.items()})
+                reps = max(5, min(300, int(2e9 / layers["Q8_0"].nbytes)))
+            else:
+                reps = max(2, min(20, int(5e9 / (2.0 * t_tok * n * k))))
+            t = time_blocks(fns, opts.reps(reps), opts.rounds, pause_s=0.1)
+            for name, (lin, d) in cases.items():
+                wd = lin.dequantize().astype(np.float64)
+                x64 = x.astype(np.float64)
+                err = float(np.max(np.abs(lin.forward(x, dot=d) - x64 @ wd.T) / (np.abs(x64) @ np.abs(wd).T)))
+                med = t[name]["median_s"]
+                row = {"section": "fp8", "threads": threads, "op": "gemv" if t_tok == 1 else "gemm",
+                       "shape": f"{t_tok}x{n}x{k}", "dtype": lin.qtype, "dot": d, "weight_mib": lin.nbytes / 2**20,
+                       "median_s": med, "best_s": t[name]["best_s"], "gflops": 2.0 * t_tok * n * k / med / 1e9,
+                       "vs_q8_0_float": t["Q8_0 float"]["median_s"] / med, "max_rel_err": err,
+                       "ok": err < (1e-5 if d == "float" else 1e-2)}
+                if t_tok == 1:
+                    row.update({"gbs": lin.nbytes / med / 1e9, "gbs_1core": lin.nbytes / t[f"{name}/1"]["median_s"] / 1e9,
+                                "vs_q8_0_int8": t["Q8_0 int8"]["median_s"] / med, "read_bw_gbs": bw,
+                                "fraction_of_read_bw": lin.nbytes / med / 1e9 / bw})
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "gemm": bench_gemm,
     "attention": bench_attention,
     "quant": bench_quant,
+    "fp8": bench_fp8,
 }
 
 

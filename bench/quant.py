@@ -1,13 +1,17 @@
 """Quantization methods side by side on one model: file size, perplexity, decode speed.
 
-    python bench/quant.py [--model M.gguf] [--methods rtn,gptq,awq] [--bits 4,8] [--symmetric]
-                          [--eval-tokens 1024] [--json PATH]
+    python bench/quant.py [--model M.gguf | HF_DIR] [--specs rtn:4,gptq:4:g128,smoothquant:8,fp8]
+                          [--backend cpu|cuda] [--eval-tokens 1024] [--calib-tokens N] [--json PATH]
 
-The baseline is the model's own tensors dequantized to float32. Every other row is that model
-quantized by `mojollm quantize` (mojollm.model_quantizer) into GGUF blocks. Perplexity is
-measured on the same text for every row: the compound-statements chapter of the language reference that ships
-with CPython (pydoc_data), which is not the calibration text. Decode tok/s is batch 1 through
-LLM.generate (128 greedy tokens, median of 3).
+A spec is method:bits[:gGROUP][:sym] (group 32 by default; "fp8" alone is FP8 E4M3). The baseline
+is the model's own tensors dequantized to float32. Every other row is that model quantized by
+`mojollm quantize` (mojollm.model_quantizer.quantize_model, the CLI's function): a GGUF where the
+format is a GGUF block type (group 32 at 8 / 4 bits, W8A8), else a HF directory (GPTQ / AWQ packed
+safetensors, FP8 safetensors) that mojollm's loader maps onto its kernels' formats. Perplexity is
+measured on the same text for every row: the compound-statements chapter of the language
+reference that ships with CPython (pydoc_data), which is not the calibration text. Decode tok/s is
+batch 1 through LLM.generate (128 greedy tokens, median of 3); "weight_mib" is what the backend
+holds in memory for the weights.
 """
 
 from __future__ import annotations
@@ -43,13 +47,33 @@ def measure(path: Path, backend: str, eval_tokens: int, text: str) -> dict:
             "weight_mib": round(llm.model.weight_bytes / 2**20, 1)}
 
 
+DEFAULT_SPECS = ("rtn:8,gptq:8,awq:8,smoothquant:8,w8a8:8,fp8,rtn:4,gptq:4,awq:4,rtn:4:g128,gptq:4:g128,awq:4:g128,"
+                 "rtn:3:g128,gptq:3:g128,awq:3:g128")
+
+
+def parse_spec(spec: str) -> dict:
+    parts = spec.strip().split(":")
+    method, rest = parts[0], parts[1:]
+    out = {"method": method, "bits": 8 if method == "fp8" else int(rest.pop(0)), "group_size": 32, "symmetric": False}
+    for p in rest:
+        if p == "sym":
+            out["symmetric"] = True
+        elif p.startswith("g"):
+            out["group_size"] = int(p[1:])
+        else:
+            raise SystemExit(f"bad spec {spec!r}: method:bits[:gGROUP][:sym]")
+    return out
+
+
+def _is_gguf_output(spec: dict) -> bool:
+    return spec["method"] != "fp8" and spec["group_size"] == 32 and spec["bits"] in (8, 4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a Llama-family GGUF (default: the default model)")
+    ap.add_argument("--model", default=None, help="a Llama-family GGUF or HF directory (default: the default model)")
     ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--methods", default="rtn,gptq,awq")
-    ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--symmetric", action="store_true", help="4 bits as Q4_0 instead of Q4_1")
+    ap.add_argument("--specs", default=DEFAULT_SPECS)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--json", default=None)
@@ -63,27 +87,36 @@ def main() -> None:
     text = eval_text()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = write_float_gguf(src, Path(tmp) / "float32.gguf")
+        base = src if src.is_dir() else write_float_gguf(src, Path(tmp) / "float32.gguf")
         ref = measure(base, args.backend, args.eval_tokens, text)
-        rows.append({"method": "float32 (dequantized source)", "type": "F32", "mib": round(base.stat().st_size / 2**20, 1),
-                     **ref, "ppl_vs_float": 0.0, "quantize_s": None})
+        rows.append({"method": "float (source)" if src.is_dir() else "float32 (dequantized source)", "bits": None,
+                     "group": None, "file_mib": round(_size(base) / 2**20, 1), **ref, "ppl_vs_float": 0.0,
+                     "quantize_s": None})
         print(json.dumps(rows[-1]), flush=True)
-        for bits in [int(b) for b in args.bits.split(",")]:
-            for method in args.methods.split(","):
-                out = Path(tmp) / f"{method}-{bits}.gguf"
-                t = time.perf_counter()
-                summary = quantize_model(src, out, method=method, bits=bits, symmetric=args.symmetric,
-                                         calib_tokens=args.calib_tokens)
-                took = time.perf_counter() - t
-                m = measure(out, args.backend, args.eval_tokens, text)
-                rows.append({"method": method, "type": summary["type"], "mib": round(out.stat().st_size / 2**20, 1),
-                             **m, "ppl_vs_float": round(m["ppl"] / ref["ppl"] - 1, 4), "quantize_s": round(took, 1)})
-                print(json.dumps(rows[-1]), flush=True)
+        for spec in map(parse_spec, args.specs.split(",")):
+            name = f"{spec['method']}-{spec['bits']}-g{spec['group_size']}{'-sym' if spec['symmetric'] else ''}"
+            out = Path(tmp) / (name + ".gguf" if _is_gguf_output(spec) and not src.is_dir() else name)
+            t = time.perf_counter()
+            summary = quantize_model(src, out, method=spec["method"], bits=spec["bits"], symmetric=spec["symmetric"],
+                                     group_size=spec["group_size"], calib_tokens=args.calib_tokens)
+            took = time.perf_counter() - t
+            m = measure(out, args.backend, args.eval_tokens, text)
+            rows.append({"method": spec["method"], "bits": spec["bits"], "group": spec["group_size"],
+                         "format": summary.get("type") or summary.get("format"), "file_mib": round(_size(out) / 2**20, 1),
+                         **m, "ppl_vs_float": round(m["ppl"] / ref["ppl"] - 1, 4), "quantize_s": round(took, 1)})
+            print(json.dumps(rows[-1]), flush=True)
     from kernels import print_table
 
     print_table(rows, title=f"quantization of {src.name} ({args.backend})")
     if args.json:
         Path(args.json).write_text(json.dumps(bench_document("quant", vars(args), rows), indent=2) + "\n")
+
+
+def _size(path: Path) -> int:
+    """A file's bytes, or a directory's weight files' (safetensors)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 if __name__ == "__main__":

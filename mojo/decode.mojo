@@ -45,7 +45,7 @@ from std.atomic import Atomic
 from max.algorithm import parallelize
 
 from attention import DecodeJobs, decode_attention
-from quant import _matmul, Q4_0, Q4_1, Q8_0, PATH_FLOAT, SMALL_T
+from quant import _matmul, Q4_0, Q4_1, Q8_0, W8A8, F8_E4M3, PATH_FLOAT, SMALL_T
 from kquant import _matmul as _kmatmul, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
 comptime F32Ptr = Pointer[Float32, MutUntrackedOrigin]
@@ -75,6 +75,10 @@ def _linear(qt: Int, w: Int64, x: Int, y: Int, t: Int, n: Int, k: Int, items: In
         _matmul[Q4_1](Int(w), x, y, t, n, k, items, path, r0, r1)
     elif qt == Q8_0:
         _matmul[Q8_0](Int(w), x, y, t, n, k, items, path, r0, r1)
+    elif qt == W8A8:
+        _matmul[W8A8](Int(w), x, y, t, n, k, items, path, r0, r1)
+    elif qt == F8_E4M3:  # float32 activations whatever the path (quant._matmul)
+        _matmul[F8_E4M3](Int(w), x, y, t, n, k, items, path, r0, r1)
     elif qt == Q5_0:  # mojo/kquant.mojo: int8 activations on quant.mojo's GEMV as Q4_0 (path)
         _kmatmul[Q5_0](Int(w), x, y, t, n, k, items, path, r0, r1)
     elif qt == Q5_1:

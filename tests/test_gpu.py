@@ -10,7 +10,8 @@ Error bound: ||got - ref|| / ||ref|| (Frobenius) <= tolerance, by arithmetic:
     F32   1e-5   float32 operands and accumulation, a different summation order
     TC    1e-2   tensor-core path: activations (and attention probabilities) rounded to bfloat16
                (8-bit mantissa, 2^-9 relative), accumulation in float32
-The quantized GEMV (Q4_0/Q4_1/Q8_0, up to 64 tokens) takes int8 activations, see assert_q8_gemv.
+The quantized GEMV (Q4_0/Q4_1/Q8_0, up to 64 tokens) takes int8 activations, see assert_q8_gemv;
+the FP8 E4M3 one float16 activations, see assert_f8_gemv.
 """
 
 from __future__ import annotations
@@ -896,3 +897,244 @@ def test_speculative_decoding_on_the_cuda_runner(gpu, make_hf_model):
         if spec["method"] == "draft":
             pool = llm.engine.proposer.blocks
             assert pool.num_free_blocks == pool.num_blocks
+
+
+# ---- FP8 E4M3 weights (gpu_linear.gemv_f8_kernel; past 64 tokens dequantized for a GEMM) ----------------
+def e4m3_values() -> np.ndarray:
+    """float64 value of each OCP E4M3 (e4m3fn) code: sign, 4 exponent bits (bias 7), 3 mantissa bits,
+    subnormals m/8 2^-6, 0x7F / 0xFF NaN. Written here, apart from mojollm.fp8, as the reference."""
+    c = np.arange(256)
+    e, m = (c >> 3) & 15, c & 7
+    mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    v = np.where(c & 0x80, -mag, mag)
+    v[(c & 0x7F) == 0x7F] = np.nan
+    return v
+
+
+def f8_blocks(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """codes uint8 [N, K] and scales [N, K/32] (float16 values) -> F8_E4M3 rows uint8 [N, K/32 * 34]."""
+    n, k = codes.shape
+    out = np.empty((n, k // 32, 34), np.uint8)
+    out[:, :, :2] = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(n, k // 32, 2)
+    out[:, :, 2:] = codes.reshape(n, k // 32, 32)
+    return out.reshape(n, -1)
+
+
+def f8_dequantize(data: np.ndarray, n: int, k: int) -> np.ndarray:
+    """float64 d * e4m3(q) of F8_E4M3 rows, [n, k]."""
+    b = np.asarray(data, np.uint8).reshape(n, k // 32, 34)
+    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).astype(np.float64)  # [n, nb, 1]
+    return (e4m3_values()[b[:, :, 2:]] * d).reshape(n, k)
+
+
+def f8_random(rng, n: int, k: int):
+    """Random F8_E4M3 rows: every finite code (2^-9 .. 448, both signs, zeros) and float16 scales
+    over 8 binades. Returns (data, float64 weights)."""
+    codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] -= 1  # the NaN codes -> +-448
+    d = (rng.uniform(0.5, 1.0, (n, k // 32)) * 2.0 ** rng.integers(-14, -6, (n, k // 32))).astype(np.float16)
+    data = f8_blocks(codes, d)
+    return data, f8_dequantize(data, n, k)
+
+
+def f8_quantize(w: np.ndarray) -> np.ndarray:
+    """float [N, K] -> F8_E4M3 rows with a scale per 32-block: d = max|w| / 448 rounded up to a
+    float16, q = the nearest E4M3 value of w / d (ties to the even code: codes grow with magnitude)."""
+    n, k = w.shape
+    wb = np.asarray(w, np.float64).reshape(n, k // 32, 32)
+    want = np.abs(wb).max(-1) / 448
+    d = want.astype(np.float16)
+    low = d.astype(np.float64) < want
+    d[low] = np.nextafter(d[low], np.float16(np.inf))
+    d = np.maximum(d, np.float16(2.0 ** -24))  # an all-zero block: codes 0 under any d
+    a = np.minimum(np.abs(wb) / d[..., None].astype(np.float64), 448)
+    mags = e4m3_values()[:127]  # codes 0 .. 126
+    hi = np.clip(np.searchsorted(mags, a), 1, 126)
+    lo = hi - 1
+    below, above = a - mags[lo], mags[hi] - a
+    code = np.where((above < below) | ((above == below) & (hi % 2 == 0)), hi, lo)
+    code |= np.where(np.signbit(wb), 0x80, 0)
+    return f8_blocks(code.astype(np.uint8).reshape(n, k), d)
+
+
+def f16_activations(x: np.ndarray) -> np.ndarray:
+    """x [T, K] float32 as gemv_f8 multiplies it (gpu_elementwise.f16_blocks_kernel), float64: per
+    32-block s = the power of two putting its max|x| in [2^14, 2^15) (1 for a block under 1e-30),
+    then s float16(x / s)."""
+    t, k = x.shape
+    xb = x.astype(np.float64).reshape(t, k // 32, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    s = np.where(amax >= 1e-30, np.ldexp(1.0, np.frexp(amax)[1] - 15), 1.0)
+    return ((xb / s).astype(np.float16).astype(np.float64) * s).reshape(t, k)
+
+
+def assert_f8_gemv(got, x, wref, bias=None):
+    """The FP8 GEMV against two float64 references on the dequantized weights wref.
+    1. x rounded as the kernel rounds it (f16_activations): e4m3 values are exact in float16 and
+       a product of two float16 exact in float32, so what remains is float32 summation (the
+       tensor cores' sums of 16 products, d sx (exact: an f16 times a power of two) times each
+       block's sum, an FMA chain per warp over its blocks, 4 or 8 warps, the bias): fewer than
+       K/32 + 32 roundings, each at most 2^-23 of A = |x| @ |W|^T + |bias| (2^-22 per step allows
+       adders that truncate). A wrong code, scale, row or token is off by a whole term, far above that.
+    2. x itself: float16 keeps 11 significant bits, and scaling each 32-block's max|x| into
+       [2^14, 2^15) keeps every element above 2^-28 of its block's max (so of the row's max|x|)
+       normal, so |x - s f16(x / s)| <= 2^-11 |x| + 2^-39 max|x|; on random data the relative
+       (Frobenius) error is ~2^-11 / sqrt(3), checked < 1e-3."""
+    k = x.shape[1]
+    b = 0.0 if bias is None else bias.astype(np.float64)
+    got = got.astype(np.float64)
+    a = np.abs(x.astype(np.float64)) @ np.abs(wref).T + np.abs(b)
+    sums = (k // 32 + 32) * 2.0 ** -22 * a
+    excess = np.abs(got - (f16_activations(x) @ wref.T + b)) - sums
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess.max() <= 0, f"output {worst}: got {got[worst]!r}, off by {excess[worst]:.3g} beyond the bound"
+    ref = x.astype(np.float64) @ wref.T + b
+    tiny = 2.0 ** -39 * np.abs(x).max(1, keepdims=True) @ np.abs(wref).sum(1, keepdims=True).T
+    assert np.all(np.abs(got - ref) <= 2.0 ** -11 * a + tiny + sums)
+    assert rel_err(got, ref) < 1e-3
+
+
+def test_embedding_f8(gpu):
+    """Rows of an F8_E4M3 table: d * e4m3(q) exactly (a 4-bit times an 11-bit significand fits float32)."""
+    rng = np.random.default_rng(61)
+    V, Hd = 101, 96
+    data, ref = f8_random(rng, V, Hd)
+    t = gpu.prepare_embedding(WeightTensor("emb", (V, Hd), "F8_E4M3", data))
+    assert t.nbytes == data.nbytes  # kept as codes + scales
+    ids = rng.integers(0, V, 37).astype(np.int32)
+    ids[3] = V - 1
+    got = gpu.to_numpy(gpu.embedding(t, gpu.asarray(ids, "int32")))
+    np.testing.assert_array_equal(got, ref.astype(np.float32)[ids])
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 12, 20, 33, 300])
+@pytest.mark.parametrize("NK", [(67, 96), (1029, 4640), (4099, 288), (40, 14336)])
+def test_linear_f8(gpu, M, NK, monkeypatch):
+    """FP8 E4M3 weights kept as codes on the device, tiled (16 rows x 32-block units of 544 bytes,
+    rows padded to 16). Up to 64 tokens (NVIDIA) the tensor-core GEMV, assert_f8_gemv's bounds:
+    1, 2, 4 or 8 n8 tiles of tokens (partial last tiles), 16 rows a block (N = 67 / 1029 / 4099 / 40:
+    a ragged last tile), 4 and 8 warps splitting K into contiguous ranges (K = 96: warps without a
+    block; 288: one or two blocks each; 4640 / 14336: 2, 4 or 8 blocks in flight per warp, then a
+    tail). 300 tokens: dequantized to bf16 for Modular's GEMM (TC) on NVIDIA; elsewhere every count
+    dequantizes to float32 for the SIMT GEMM (F32). Rows of x far apart in size: one beyond float16's
+    range, one all zero, one of 1e-20, and one block of another row at 1e-30 (float16 scales per
+    32-block). With and without a bias."""
+    rng = np.random.default_rng(51 + M + NK[0])
+    N, K = NK
+    data, wref = f8_random(rng, N, K)
+    lin = gpu.prepare_linear(WeightTensor("w", (N, K), "F8_E4M3", data))
+    assert lin.nbytes == -(-N // 16) * 16 * (K // 32) * 34  # codes + scales, rows padded to a tile
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[0] *= 1e5
+    if M > 1:
+        x[-1] = 0
+    if M > 2:
+        x[1] *= 1e-20
+    if M > 3:
+        x[2, 32:64] *= 1e-30
+    bias = rng.standard_normal(N).astype(np.float32)
+    for warps in (4, 8) if M <= 64 and gpu.nvidia else (None,):
+        if warps is not None:
+            monkeypatch.setattr(gpu, "_f8_warps", lambda n, w=warps: w)
+        for b in (None, bias):
+            got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin, None if b is None else gpu.asarray(b)))
+            if warps is not None:
+                assert_f8_gemv(got, x, wref, b)
+            else:
+                ref = x.astype(np.float64) @ wref.T + (0 if b is None else b)
+                assert rel_err(got, ref) < (TC if gpu.nvidia else F32)
+
+
+def test_linear_f8_nonfinite_activations_and_graph_replay(gpu):
+    """A token with inf in x gets NaN outputs (as with float activations) and leaves the others
+    alone; the GEMV replays from a CUDA graph with the eager bits (no host work in the call)."""
+    if not gpu.nvidia:
+        pytest.skip("the FP8 GEMV runs on NVIDIA tensor cores")
+    torch = gpu.torch
+    rng = np.random.default_rng(62)
+    N, K = 300, 256
+    data, wref = f8_random(rng, N, K)
+    lin = gpu.prepare_linear(WeightTensor("w", (N, K), "F8_E4M3", data))
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    x[1, 7] = np.inf
+    got = gpu.to_numpy(gpu.linear(gpu.asarray(x), lin))
+    assert np.isnan(got[1]).all()
+    assert_f8_gemv(got[[0, 2]], x[[0, 2]], wref)
+    xt = gpu.asarray(rng.standard_normal((4, K)).astype(np.float32))
+    eager = gpu.to_numpy(gpu.linear(xt, lin))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gpu.linear(xt, lin)
+    graph.replay()
+    np.testing.assert_array_equal(gpu.to_numpy(y), eager)
+
+
+def test_fp8_model_through_llm_matches_its_bf16_dequantization(gpu, make_hf_model):
+    """A random Llama whose linears and embeddings are per-32-block F8_E4M3 blocks, through LLM on
+    the cuda runner (CUDA graphs, device sampling), against the same blocks dequantized: the linears
+    rounded to bfloat16 (a BF16 model), the embedding table kept in float32, where the dequantized
+    values are exact, as the FP8 embedding gives them (a bf16 table would shift every activation by
+    up to 2^-9, which this model's three layers of std-0.15 weights amplify to ~4.5% of the logits,
+    as much as all of its bf16 arithmetic: 4.8% seen, and reproduced in float64 by an emulation of
+    both models that differ in nothing but the table; see bench/fp8_model_error.py). Prompts of
+    214-392 tokens: prefill past 64 tokens, so the FP8 linears are dequantized to bf16 and both
+    models run the same GEMMs on the same values; decode through the FP8 GEMV. Logits,
+    teacher-forced on the FP8 model's tokens:
+      prefill rows: the same arithmetic, rel_err < F32 (exercises the dequantization of every shape,
+      the FP8 embedding and LM head);
+      decode rows: the FP8 GEMV rounds x to float16 (2^-11) on the exact weights where the
+      reference rounds x and the weights to bfloat16 (2^-9 each): against a float32 model of the
+      exact weights, FP8's decode rows must be no further off than the reference's (over all
+      prompts; 0.83-0.91 of it per prompt in the float64 emulation);
+      all rows: rel_err < 3 TC (emulated: 0.4-0.6%).
+    Greedy tokens: equal up to the first near tie of the reference."""
+    from mojollm.llm import LLM
+    from mojollm.models import load_checkpoint
+    from mojollm.models.llama import LlamaModel
+    from mojollm.tokenizer import Tokenizer
+
+    if gpu.name != "cuda":
+        pytest.skip("the graph runner is exercised on the cuda backend")
+    path, _ = make_hf_model("llama", seed=8, **RUNNER_CONFIG)
+    _, ckpt = load_checkpoint(path)
+    f8, bf16, f32 = {}, {}, {}
+    for name, w in ckpt.weights.items():
+        if len(w.shape) == 2:  # every linear and the embedding table
+            data = f8_quantize(w.to_float32())
+            exact = f8_dequantize(data, *w.shape).astype(np.float32)  # d e4m3(q): exact in float32
+            f8[name] = WeightTensor(name, w.shape, "F8_E4M3", data)
+            f32[name] = WeightTensor(name, w.shape, "F32", exact)
+            bf16[name] = (f32[name] if name == "embed_tokens"
+                          else WeightTensor(name, w.shape, "BF16", float32_to_bf16(exact)))
+        else:
+            f8[name] = bf16[name] = f32[name] = w
+    tokenizer = Tokenizer.from_hf_dir(path)
+    fp8_llm, ref_llm = (LLM(LlamaModel(ckpt.config, weights, tokenizer, gpu), backend="cuda",
+                            kv_cache_memory="64MiB", max_num_seqs=16) for weights in (f8, bf16))
+    exact_model = LlamaModel(ckpt.config, f32, tokenizer, gpu)
+    assert fp8_llm.model.layers[0].qkv.qtype == "F8_E4M3" and fp8_llm.model.embed.qtype == "F8_E4M3"
+    assert fp8_llm.engine.runner.graphs
+    prompts = _texts(6, seed=5)
+    assert min(len(p) for p in prompts) > 64  # prefill through the dequantization
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    got = [o.token_ids for o in fp8_llm.generate(prompts, params)]
+    want = [o.token_ids for o in ref_llm.generate(prompts, params)]
+    same = 0
+    off8 = off16 = 0.0  # squared distances of the decode rows from the exact-weight model's
+    for p, toks, ref_toks in zip(prompts, got, want):
+        ids, n = p + toks, len(p)
+        a = _logits(fp8_llm.model, ids, n, block=16)  # new KV caches: the LLMs are done
+        b = _logits(ref_llm.model, ids, n, block=16)
+        e = _logits(exact_model, ids, n, block=16)
+        assert rel_err(a[:n], b[:n]) < F32
+        assert rel_err(a, b) < 3 * TC
+        off8 += float(np.sum((a[n:].astype(np.float64) - e[n:]) ** 2))
+        off16 += float(np.sum((b[n:].astype(np.float64) - e[n:]) ** 2))
+        for i, (t, r) in enumerate(zip(toks, ref_toks)):
+            if t != r:  # only where the reference's top two are close
+                row = b[len(p) - 1 + i]
+                assert row[r] - row[t] <= 2 * TC * np.abs(row).max(), (i, t, r)
+                break
+            same += 1
+    assert off8 <= off16, f"FP8 decode {off8 ** 0.5:.4g} from the exact model, bf16 {off16 ** 0.5:.4g}"
+    assert same >= len(prompts) * 16 // 2, f"{same} of {len(prompts) * 16} greedy tokens agree"

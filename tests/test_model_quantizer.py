@@ -111,6 +111,7 @@ def test_bad_requests_are_refused_in_one_line(tiny, tmp_path):
                       (["--bits", "8", "--symmetric"], "--symmetric applies to 4 bits")):
         res = run(cli, ["quantize", str(tiny), "--out", str(tmp_path / "x.gguf"), *args])
         assert res.exit_code != 0 and msg in res.output, (args, res.output)
+    (tmp_path / "x.bin").write_bytes(b"")  # an existing file: neither a .gguf nor a directory
     res = run(cli, ["quantize", str(tiny), "--out", str(tmp_path / "x.bin")])
     assert res.exit_code == 2 and ".gguf" in res.output
     res = run(cli, ["quantize", str(tiny), "--out", str(tmp_path / "ok.gguf"), "--bits", "8", "--json", "-q"])
@@ -127,3 +128,51 @@ def test_a_model_too_large_for_memory_is_refused_before_any_work(tiny, tmp_path,
     with pytest.raises(ValueError, match="memory is available"):
         mq.quantize_model(tiny, tmp_path / "z.gguf", method="gptq")
     assert not (tmp_path / "z.gguf").exists()
+
+
+def test_cli_writes_gptq_directories_and_refuses_impossible_grids(tiny, tmp_path, make_hf_model):
+    """--out DIR: GPTQ packed integers at any bits / group size, from a GGUF or a float HF directory;
+    a .gguf keeps GGUF's 8 / 4 bits in groups of 32."""
+    from click.testing import CliRunner
+
+    from mojollm import LLM, SamplingParams
+    from mojollm.cli import cli
+
+    run = CliRunner().invoke
+    hf, _ = make_hf_model("llama", seed=2)
+    for src, args in ((tiny, ["--bits", "3", "--group-size", "64"]), (hf, ["--bits", "2", "--group-size", "-1"])):
+        out = tmp_path / f"dir-{args[1]}"
+        res = run(cli, ["quantize", str(src), "--out", str(out), "--json", "-q", *args])
+        assert res.exit_code == 0, res.output
+        summary = json.loads(res.output.strip().splitlines()[-1])
+        assert summary["format"] == "gptq_v2" and summary["bits"] == int(args[1])
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (int(args[1]), int(args[3]), False, False)
+        assert (out / "tokenizer.json").is_file()
+        r = LLM(str(out), backend="cpu").generate(["the"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(r[0].token_ids) == 3
+    for src, args, msg in (
+            (tiny, ["--bits", "5"], "--bits must be 8, 4, 3 or 2"),
+            (tiny, ["--group-size", "48"], "--group-size must be 32, 64, 128 or -1"),
+            (tiny, ["--bits", "3", "--out", str(tmp_path / "y.gguf")], "--out DIR writes other bits"),
+            (hf, ["--out", str(tmp_path / "y.gguf")], "give --out a directory"),
+            (tiny, ["--method", "w8a8", "--bits", "8"], "writes a .gguf")):
+        cmd = ["quantize", str(src), *args] + ([] if "--out" in args else ["--out", str(tmp_path / "d")])
+        res = run(cli, cmd)
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+def test_gguf_source_becomes_the_same_model_as_a_hf_directory(tiny, tmp_path):
+    """The GGUF's llama.cpp-permuted q/k rows go back to HF's order, and its tokenizer is written as
+    tokenizer.json: 8-bit symmetric per-channel GPTQ of it runs like the float GGUF."""
+    out = tmp_path / "q8"
+    mq.quantize_model(tiny, out, method="rtn", bits=8, symmetric=True, group_size=-1)
+    from mojollm.models import load_model
+
+    a, b = load_model(str(tiny)), load_model(str(out))
+    text = "the the he t"
+    assert a.tokenizer.encode(text) == b.tokenizer.encode(text)
+    ids = list(np.random.default_rng(4).integers(2, 250, size=23))
+    ref = _logits(mq.write_float_gguf(tiny, tmp_path / "f.gguf"), ids)
+    got = _logits(out, ids)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()

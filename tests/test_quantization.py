@@ -393,3 +393,138 @@ def test_gptq_speed_default_model_shape():
     t0 = time.perf_counter()
     gptq(w, x.T @ x + np.eye(1536), "Q4_1")
     assert time.perf_counter() - t0 < 5.0
+
+
+# ---------------------------------------------------------------------------------------------- integer grids
+
+from mojollm.quantization import Grid  # noqa: E402
+
+
+def _ref_grid_params(g: np.ndarray, grid: Grid):
+    """(scale, zero) of a group g [N, gs] (float64), written from the rule in quantization's
+    docstring: asymmetric over [min(w, 0), max(w, 0)]; symmetric: zero 2^(b-1), llama.cpp's Q4_0 scale
+    (8 bits: max|w| / 127); the scale rounded to float16, 1 where it is 0."""
+    maxq = 2 ** grid.bits - 1
+    if grid.symmetric:
+        z = np.full(g.shape[0], 2.0 ** (grid.bits - 1))
+        if grid.bits == 8:
+            d = np.abs(g).max(axis=1) / 127
+        else:
+            d = np.array([row[np.argmax(np.abs(row))] for row in g]) / -z
+    else:
+        lo, hi = np.minimum(g.min(axis=1), 0), np.maximum(g.max(axis=1), 0)
+        d = (hi - lo) / maxq
+    d = d.astype(np.float16).astype(np.float64)
+    d[d == 0] = 1
+    if not grid.symmetric:
+        z = np.clip(np.round(-lo / d), 0, maxq)
+    return d, z
+
+
+def ref_gptq_grid(w, h, grid: Grid, percdamp=0.01, act_order=False):
+    """ref_gptq's OBQ loop on a grid: params of group g from the current W when its first column
+    comes (static, from the original W, with act_order). Returns (codes [N, K], scales, zeros)."""
+    W = np.array(w, np.float64)
+    H = np.array(h, np.float64)
+    n, k = W.shape
+    gs = k if grid.group_size == -1 else grid.group_size
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    ng = -(-k // gs)
+    D, Z = np.zeros((n, ng)), np.zeros((n, ng))
+    if act_order:
+        for g in range(ng):
+            D[:, g], Z[:, g] = _ref_grid_params(W[:, g * gs:(g + 1) * gs], grid)
+        order = sorted(range(k), key=lambda j: (-H[j, j], j))
+    else:
+        order = list(range(k))
+    Hinv = np.linalg.inv(H + percdamp * np.mean(np.diag(H)) * np.eye(k))
+    codes = np.zeros((n, k))
+    for j in order:
+        g = j // gs
+        if not act_order and j % gs == 0:
+            D[:, g], Z[:, g] = _ref_grid_params(W[:, j:j + gs], grid)
+        q = np.clip(np.round(W[:, j] / D[:, g]) + Z[:, g], 0, 2 ** grid.bits - 1)
+        codes[:, j] = q
+        err = (W[:, j] - D[:, g] * (q - Z[:, g])) / Hinv[j, j]
+        W -= np.outer(err, Hinv[j])
+        Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j]) / Hinv[j, j]
+    return codes, D, Z
+
+
+@pytest.mark.parametrize("grid", [Grid(4, 32), Grid(3, 64), Grid(4, -1), Grid(2, 128, True), Grid(8, 64, True),
+                                  Grid(4, 64, True)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_grids_matches_reference(grid, act_order):
+    rng = np.random.default_rng(21)
+    n, k = 37, 160  # 160 = 64 + 64 + 32: a short last group
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    x = _calibration(rng, 300, k)
+    x[:, 50] = 0.0
+    x[:, 10:20] *= rng.uniform(0.2, 3.0, 10)
+    h = x.T @ x
+    got = gptq(w, h, grid, act_order=act_order)
+    codes, d, z = ref_gptq_grid(w, h, grid, act_order=act_order)
+    np.testing.assert_array_equal(got.scales.astype(np.float64), d)
+    np.testing.assert_array_equal(got.zeros.astype(np.float64), z)
+    np.testing.assert_array_equal(got.q.astype(np.float64), codes)
+    # rtn on the grid: GPTQ with nothing to propagate (H = I)
+    r = rtn(w, grid)
+    c0, d0, z0 = ref_gptq_grid(w, np.eye(k), grid, percdamp=0.0)
+    np.testing.assert_array_equal(r.q.astype(np.float64), c0)
+    np.testing.assert_array_equal(r.scales.astype(np.float64), d0)
+
+
+@pytest.mark.parametrize("grid", [Grid(3, 32), Grid(3, 128), Grid(4, 128), Grid(4, 128, True), Grid(2, 64)])
+def test_gptq_beats_rtn_on_grids(grid):
+    rng = np.random.default_rng(4)
+    n, k = 64, 256
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    x = _calibration(rng, 768, k)
+    e_rtn = layer_error(w, rtn(w, grid).dequantize(), x)
+    for act_order in (False, True):
+        e_gptq = layer_error(w, gptq(w, x.T @ x, grid, act_order=act_order).dequantize(), x)
+        assert e_gptq < 0.6 * e_rtn, (grid, act_order, e_gptq, e_rtn)
+
+
+def test_grid_rules():
+    rng = np.random.default_rng(22)
+    w = (rng.standard_normal((16, 192)) * 0.1).astype(np.float32)
+    w[0, :64] = np.abs(w[0, :64]) + 0.5  # an all-positive group: zero 0, 0 stays a code
+    w[1, :64] = 0.0
+    for grid in (Grid(4, 64), Grid(3, 32), Grid(2, -1), Grid(8, 128)):
+        q = rtn(w, grid)
+        assert q.q.max() <= grid.maxq and q.zeros.max() <= grid.maxq and q.scales.dtype == np.float16
+        if grid.group_size in (32, 64):
+            assert q.zeros[0, 0] == 0
+            np.testing.assert_array_equal(q.dequantize()[1, :64], 0)
+        assert np.abs(q.dequantize() - w).max() <= np.abs(q.scales.astype(np.float32)).max() * 0.5 * 1.01
+    for bits in (2, 3, 4):  # symmetric: the weight of largest |w| is exact, the zero 2^(b-1)
+        q = rtn(w, Grid(bits, 32, True))
+        assert np.all(q.zeros == 2 ** (bits - 1))
+        g = w[:, :32]
+        i = np.abs(g).argmax(axis=1)
+        np.testing.assert_allclose(q.dequantize()[np.arange(16), i], g[np.arange(16), i], rtol=1e-3)
+    q8 = rtn(w, Grid(8, 32, True))
+    assert np.abs(q8.q.astype(int) - 128).max() <= 127  # codes fit Q8_0's int8 range
+    with pytest.raises(ValueError, match="bits must be one of"):
+        Grid(5, 32)
+    with pytest.raises(ValueError, match="group_size must be -1"):
+        Grid(4, 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        rtn(np.zeros((2, 48)), Grid(4, 32))
+
+
+@pytest.mark.parametrize("grid", [Grid(4, 128), Grid(3, 32)])
+def test_awq_search_on_grids(grid):
+    rng = np.random.default_rng(23)
+    k = 128
+    ws = [(rng.standard_normal((40, k)) * 0.05).astype(np.float32)]
+    x = rng.standard_normal((400, k)) * rng.uniform(0.5, 1.5, k)
+    x[:, [7, 33, 70]] *= 40.0
+    s = awq_search(ws, x, grid)
+    assert s.shape == (k,) and np.all(s > 0)
+    e_awq = _folded_error(ws, x, s, grid)
+    e_one = _folded_error(ws, x, np.ones(k), grid)
+    assert e_awq < 0.9 * e_one, (e_awq, e_one)

@@ -3,7 +3,9 @@
 Tensors are torch tensors on one CUDA device: activations float32, KV caches float32 or bfloat16,
 weights kept in their stored precision (float32, bfloat16, float16) or GGUF-quantized (Q4_0, Q4_1,
 Q8_0, repacked on the device so every block's nibbles are one aligned 16-byte load; Q5_0, Q5_1, Q4_K,
-Q5_K, Q6_K in gpu_kquant's layouts, see repack_gguf_kquant; Q2_K / Q3_K are widened at load).
+Q5_K, Q6_K in gpu_kquant's layouts, see repack_gguf_kquant; Q2_K / Q3_K are widened at load) or FP8
+E4M3 blocks (linears tiled for gpu_linear.gemv_f8_kernel's tensor cores, see f8_tiles; embedding
+tables repacked as Q8_0).
 
 How the kernels reach torch's memory and streams (verified on an H100 with torch 2.11):
   * Mojo's DeviceContext binds the device's primary CUDA context, the one torch uses, so a
@@ -26,6 +28,7 @@ turn into a ValueError (a host check would cost a synchronisation per op).
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import warnings
@@ -35,6 +38,8 @@ import numpy as np
 
 from mojollm.backends.base import Backend, Probe
 from mojollm.weights import BLOCK_BYTES, QK, WeightTensor
+
+_log = logging.getLogger("mojollm.cuda")
 
 _MODULE = "gpu_ops"
 _LIBRARY = "gpu_library"  # Modular's linalg / nn kernels, specialised per model (gpu_library.mojo)
@@ -48,7 +53,7 @@ _LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested her
 _TUNE_M = (256, 512, 1024)
 # The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
 _DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
-_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7}
+_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7, "F8_E4M3": 8}
 _KQUANTS = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # gpu_kquant's kernels (the others: gpu_linear's)
 _ERRORS = (  # (gpu_common's flag word, message), in word order
     ("ERR_TOKEN", "token ids outside the embedding table"),
@@ -86,9 +91,10 @@ class DenseWeight:
 
 
 class QuantWeight:
-    """A GGUF-quantized weight [N, K] on the device. Q4_0/Q4_1/Q8_0 repacked: qs [N, K/32, 16|32]
-    uint8, d (m) [N, K/32] float16; the other types as repack_gguf_kquant lays them out (h: Q5_x's
-    high bits)."""
+    """A GGUF-quantized weight [N, K] on the device. Q4_0/Q4_1/Q8_0 (and F8_E4M3 embedding tables)
+    repacked: qs [N, K/32, 16|32] uint8, d (m) [N, K/32] float16; F8_E4M3 linears tiled (f8_tiles:
+    qs [ceil(N/16), K/32, 544] uint8, d None); the other types as repack_gguf_kquant lays them out
+    (h: Q5_x's high bits)."""
 
     __slots__ = ("qtype", "code", "qs", "d", "m", "h", "n", "k")
 
@@ -107,6 +113,33 @@ class QuantWeight:
                 (self.h if self.h is not None else d).data_ptr())
 
 
+class Int8Weight:
+    """A W8A8 weight [N, K] (SmoothQuant): int8 codes qs [N, K] and one float32 scale per row.
+    linear quantizes the activations per token and runs cuBLASLt's int8 GEMM (torch._int_mm),
+    int32 products scaled by (row scale x token scale): the arithmetic the cpu kernel does."""
+
+    __slots__ = ("qs", "scale", "n", "k")
+
+    def __init__(self, qs, scale):
+        self.qs, self.scale = qs, scale
+        self.n, self.k = int(qs.shape[0]), int(qs.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.numel() + 4 * self.n
+
+
+def per_channel_int8(w: WeightTensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """(codes int8 [N, K], scale float32 [N]) of W8A8 / Q8_0 blocks whose rows repeat one scale,
+    else None (per-block scales: an int8 GEMM cannot apply them)."""
+    rows, k = int(w.shape[0]), int(w.shape[1])
+    blocks = np.asarray(w.data, dtype=np.uint8).reshape(rows, k // 32, 34)
+    d = blocks[:, :, :2].copy().view("<f2").reshape(rows, k // 32)
+    if not (d == d[:, :1]).all():
+        return None
+    return np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, k), d[:, 0].astype(np.float32)
+
+
 def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GGUF rows of blocks -> (qs [N, nb, 16 or 32] uint8, d [N, nb] f16, m [N, nb] f16 or None)."""
     rows = int(np.prod(w.shape[:-1]))
@@ -120,7 +153,22 @@ def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndar
         return np.ascontiguousarray(blocks[:, :, 2:18]), f16(0), None
     if w.qtype == "Q4_1":
         return np.ascontiguousarray(blocks[:, :, 4:20]), f16(0), f16(2)
-    return np.ascontiguousarray(blocks[:, :, 2:34]), f16(0), None  # Q8_0
+    return np.ascontiguousarray(blocks[:, :, 2:34]), f16(0), None  # Q8_0, F8_E4M3: 32 code bytes
+
+
+def f8_tiles(torch, qs, d):
+    """FP8 E4M3 rows on the device, codes qs [N, K/32, 32] uint8 and scales d [N, K/32] float16 ->
+    gpu_linear.gemv_f8_kernel's tiles [ceil(N/16), K/32, 544] uint8: per (16-row tile, 32-block) the
+    512 code bytes in mma.sync's A-fragment order (lane g * 4 + c: codes 8c .. 8c + 7 of row g, then
+    of row g + 8) and 8 words (d of row g | d of row g + 8 << 16). Rows past N: zero codes and scales."""
+    n, nb = int(qs.shape[0]), int(qs.shape[1])
+    n16 = -(-n // 16)
+    if n16 * 16 != n:
+        qs = torch.cat([qs, qs.new_zeros((n16 * 16 - n, nb, 32))])
+        d = torch.cat([d, d.new_zeros((n16 * 16 - n, nb))])
+    codes = qs.reshape(n16, 2, 8, nb, 4, 8).permute(0, 3, 2, 4, 1, 5).reshape(n16, nb, 512)
+    scales = d.reshape(n16, 2, 8, nb).permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(n16, nb, 32)
+    return torch.cat([codes, scales], dim=2).contiguous()
 
 
 def repack_gguf_kquant(w: WeightTensor) -> tuple[np.ndarray, ...]:
@@ -453,15 +501,27 @@ class CudaBackend(Backend):
 
     # ---- weights ----
     def prepare_linear(self, w: WeightTensor) -> Any:
+        return self._prepare(w, row_layout=False)
+
+    def _prepare(self, w: WeightTensor, row_layout: bool) -> Any:
         if len(w.shape) != 2:
             raise ValueError(f"weight {w.name} must be 2-D [out, in], got shape {w.shape}")
         self._s()
         with warnings.catch_warnings():  # memory-mapped checkpoints are read-only; .to(device) copies them
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return self._prepare_linear(w)
+            return self._prepare_linear(w, row_layout)
 
-    def _prepare_linear(self, w: WeightTensor) -> Any:
+    def _prepare_linear(self, w: WeightTensor, row_layout: bool) -> Any:
         torch = self.torch
+        if w.qtype == "W8A8":
+            pc = per_channel_int8(w) if w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0 else None
+            if pc is not None:
+                return Int8Weight(torch.from_numpy(pc[0]).to(self.device), torch.from_numpy(pc[1]).to(self.device))
+            # per-block scales (or rows cuBLASLt's int8 GEMM cannot take): Q8_0's kernels, whose
+            # activations are int8 per 32-block
+            _log.warning("%s: W8A8 weight without one scale per row (or N, K not multiples of 8); it runs as "
+                         "Q8_0", w.name)
+            w = WeightTensor(w.name, w.shape, "Q8_0", w.data)
         if w.is_quantized and w.qtype not in _QCODES:  # no kernel for it (Q2_K, Q3_K): float32 at load
             w = WeightTensor.from_float(w.name, w.to_float32())
         if w.is_quantized:
@@ -470,6 +530,8 @@ class CudaBackend(Backend):
                 qs, d, m, h = repack_gguf_kquant(w)
                 return QuantWeight(w.qtype, up(qs), up(d), up(m), w.shape[0], w.shape[1], h=up(h))
             qs, d, m = repack_gguf_blocks(w)
+            if w.qtype == "F8_E4M3" and not row_layout:  # a linear: gemv_f8_kernel's tiles
+                return QuantWeight(w.qtype, f8_tiles(torch, up(qs), up(d)), None, None, w.shape[0], w.shape[1])
             return QuantWeight(w.qtype, up(qs), up(d), up(m), w.shape[0], w.shape[1])
         if w.qtype == "BF16":
             bits = np.ascontiguousarray(w.data, dtype=np.uint16).reshape(w.shape).view(np.int16)
@@ -481,7 +543,8 @@ class CudaBackend(Backend):
                            .to(self.device))
 
     def prepare_embedding(self, w: WeightTensor) -> Any:
-        return self.prepare_linear(w)
+        # rows as stored (F8_E4M3 included: the embedding kernel reads whole rows, not tiles)
+        return self._prepare(w, row_layout=True)
 
     def prepare_linear_tensor(self, t) -> DenseWeight:
         """A torch [N, K] float32/bfloat16/float16 tensor on this device used as is (no copy)."""
@@ -525,6 +588,8 @@ class CudaBackend(Backend):
         if T == 0:
             return out
         if isinstance(table, QuantWeight):
+            if table.qtype == "F8_E4M3" and table.d is None:
+                raise ValueError("embedding table must come from prepare_embedding (FP8 linears are tiled)")
             qs, d, m, h = table.ptrs()
             self._k.embedding_quant(self._gpu, (s, table.code, qs, d, m, ids.data_ptr(), out.data_ptr(),
                                                 self._err_ptr, T, table.n, table.k, h))
@@ -541,7 +606,7 @@ class CudaBackend(Backend):
         torch = self.torch
         s = self._s()
         self._tensor("x", x, 2, (torch.float32, torch.bfloat16))
-        if not isinstance(w, (DenseWeight, QuantWeight)):
+        if not isinstance(w, (DenseWeight, QuantWeight, Int8Weight)):
             raise ValueError("linear weight must come from prepare_linear")
         T, K = x.shape
         if K != w.k:
@@ -551,6 +616,10 @@ class CudaBackend(Backend):
             self._f32("bias", bias, 1)
             if bias.shape[0] != N:
                 raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
+        if isinstance(w, Int8Weight):
+            return self._linear_w8a8(x, w, bias)
+        if isinstance(w, QuantWeight) and w.qtype == "F8_E4M3" and w.d is not None:
+            raise ValueError("FP8 linear weight must come from prepare_linear (tiled), not prepare_embedding")
         y = self._empty((T, N))
         if T == 0:
             return y
@@ -577,7 +646,15 @@ class CudaBackend(Backend):
             return y
         if isinstance(w, QuantWeight):
             qs, d, m, h = w.ptrs()
-            if T <= _QGEMV_MAX_TOKENS:
+            if w.qtype == "F8_E4M3" and T <= _QGEMV_MAX_TOKENS and self.nvidia:
+                # tensor cores: x as float16 32-blocks (T K halves) with a power-of-two scale each
+                # (K/32 x T rounded up to 8 floats); one pass of 8, 16, 32 or 64 tokens (n8 tiles), so
+                # each weight is read once
+                tiles = next(t for t in (1, 2, 4, 8) if 8 * t >= T)
+                scratch = self._empty((T * K * 2 + (K // 32) * (-(-T // 8) * 8) * 4,), torch.int8)
+                self._k.gemv_f8(self._gpu, (s, tiles, x.data_ptr(), qs, bptr, y.data_ptr(), has_bias, T, N, K,
+                                            scratch.data_ptr(), self._f8_warps(N)))
+            elif T <= _QGEMV_MAX_TOKENS and w.qtype != "F8_E4M3":
                 # x quantized per 32-block to int8 codes (T K bytes) + (dx, code sum) float32 pairs
                 scratch = self._empty((T * K + T * (K // 32) * 8,), torch.int8)
                 rows = self._kq_rows(N) if w.qtype in _KQUANTS else self._qgemv_rows(N)
@@ -603,6 +680,21 @@ class CudaBackend(Backend):
         else:
             self._k.gemm_simt(self._gpu, (s, code, x.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(), has_bias, T, N, K))
         return y
+
+    def _linear_w8a8(self, x, w: Int8Weight, bias):
+        """Per token: dx = max|x| / 127, q = round-half-even(x * (1/dx)) (the cpu kernel's rule);
+        y = (q @ W_q^T in int32) * dx * row scale. cuBLASLt's int8 GEMM wants more than 16 rows:
+        decode steps are padded with zero rows (the weight is read once either way)."""
+        torch = self.torch
+        T = x.shape[0]
+        xf = x.float()
+        dx = xf.abs().amax(dim=1, keepdim=True) / 127
+        inv = torch.where(dx < 1e-30 / 127, torch.zeros_like(dx), 1 / dx)
+        q = torch.round(xf * inv).to(torch.int8)
+        if T <= 16:
+            q = torch.nn.functional.pad(q, (0, 0, 0, 17 - T))
+        y = torch._int_mm(q, w.qs.t())[:T].float() * (dx * w.scale)
+        return y + bias if bias is not None else y
 
     def _library_gemm_takes(self, w) -> bool:
         """Whether Modular's GEMM serves weight `w` (16-bit, or quantized and dequantized to bf16)."""
@@ -693,6 +785,13 @@ class CudaBackend(Backend):
         """Rows per block (of 128 threads splitting K) of the quantized GEMV: 4, so x is read once
         per 4 rows, unless that leaves fewer than 4 blocks per SM; then 1."""
         return 4 if -(-n // 4) >= 4 * self.num_sms else 1
+
+    def _f8_warps(self, n: int) -> int:
+        """Warps per block of the FP8 GEMV (a block per 16-row tile, its warps splitting K): 8 while
+        the grid stays within one wave of ~24 warps per SM (the kernel takes 65-72 registers at up
+        to 16 tokens), so a small layer still has every SM's loads in flight; else 4, whose smaller
+        blocks leave a fuller last wave."""
+        return 8 if -(-n // 16) * 8 <= 24 * self.num_sms else 4
 
     def _kq_rows(self, n: int) -> int:
         """Rows per warp of gpu_kquant's GEMV (4 warps a block, lanes splitting K): as many as keep

@@ -41,7 +41,8 @@ comptime DT_F16 = 2
 
 # Quantized block formats (GGUF). Q4_0 / Q4_1 / Q8_0: 32 weights per block, repacked on the device
 # into qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16 (gpu_linear). Q5_0 / Q5_1
-# and the k-quants Q4_K / Q5_K / Q6_K: the layouts of gpu_kquant.
+# and the k-quants Q4_K / Q5_K / Q6_K: the layouts of gpu_kquant. F8_E4M3: Q8_0's layout with OCP
+# e4m3fn codes instead of int8 (w = d e4m3(q)), repacked as Q8_0 is.
 comptime Q4_0 = 0
 comptime Q4_1 = 1
 comptime Q8_0 = 2
@@ -50,6 +51,7 @@ comptime Q5_1 = 4
 comptime Q4_K = 5
 comptime Q5_K = 6
 comptime Q6_K = 7
+comptime F8_E4M3 = 8
 
 
 @always_inline
@@ -82,4 +84,19 @@ def block_sum[BLOCK: Int](v: Float32) -> Float32:
     var total: Float32 = 0
     comptime for i in range(NW):
         total += partial[unsafe_offset=i]
+    return total
+
+
+@always_inline
+def block_max[BLOCK: Int](v: Float32) -> Float32:
+    """Maximum of v over the whole block (BLOCK threads, a multiple of the warp size); all threads get it."""
+    comptime NW = BLOCK // WARP_SIZE
+    var partial = stack_allocation[NW, Float32, address_space=AddressSpace.SHARED]()
+    var w = warp.max(v)
+    if lane_id() == 0:
+        partial[unsafe_offset=thread_idx.x // WARP_SIZE] = w
+    barrier()
+    var total = partial[unsafe_offset=0]
+    comptime for i in range(1, NW):
+        total = max(total, partial[unsafe_offset=i])
     return total

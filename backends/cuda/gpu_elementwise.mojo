@@ -7,8 +7,8 @@ from max.gpu import thread_idx, block_idx, block_dim, global_idx, lane_id
 from max.gpu.primitives import warp
 
 from gpu_common import (
-    Ptr, F32P, I32P, I64P, U8P, I8P, F16P, flag, block_sum,
-    ERR_TOKEN, ERR_SLOT, ERR_POSITION, Q4_0, Q4_1, Q8_0,
+    Ptr, F32P, I32P, I64P, U8P, I8P, F16P, flag, block_sum, block_max,
+    ERR_TOKEN, ERR_SLOT, ERR_POSITION, Q4_0, Q4_1, Q8_0, F8_E4M3,
 )
 
 comptime ROW_BLOCK = 256
@@ -43,6 +43,10 @@ def dequant_one[QT: Int](qs: U8P, d: F16P, m: F16P, row: Int, nb: Int, j: Int) -
     comptime if QT == Q8_0:
         var q = bitcast[DType.int8, 1](qs[unsafe_offset=blk * 32 + r])
         return Float32(q) * scale
+    elif QT == F8_E4M3:
+        # exact: a 4-bit e4m3 significand times an 11-bit f16 one fits float32's 24
+        var q = bitcast[DType.float8_e4m3fn, 1](qs[unsafe_offset=blk * 32 + r])
+        return q.cast[DType.float32]() * scale
     else:
         var byte = qs[unsafe_offset=blk * 16 + (r % 16)]
         var nib = byte & 15 if r < 16 else byte >> 4
@@ -112,6 +116,43 @@ def quantize_q8_kernel(x: F32P, qx: I8P, xs: F32P, n: Int64):
     if lane_id() == 0:
         xs[unsafe_offset=(i // 32) * 2] = dx
         xs[unsafe_offset=(i // 32) * 2 + 1] = Float32(qsum)
+
+
+# ---- x [T, K] float32 -> float16 32-blocks, for the FP8 GEMV's tensor cores (gpu_linear) ------
+def f16_blocks_kernel(x: F32P, xh: F16P, sx: F32P, n: Int64, K: Int64, Tp: Int64):
+    """A warp per 32-block (token t, block b) of the flattened x (n = T K elements, K a multiple of
+    32): xh = x / s rounded to float16, s = sx[b Tp + t] the power of two that puts the block's
+    max|x| in [2^14, 2^15), so no activation overflows float16 and none above 2^-28 of its block's
+    largest is subnormal (the scaling is exact; the rounding costs at most 2^-11 relative). A block
+    holding NaN or inf gets s = NaN and xh = 0 (the token's outputs are NaN, as with float
+    activations); a block under 1e-30 s = 1. Per block, not per token: every block is independent,
+    so the whole grid works at once (a per-token maximum is a reduction over K first)."""
+    var i = global_idx.x
+    if i >= Int(n):  # n is a multiple of 32: whole warps leave
+        return
+    var v = x[unsafe_offset=i]
+    var bad = Int32(1) if (bitcast[DType.uint32, 1](v) & 0x7F800000) == 0x7F800000 else Int32(0)
+    var amax = abs(v)
+    comptime for k in range(5):
+        amax = max(amax, warp.shuffle_xor(amax, UInt32(16 >> k)))
+        bad |= warp.shuffle_xor(bad, UInt32(16 >> k))
+    var s: Float32 = 1
+    var inv: Float32 = 1
+    if bad != 0:
+        s = bitcast[DType.float32, 1](UInt32(0x7FC00000))
+        inv = 0
+    elif amax >= 1e-30:  # exponent e >= 27: both powers below are normal floats
+        var e = (bitcast[DType.uint32, 1](amax) >> 23) & 0xFF  # max|x| in [2^(e-127), 2^(e-126))
+        s = bitcast[DType.float32, 1]((e - 14) << 23)  # 2^(e - 141)
+        inv = bitcast[DType.float32, 1]((268 - e) << 23)  # 2^(141 - e)
+    var h = (v * inv).cast[DType.float16]()
+    if bad != 0:
+        h = 0
+    xh[unsafe_offset=i] = h
+    if lane_id() == 0:
+        var blk = i // 32
+        var nb = Int(K) // 32
+        sx[unsafe_offset=(blk % nb) * Int(Tp) + blk // nb] = s
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 #                            weight loads; quant: a block per few rows splitting K, int8
 #                            activations and dp4a; NT tokens per pass so each weight is read once
 #                            per pass
+#   gemv_f8                  FP8 E4M3 weights (decode, NVIDIA): tensor cores on e4m3 codes widened
+#                            to f16 in hardware, f16 activations; weights tiled for coalesced
+#                            512-byte loads (dequant_f8_kernel widens them for a GEMM)
 #   gemm_simt                float32 weights, and every GEMM on AMD: 64x64 tiles in shared memory,
 #                            4x4 per thread
 # 16-bit GEMMs on NVIDIA are Modular's (gpu_library.mojo): our mma.sync and wgmma kernels ran at
@@ -14,13 +17,14 @@
 from std.math import ceildiv
 from std.memory import stack_allocation, bitcast
 from std.sys import size_of, is_nvidia_gpu
-from max.gpu import thread_idx, block_idx, grid_dim, lane_id, WARP_SIZE
+from max.gpu import thread_idx, block_idx, grid_dim, global_idx, lane_id, WARP_SIZE
 from max.gpu.sync import barrier
 from max.gpu.primitives import warp
 from max.gpu.memory import AddressSpace
 from std.sys._assembly import inlined_assembly
+from max.gpu.compute.mma import mma
 
-from gpu_common import Ptr, F32P, F16P, vload, Q4_0, Q4_1, Q8_0
+from gpu_common import Ptr, F32P, F16P, vload, vstore, Q4_0, Q4_1, Q8_0
 
 comptime GEMV_WARPS = 8
 
@@ -258,6 +262,159 @@ def gemv_quant_kernel[QT: Int, NT: Int, R: Int](
             if has_bias != 0:
                 s += bias[unsafe_offset=n0 + r]
             y[unsafe_offset=(t0 + t) * nn + n0 + r] = s
+
+
+# ---- GEMV, FP8 E4M3 weights (tiled: qs [ceil(N/16), K/32, 544] bytes, see below) --------------
+# Why tensor cores: at 1 byte a weight a decode GEMV must take ~16 weights per SM clock to keep
+# up with the H200's HBM. On CUDA cores that is a conversion to float32 per weight (conversions
+# issue at a fraction of the FMA rate) and, at 8 tokens, 128 FMAs per SM clock, all of FP32's
+# rate; e4m3 has no integer form for dp4a. Hopper widens e4m3 pairs to f16 pairs in one
+# instruction (cvt.rn.f16x2.e4m3x2: `.cast` of an e4m3 SIMD lowers to it) and f16x2 registers are
+# exactly mma.sync's A operand, so the weights feed m16n8k16 (f32 accumulation) with no other work.
+#
+# Layout (backend.f8_tiles repacks at load): one 544-byte unit per (16-row tile, 32-block): 512
+# code bytes in mma.sync's A-fragment order, 16 bytes per lane l (g = l / 4, c = l % 4): codes
+# 8c .. 8c + 7 of row g, then the same of row g + 8; then 8 words (f16 d of row g | f16 d of row
+# g + 8 << 16). A warp reads a unit with one coalesced 512-byte load plus one 32-byte load, and a
+# tile's units lie back to back, so each warp streams a contiguous range (rows are padded to a
+# multiple of 16 with zero codes and scales). mma step s (0, 1) takes codes 8c + 4s .. 8c + 4s + 3
+# of both rows as the lane's k slots (2c, 2c+1 | 2c+8, 2c+9) of A and the same 4 activations of
+# token g as B: the dot product does not care which k goes where as long as A and B agree.
+#
+# Activations arrive as f16 32-blocks (f16_blocks_kernel): xh [T, K] = x / s, s = sx[b, t] a power
+# of two per (token, block). A block of W warps owns one tile and 8 TT tokens (TT n8 tiles of
+# mma's n8); warp w takes the contiguous blocks [w nb / W, (w + 1) nb / W), U at a time with every
+# load issued first; the warps add up through shared memory:
+#   y[t, n] = sum_b (d[n, b] sx[b, t]) sum_{j in b} e4m3(q[n, j]) xh[t, j]
+# e4m3 values are exact in f16, f16 x f16 products exact in f32 and d sx exact (a power of two
+# times an f16): the only rounding besides float32 sums is x's to f16 (2^-11 relative).
+comptime F8_ROWS = 16
+comptime F8_UNIT_WORDS = 136  # 544 bytes: 128 words of codes (4 per lane), 8 words of scales
+
+
+@always_inline
+def _f8_a_fragment(wa: UInt32, wb: UInt32) -> SIMD[DType.float16, 8]:
+    """mma's A (rows g, g + 8; k slots 2c, 2c+1, 2c+8, 2c+9) from 4 e4m3 codes of each row."""
+    var fa = bitcast[DType.float8_e4m3fn, 4](wa).cast[DType.float16]()
+    var fb = bitcast[DType.float8_e4m3fn, 4](wb).cast[DType.float16]()
+    return fa.join(fb).shuffle[0, 1, 4, 5, 2, 3, 6, 7]()
+
+
+@always_inline
+def _f8_units[TT: Int, U: Int](
+    xh: F16P, sx: F32P, qs: Ptr[DType.uint32], mut acc: SIMD[DType.float32, 4 * TT],
+    u: Int, b: Int, lane: Int, g: Int, x0: Int, s0: Int, tp: Int, ntok: Int, ntile: Int, kk: Int,
+):
+    """Units u .. u + U - 1 of the tile (its blocks b .. b + U - 1) into acc, every load first.
+    x0: the lane's first activation of token tile 0 (token t0 + g, position 8c), s0: its first
+    scale column (token t0 + 2c), tp: sx's row length, ntok: token tiles whose token t0 + 8 i + g
+    exists (the others' B columns stay zero), ntile: token tiles with any token."""
+    var wq = Array[SIMD[DType.uint32, 4], U](fill=SIMD[DType.uint32, 4](0))
+    var ws = Array[UInt32, U](fill=UInt32(0))
+    var xv = Array[SIMD[DType.float16, 8], U * TT](fill=SIMD[DType.float16, 8](0))
+    var sv = Array[SIMD[DType.float32, 2], U * TT](fill=SIMD[DType.float32, 2](0))
+    comptime for j in range(U):  # the weights (HBM) first, then the activations (L2)
+        var base = (u + j) * F8_UNIT_WORDS
+        wq[j] = vload[4](qs, base + lane * 4)
+        ws[j] = qs[unsafe_offset=base + 128 + g]
+    comptime for j in range(U):
+        comptime for t in range(TT):
+            if t < ntok:
+                xv[j * TT + t] = vload[8](xh, x0 + t * 8 * kk + (b + j) * 32)
+            if t < ntile:  # columns of tokens past T: never stored
+                sv[j * TT + t] = vload[2](sx, (b + j) * tp + s0 + 8 * t)
+    comptime for j in range(U):
+        var a0 = _f8_a_fragment(wq[j][0], wq[j][2])
+        var a1 = _f8_a_fragment(wq[j][1], wq[j][3])
+        var dd = bitcast[DType.float16, 2](ws[j]).cast[DType.float32]()  # rows g, g + 8
+        comptime for t in range(TT):
+            var part = SIMD[DType.float32, 4](0)
+            mma(part, a0, xv[j * TT + t].slice[4, offset=0](), part)
+            mma(part, a1, xv[j * TT + t].slice[4, offset=4](), part)
+            var s = sv[j * TT + t]  # tokens 2c, 2c + 1
+            acc[t * 4 + 0] = (dd[0] * s[0]).fma(part[0], acc[t * 4 + 0])
+            acc[t * 4 + 1] = (dd[0] * s[1]).fma(part[1], acc[t * 4 + 1])
+            acc[t * 4 + 2] = (dd[1] * s[0]).fma(part[2], acc[t * 4 + 2])
+            acc[t * 4 + 3] = (dd[1] * s[1]).fma(part[3], acc[t * 4 + 3])
+
+
+def gemv_f8_kernel[TT: Int, U: Int, W: Int](
+    xh: F16P, sx: F32P, qs: Ptr[DType.uint32], bias: F32P, y: F32P,
+    has_bias: Int64, T: Int64, N: Int64, K: Int64,
+):
+    """y[t, n] = x[t, :] . dequant(w[n, :]) (+ bias[n]) for the rows of tile block_idx.x and tokens
+    8 TT block_idx.y .. + 8 TT - 1; x given as f16 32-blocks xh with scales sx [K/32, Tp]
+    (Tp = T rounded up to 8). K is a multiple of 32; qs and xh 16-byte aligned."""
+    comptime assert is_nvidia_gpu(), "gemv_f8_kernel needs NVIDIA tensor cores (mma.sync f16)"
+    comptime NV = 4 * TT
+    var nn = Int(N)
+    var tt = Int(T)
+    var kk = Int(K)
+    var nb = kk // 32
+    var tp = ceildiv(tt, 8) * 8
+    var lane = lane_id()
+    var wid = thread_idx.x // WARP_SIZE
+    var g = lane // 4
+    var c = lane % 4
+    var n0 = block_idx.x * F8_ROWS
+    var t0 = block_idx.y * 8 * TT
+    var ntok = min(TT, max(0, ceildiv(tt - t0 - g, 8)))  # tiles i with t0 + 8 i + g < T
+    var ntile = min(TT, ceildiv(tt - t0, 8))
+    var x0 = (t0 + g) * kk + c * 8
+    var s0 = t0 + 2 * c
+    var u0 = block_idx.x * nb
+    var acc = SIMD[DType.float32, NV](0)  # [tile][c0 c1 c2 c3 of mma's C fragment]
+    var b = wid * nb // W
+    var e = (wid + 1) * nb // W
+    comptime if U > 1:
+        while b + U <= e:
+            _f8_units[TT, U](xh, sx, qs, acc, u0 + b, b, lane, g, x0, s0, tp, ntok, ntile, kk)
+            b += U
+    while b < e:
+        _f8_units[TT, 1](xh, sx, qs, acc, u0 + b, b, lane, g, x0, s0, tp, ntok, ntile, kk)
+        b += 1
+    var partial = stack_allocation[W * NV * WARP_SIZE, Float32, address_space=AddressSpace.SHARED]()
+    comptime for v in range(NV):
+        partial[unsafe_offset=(wid * NV + v) * WARP_SIZE + lane] = acc[v]
+    barrier()
+    for i in range(thread_idx.x, NV * WARP_SIZE, W * WARP_SIZE):
+        var v = i // WARP_SIZE
+        var l = i % WARP_SIZE
+        var s: Float32 = 0
+        comptime for w in range(W):
+            s += partial[unsafe_offset=(w * NV + v) * WARP_SIZE + l]
+        var e4 = v % 4
+        var row = n0 + l // 4 + 8 * (e4 // 2)
+        var tok = t0 + (v // 4) * 8 + 2 * (l % 4) + e4 % 2
+        if row < nn and tok < tt:
+            if has_bias != 0:
+                s += bias[unsafe_offset=row]
+            y[unsafe_offset=tok * nn + row] = s
+
+
+def dequant_f8_kernel[odt: DType](qs: Ptr[DType.uint32], dst: Ptr[odt], N: Int64, K: Int64):
+    """The tiled FP8 weight -> dense [N, K] (d e4m3(q), exact in float32 and rounded once to odt):
+    a thread per (unit, lane), 8 weights of row g and 8 of row g + 8 each."""
+    var i = global_idx.x
+    var nn = Int(N)
+    var kk = Int(K)
+    var nb = kk // 32
+    var u = i // WARP_SIZE
+    if u >= ceildiv(nn, F8_ROWS) * nb:
+        return
+    var lane = i % WARP_SIZE
+    var g = lane // 4
+    var c = lane % 4
+    var w = vload[4](qs, u * F8_UNIT_WORDS + lane * 4)
+    var dd = bitcast[DType.float16, 2](qs[unsafe_offset=u * F8_UNIT_WORDS + 128 + g]).cast[DType.float32]()
+    var row = (u // nb) * F8_ROWS + g
+    var off = (u % nb) * 32 + c * 8
+    var lo = bitcast[DType.float8_e4m3fn, 8](w.slice[2, offset=0]()).cast[DType.float32]() * dd[0]
+    var hi = bitcast[DType.float8_e4m3fn, 8](w.slice[2, offset=2]()).cast[DType.float32]() * dd[1]
+    if row < nn:
+        vstore[8](dst, row * kk + off, lo.cast[odt]())
+    if row + 8 < nn:
+        vstore[8](dst, (row + 8) * kk + off, hi.cast[odt]())
 
 
 # ---- SIMT GEMM (float32 weights, any K; the portable fallback) ---------------------------------

@@ -26,15 +26,17 @@ from max.gpu.host import DeviceContext, DeviceStream, FuncAttribute
 from max.gpu.host._nvidia_cuda import CUDA
 
 from gpu_common import (
-    Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, DT_F32, DT_BF16, DT_F16,
+    Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F8_E4M3, DT_F32, DT_BF16,
+    DT_F16,
 )
 from gpu_elementwise import (
     ROW_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
-    quantize_q8_kernel,
+    quantize_q8_kernel, f16_blocks_kernel,
 )
 from gpu_linear import (
     GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
+    gemv_f8_kernel, dequant_f8_kernel, F8_ROWS,
 )
 from gpu_kquant import gemv_kq_kernel, dequant_kq_kernel, embedding_kq_kernel, KQ_WARPS
 from gpu_attention import (
@@ -171,6 +173,8 @@ def op_embedding_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObjec
         _embedding_quant[Q4_1](g, a)
     elif qt == Q8_0:
         _embedding_quant[Q8_0](g, a)
+    elif qt == F8_E4M3:
+        _embedding_quant[F8_E4M3](g, a)
     elif qt == Q5_0:
         _embedding_kq[Q5_0](g, a)
     elif qt == Q5_1:
@@ -222,6 +226,24 @@ def _dequant_kq_o[QT: Int](g: GpuPtr, a: PythonObject) raises:
         raise Error("dequant: unknown output dtype code ", _i(a, 2))
 
 
+def _dequant_f8[odt: DType](g: GpuPtr, a: PythonObject) raises:
+    # (stream, qt, odt, qs, d, m, out, N, K, h): qs the tiled FP8 weight (d, m, h unused)
+    var st = g[].stream(_i(a, 0))
+    var threads = ceildiv(_i(a, 7), F8_ROWS) * (_i(a, 8) // 32) * WARP_SIZE
+    var f = g[].ctx.compile_function[dequant_f8_kernel[odt]]()
+    st.enqueue_function(f, _p[DType.uint32](a, 3), _p[odt](a, 6), _n(a, 7), _n(a, 8),
+                        grid_dim=ceildiv(threads, 256), block_dim=256)
+
+
+def _dequant_f8_o(g: GpuPtr, a: PythonObject) raises:
+    if _i(a, 2) == DT_F32:
+        _dequant_f8[F32](g, a)
+    elif _i(a, 2) == DT_BF16:
+        _dequant_f8[BF16](g, a)
+    else:
+        raise Error("dequant: unknown output dtype code ", _i(a, 2))
+
+
 def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     var g = _state(gpu)
     var qt = _i(a, 1)
@@ -231,6 +253,8 @@ def op_dequant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _dequant_q[Q4_1](g, a)
     elif qt == Q8_0:
         _dequant_q[Q8_0](g, a)
+    elif qt == F8_E4M3:
+        _dequant_f8_o(g, a)
     elif qt == Q5_0:
         _dequant_kq_o[Q5_0](g, a)
     elif qt == Q5_1:
@@ -492,6 +516,57 @@ def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
     return PythonObject(None)
 
 
+def _gemv_f8[TT: Int, W: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, tiles, x, qs, bias, y, has_bias, T, N, K, scratch, warps)
+    # qs: the tiled weight (gpu_linear); scratch: x as T K float16 (f16_blocks_kernel), then the
+    # blocks' scales, float32 [K/32, Tp] (Tp = T rounded up to 8; offset 2 T K is 64-byte aligned)
+    comptime if NVIDIA_TARGET:
+        var st = g[].stream(_i(a, 0))
+        var T = _i(a, 7)
+        var N = _i(a, 8)
+        var K = _i(a, 9)
+        var scratch = _i(a, 10)
+        var xh = Ptr[F16](unsafe_from_address=scratch)
+        var sx = Ptr[F32](unsafe_from_address=scratch + T * K * 2)
+        var fc = g[].ctx.compile_function[f16_blocks_kernel]()
+        st.enqueue_function(fc, _p[F32](a, 2), xh, sx, Int64(T * K), Int64(K), Int64(ceildiv(T, 8) * 8),
+                            grid_dim=ceildiv(T * K, 256), block_dim=256)
+        # weight units in flight per warp: fewer as the token tiles' activation registers grow
+        comptime U = 8 if TT == 1 else (4 if TT == 2 else 2)
+        var f = g[].ctx.compile_function[gemv_f8_kernel[TT, U, W]]()
+        st.enqueue_function(f, xh, sx, _p[DType.uint32](a, 3), _p[F32](a, 4), _p[F32](a, 5),
+                            _n(a, 6), Int64(T), Int64(N), Int64(K),
+                            grid_dim=(ceildiv(N, F8_ROWS), ceildiv(T, 8 * TT)), block_dim=W * WARP_SIZE)
+    else:
+        raise Error("gemv_f8: the FP8 GEMV runs on NVIDIA tensor cores only")
+
+
+def _gemv_f8_w[TT: Int](g: GpuPtr, a: PythonObject) raises:
+    var w = _i(a, 11)
+    if w == 4:
+        _gemv_f8[TT, 4](g, a)
+    elif w == 8:
+        _gemv_f8[TT, 8](g, a)
+    else:
+        raise Error("gemv_f8: unsupported warps per block ", w)
+
+
+def op_gemv_f8(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    var g = _state(gpu)
+    var tiles = _i(a, 1)
+    if tiles == 1:
+        _gemv_f8_w[1](g, a)
+    elif tiles == 2:
+        _gemv_f8_w[2](g, a)
+    elif tiles == 4:
+        _gemv_f8_w[4](g, a)
+    elif tiles == 8:
+        _gemv_f8_w[8](g, a)
+    else:
+        raise Error("gemv_f8: unsupported token tiles ", tiles)
+    return PythonObject(None)
+
+
 def _gemm_simt[wdt: DType](g: GpuPtr, a: PythonObject) raises:
     # (stream, wcode, a, w, bias, c, has_bias, M, N, K)
     var st = g[].stream(_i(a, 0))
@@ -691,6 +766,7 @@ def PyInit_gpu_ops() abi("C") -> PythonObject:
         m.def_function[op_convert]("convert")
         m.def_function[op_gemv_dense]("gemv_dense")
         m.def_function[op_gemv_quant]("gemv_quant")
+        m.def_function[op_gemv_f8]("gemv_f8")
         m.def_function[op_gemm_simt]("gemm_simt")
         m.def_function[op_attention_prefill]("attention_prefill")
         m.def_function[op_attention_decode]("attention_decode")

@@ -434,40 +434,72 @@ def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens,
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="rtn", show_default=True,
-              help="Round to nearest, GPTQ (Hessian from calibration activations) or AWQ (activation-aware scales).")
-@click.option("--bits", type=int, default=4, show_default=True, help="8 (Q8_0) or 4 (Q4_1; Q4_0 with --symmetric).")
-@click.option("--symmetric", is_flag=True, help="4 bits without a per-block minimum (Q4_0).")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "smoothquant", "w8a8", "fp8"]), default="rtn",
+              show_default=True,
+              help="Round to nearest, GPTQ (Hessian from calibration activations), AWQ (activation-aware scales), "
+                   "SmoothQuant W8A8 (int8 weights and per-token int8 activations), W8A8 without smoothing, or "
+                   "FP8 E4M3 per output channel (a HF directory).")
+@click.option("--bits", type=int, default=4, show_default=True,
+              help="8, 4, 3 or 2. A .gguf holds 8 (Q8_0) or 4 (Q4_1; Q4_0 with --symmetric); a directory any.")
+@click.option("--symmetric", is_flag=True, help="No zero point / per-block minimum (4 bits in a .gguf: Q4_0).")
 @click.option("--group-size", type=int, default=32, show_default=True,
-              help="Weights per scale; GGUF's block formats hold 32.")
+              help="Weights per scale: 32, 64, 128 or -1 (per output channel); a .gguf holds 32.")
 @click.option("--calib", "calib_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration text (default: the docs that ship with CPython, ~150k tokens).")
 @click.option("--calib-tokens", type=int, default=16384, show_default=True)
 @click.option("--act-order", is_flag=True, help="GPTQ: columns by decreasing activation energy.")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The output .gguf file.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="SmoothQuant's migration strength: the share of the activations' range moved into the weights.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="A .gguf file, or a directory: Hugging Face GPTQ / AWQ safetensors.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True)
-def quantize(model, method, bits, symmetric, group_size, calib_file, calib_tokens, act_order, out, as_json, quiet):
-    """Quantize a Llama-family GGUF MODEL into a new GGUF (Q8_0 / Q4_1 / Q4_0 blocks, which the cpu
-    and cuda kernels run), by RTN, GPTQ or AWQ."""
+def quantize(model, method, bits, symmetric, group_size, calib_file, calib_tokens, act_order, alpha, out, as_json,
+             quiet):
+    """Quantize a Llama-family MODEL (a GGUF, or a float Hugging Face directory) by RTN, GPTQ or AWQ
+    into a GGUF (Q8_0 / Q4_1 / Q4_0 blocks, which the cpu and cuda kernels run) or, when --out is a
+    directory, GPTQ / AWQ packed-integer safetensors (2-8 bits, groups of 32 / 64 / 128 or per channel)."""
     from mojollm.model_quantizer import quantize_model, target_type
 
-    if not out.endswith(".gguf"):
-        raise click.UsageError(f"--out must name a .gguf file, got {out}")
-    try:
-        target_type(bits, symmetric)
-    except ValueError as e:
-        raise click.UsageError(str(e))
-    if symmetric and bits != 4:
-        raise click.UsageError("--symmetric applies to 4 bits (Q4_0); 8 bits are always symmetric (Q8_0)")
+    if method == "fp8":  # FP8 E4M3 per channel into a HF directory: no bits, groups or calibration
+        given = [f"--{n.replace('_', '-')}" for n in ("bits", "symmetric", "group_size", "calib_file", "calib_tokens",
+                                                       "act_order", "alpha")
+                 if click.get_current_context().get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given).replace('--calib-file', '--calib')} do not apply to "
+                                   "--method fp8 (8-bit E4M3, one scale per output channel, no calibration)")
+        if out.endswith(".gguf"):
+            raise click.UsageError(f"--method fp8 writes a Hugging Face directory, not a .gguf: got --out {out}")
+    else:  # a .gguf (GGUF's blocks) or a directory (GPTQ / AWQ packed integers, any grid)
+        if bits not in (8, 4, 3, 2):
+            raise click.UsageError(f"--bits must be 8, 4, 3 or 2, got {bits}")
+        if group_size not in (32, 64, 128, -1):
+            raise click.UsageError(f"--group-size must be 32, 64, 128 or -1 (per output channel), got {group_size}")
+        if out.endswith(".gguf"):
+            if os.path.isdir(model):
+                raise click.UsageError("a Hugging Face directory MODEL writes a directory (GPTQ / AWQ safetensors): "
+                                       f"give --out a directory, not {out}")
+            try:
+                target_type(bits, symmetric)
+            except ValueError as e:
+                raise click.UsageError(f"{e}; --out DIR writes other bits")
+            if symmetric and bits != 4:
+                raise click.UsageError("--symmetric applies to 4 bits (Q4_0); 8 bits are always symmetric (Q8_0)")
+            if group_size != 32:
+                raise click.UsageError(f"group_size must be 32: GGUF's Q8_0 / Q4_0 / Q4_1 blocks hold 32 weights, "
+                                       f"got {group_size}; --out DIR writes other group sizes")
+        elif os.path.isfile(out):
+            raise click.UsageError(f"--out {out} is a file: give a directory (GPTQ / AWQ safetensors) or a .gguf path")
+        elif method in ("smoothquant", "w8a8"):
+            raise click.UsageError(f"--method {method} writes a .gguf (its W8A8 marks are GGUF metadata): "
+                                   "give --out a .gguf path")
     if calib_tokens < 16:
         raise click.UsageError(f"--calib-tokens must be >= 16, got {calib_tokens}")
-    if group_size != 32:
-        raise click.UsageError(f"group_size must be 32: GGUF's Q8_0 / Q4_0 / Q4_1 blocks hold 32 weights, "
-                               f"got {group_size}")
-    if method == "rtn" and (calib_file or act_order):
-        raise click.UsageError("--calib and --act-order apply to gptq / awq (rtn uses no calibration)")
+    if method in ("rtn", "w8a8") and (calib_file or act_order):
+        raise click.UsageError(f"--calib and --act-order apply to gptq / awq ({method} uses no calibration)")
+    if method in ("smoothquant", "w8a8") and bits != 8:
+        raise click.UsageError(f"--method {method} is W8A8: give --bits 8")
     if act_order and method != "gptq":
         raise click.UsageError("--act-order applies to gptq")
     text = None
@@ -480,7 +512,7 @@ def quantize(model, method, bits, symmetric, group_size, calib_file, calib_token
     with _progress_bar(quiet) as say:
         summary = quantize_model(model, out, method=method, bits=bits, symmetric=symmetric,
                                  group_size=group_size, calib_text=text, calib_tokens=calib_tokens,
-                                 act_order=act_order, progress=say)
+                                 act_order=act_order, alpha=alpha, progress=say)
     if as_json:
         click.echo(json.dumps({**summary, "out": out}))
     else:

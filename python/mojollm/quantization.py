@@ -1,26 +1,36 @@
-"""Weight quantization into GGUF's 32-weight block formats Q8_0 / Q4_0 / Q4_1 (pure numpy).
+"""Weight quantization (pure numpy): GGUF's 32-weight block formats Q8_0 / Q4_0 / Q4_1, and integer
+grids of 2/3/4/8 bits with groups of 32/64/128 weights or one per row (GPTQ / AWQ checkpoints).
 
-    rtn(w[N, K], qtype)                      -> Quantized   round to nearest, llama.cpp's rule
-                                                             (bit-identical to gguf.quants.quantize)
-    gptq(w[N, K], h[K, K], qtype, ...)       -> Quantized   GPTQ (Frantar et al. 2022) on H = X^T X
-    awq_search([w_i[N_i, K]], x[T, K], qtype) -> s[K] f32   AWQ (Lin et al. 2023) per-channel scales
-    layer_error(w, wq, x)                    -> float       ||x wq^T - x w^T||^2 / ||x w^T||^2
+    rtn(w[N, K], qtype | grid)                      -> Quantized | IntQuantized   round to nearest
+    gptq(w[N, K], h[K, K], qtype | grid, ...)       -> Quantized | IntQuantized   GPTQ (Frantar et al. 2022)
+    awq_search([w_i[N_i, K]], x[T, K], qtype | grid) -> s[K] f32   AWQ (Lin et al. 2023) per-channel scales
+    layer_error(w, wq, x)                           -> float       ||x wq^T - x w^T||^2 / ||x w^T||^2
 
     Quantized(qtype, d, m, q).dequantize()   -> float32 [N, K], what gguf.quants.dequantize gives
     Quantized.gguf_blocks()                  -> uint8 [N, K/32 * block_bytes], GGUF's layout
     Quantized.from_gguf_blocks(raw, qtype)   -> the inverse of gguf_blocks
+    IntQuantized(grid, scales, zeros, q).dequantize() -> float32 [N, K] = scale * (q - zero)
 
-The formats (per block of 32 consecutive weights of a row; f16 values little-endian):
+The GGUF formats (per block of 32 consecutive weights of a row; f16 values little-endian):
     Q8_0  d f16, q int8 [-127, 127]            w = d * q                 34 bytes: d, q[0..31]
     Q4_0  d f16, q 4-bit [0, 15]               w = d * (q - 8)           18 bytes: d, 16 nibble bytes
     Q4_1  d f16, m f16, q 4-bit [0, 15]        w = d * q + m             20 bytes: d, m, 16 nibble bytes
 Nibble byte i (0..15) holds q[i] in its low and q[i + 16] in its high four bits.
 
-RTN repeats llama.cpp's float32 operations in the same order (quantize_row_q*_ref), so its bytes
-equal gguf's. GPTQ works in float64; its group scales (d, m) are rounded to float16 before any code
-is chosen, so the encoded blocks dequantize to exactly the weights GPTQ assumed when it propagated
-each column's error. Inputs are checked up front: a bad shape, a row length K that is not a multiple
-of 32, a non-finite value or a scale beyond float16 raises a one-line ValueError.
+A Grid(bits, group_size, symmetric) is what GPTQ / AWQ checkpoints store: codes q in [0, 2^bits - 1],
+w = scale * (q - zero) with an f16 scale and an integer zero per group of group_size consecutive
+weights of a row (-1: the whole row; the last group of a row may be shorter). Asymmetric: the range
+[min(w, 0), max(w, 0)] over 2^bits - 1 steps, zero = round(-min / scale) (0 is always a code).
+Symmetric: zero = 2^(bits-1) and llama.cpp's Q4_0 rule, scale = (the weight of largest |w|) / -2^(bits-1),
+so that weight is exact (the scale may be negative); 8 bits use Q8_0's scale = max|w| / 127 instead
+(codes -127..127 around the zero, as int8 kernels want).
+
+RTN on qtypes repeats llama.cpp's float32 operations in the same order (quantize_row_q*_ref), so its
+bytes equal gguf's. GPTQ works in float64; its group scales (d, m) are rounded to float16 before any
+code is chosen, so the encoded blocks dequantize to exactly the weights GPTQ assumed when it
+propagated each column's error. Grids use the same float64 rule in rtn and gptq. Inputs are checked
+up front: a bad shape, a row length K that is not a multiple of 32, a non-finite value or a scale
+beyond float16 raises a one-line ValueError.
 """
 
 from __future__ import annotations
@@ -170,6 +180,66 @@ class Quantized:
         return cls(qtype, d, m, q.reshape(n, nb * QK))
 
 
+GRID_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An integer quantization grid: `bits` per code, one (scale, zero) per `group_size` weights of a
+    row (-1: per output channel, the whole row), symmetric (zero fixed at 2^(bits-1)) or not."""
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.bits not in GRID_BITS or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be one of {', '.join(map(str, GRID_BITS))}, got {self.bits!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or not (g == -1 or (g > 0 and g % QK == 0)):
+            raise ValueError(f"group_size must be -1 (per output channel) or a positive multiple of {QK}, got {g!r}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group(self, k: int) -> int:
+        """Weights per group in a row of k."""
+        return k if self.group_size == -1 else self.group_size
+
+    def num_groups(self, k: int) -> int:
+        return -(-k // self.group(k)) if k else 0
+
+
+@dataclass
+class IntQuantized:
+    """One weight matrix W [N, K] on an integer grid: w = scales * (q - zeros), per group of a row."""
+
+    grid: Grid
+    scales: np.ndarray  # [N, G] float16
+    zeros: np.ndarray  # [N, G] uint8, 0..2^bits (a GPTQ v1 checkpoint can say 2^bits)
+    q: np.ndarray  # [N, K] uint8, 0..2^bits - 1
+
+    def __post_init__(self):
+        n, k = self.q.shape
+        want = (n, self.grid.num_groups(k))
+        if self.scales.shape != want or self.scales.dtype != np.float16 or self.zeros.shape != want:
+            raise ValueError(f"scales / zeros must be [{want[0]}, {want[1]}] (float16 / integers), got "
+                             f"{self.scales.dtype} {self.scales.shape} and {self.zeros.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]: scale * (q - zero), exact in float32 (an f16 times an integer below 2^9)."""
+        n, k = self.q.shape
+        gs = self.grid.group(k)
+        s = np.repeat(self.scales.astype(np.float32), gs, axis=1)[:, :k]
+        z = np.repeat(self.zeros.astype(np.int16), gs, axis=1)[:, :k]
+        return s * (self.q.astype(np.int16) - z).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # RTN: llama.cpp's rule in its float32 operations
 
@@ -203,12 +273,15 @@ def _rtn_blocks(b: np.ndarray, qtype: str):
         return d, mn, q
 
 
-def rtn(w: np.ndarray, qtype: str) -> Quantized:
+def rtn(w: np.ndarray, qtype):
     """Round to nearest with llama.cpp's rule; bytes identical to gguf.quants.quantize.
 
     Q8_0: d = amax / 127, q = roundf(w / d). Q4_0: d = max / -8 (max: the signed weight of largest
     |w|), q = min(15, trunc(w / d + 8.5)). Q4_1: d = (max - min) / 15, m = min,
-    q = min(15, trunc((w - min) / d + 0.5)). All in float32; d and m are then stored as float16."""
+    q = min(15, trunc((w - min) / d + 0.5)). All in float32; d and m are then stored as float16.
+    A Grid: each group's params by the grid rule (module docstring), nearest codes, in float64."""
+    if isinstance(qtype, Grid):
+        return _rtn_grid(_check_weight(w), qtype)
     _check_qtype(qtype)
     w = _check_weight(w)
     n, k = w.shape
@@ -228,13 +301,56 @@ def rtn(w: np.ndarray, qtype: str) -> Quantized:
     return Quantized(qtype, d, m, q)
 
 
+def _rtn_grid(w: np.ndarray, grid: Grid) -> IntQuantized:
+    """Round to nearest on a grid, one group of columns at a time (vectorised over rows)."""
+    n, k = w.shape
+    gs, ng = grid.group(k), grid.num_groups(k)
+    scales = np.empty((n, ng), np.float16)
+    zeros = np.empty((n, ng), np.uint8)
+    q = np.empty((n, k), np.uint8)
+    rows = max(1, _RTN_CHUNK // max(k, 1))
+    for r0 in range(0, n, rows):
+        wt = w[r0:r0 + rows].astype(np.float64).T  # [K, rows]: a group's columns on axis 0, as gptq has them
+        for g in range(ng):
+            cols = wt[g * gs:(g + 1) * gs]
+            d, z = _group_params(cols, grid)
+            c, _ = _encode(cols, d, z, grid)
+            scales[r0:r0 + rows, g] = d
+            zeros[r0:r0 + rows, g] = z
+            q[r0:r0 + rows, g * gs:(g + 1) * gs] = c.T
+    return IntQuantized(grid, scales, zeros, q)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPTQ
 
 
-def _group_params(g: np.ndarray, qtype: str):
+def _grid_params(g: np.ndarray, grid: Grid):
+    """(scale, zero) [..., N] as float64 values (scale a float16) of a group g [..., gs, N]: the rule
+    in the module docstring. A group of zeros gets scale 1 (any scale codes it exactly)."""
+    if grid.symmetric:
+        z = float(1 << (grid.bits - 1))
+        if grid.bits == 8:
+            d = np.abs(g).max(axis=-2) / 127.0
+        else:
+            imax = np.abs(g).argmax(axis=-2)[..., None, :]
+            d = np.take_along_axis(g, imax, axis=-2)[..., 0, :] / -z
+        d = _to_f16(d, "scale").astype(np.float64)
+        d[d == 0] = 1.0
+        return d, np.full(d.shape, z)
+    lo = np.minimum(g.min(axis=-2), 0.0)
+    hi = np.maximum(g.max(axis=-2), 0.0)
+    d = _to_f16((hi - lo) / grid.maxq, "scale").astype(np.float64)
+    d[d == 0] = 1.0
+    return d, np.clip(np.rint(-lo / d), 0, grid.maxq)
+
+
+def _group_params(g: np.ndarray, qtype):
     """Group params from float64 weights g [..., 32, N] (the group's columns on axis -2):
-    llama.cpp's rule, rounded to float16 and returned as float64 (d [..., N], m [..., N] | None)."""
+    llama.cpp's rule, rounded to float16 and returned as float64 (d [..., N], m [..., N] | None).
+    A Grid: (scale, zero), _grid_params."""
+    if isinstance(qtype, Grid):
+        return _grid_params(g, qtype)
     if qtype == "Q8_0":
         d = np.abs(g).max(axis=-2) / 127.0
         return _to_f16(d, "scale d").astype(np.float64), None
@@ -248,9 +364,12 @@ def _group_params(g: np.ndarray, qtype: str):
     return d, _to_f16(mn, "minimum m").astype(np.float64)
 
 
-def _encode(w: np.ndarray, d: np.ndarray, m: np.ndarray | None, qtype: str):
-    """Nearest codes of float64 weights w [N] for float16-valued params d, m [N];
-    returns (codes float64, the weights they dequantize to, float64)."""
+def _encode(w: np.ndarray, d: np.ndarray, m: np.ndarray | None, qtype):
+    """Nearest codes of float64 weights w [N] for float16-valued params d, m [N] (a Grid: scale d,
+    zero m); returns (codes float64, the weights they dequantize to, float64)."""
+    if isinstance(qtype, Grid):
+        q = np.clip(np.rint(w / d) + m, 0, qtype.maxq)
+        return q, d * (q - m)  # exact: an f16 times a small integer
     dz = d == 0
     ds = np.where(dz, 1.0, d)
     if qtype == "Q8_0":
@@ -292,8 +411,8 @@ def _inverse_cholesky_upper(H: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_tril_inv(L)[::-1, ::-1])
 
 
-def gptq(w: np.ndarray, h: np.ndarray, qtype: str, block_size: int = 128, percdamp: float = 0.01,
-         act_order: bool = False) -> Quantized:
+def gptq(w: np.ndarray, h: np.ndarray, qtype, block_size: int = 128, percdamp: float = 0.01,
+         act_order: bool = False):
     """GPTQ (Frantar et al. 2022) of W [N, K] on H = X^T X [K, K] (float64; X the calibration inputs).
 
     As the reference implementation (gptq.py fasterquant), in float64: dead columns (H[i,i] == 0)
@@ -308,8 +427,15 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, block_size: int = 128, percda
     weights of the group when its first column is reached (within the batch too); with act_order
     the groups are static: all computed up front from the original W, each column keeping its
     original 32-column group. If H + damping is not positive definite (percdamp=0 on a singular H)
-    the damping is raised tenfold (from 1e-6 * mean diag when percdamp is 0), up to four times."""
-    _check_qtype(qtype)
+    the damping is raised tenfold (from 1e-6 * mean diag when percdamp is 0), up to four times.
+
+    A Grid: the same, with its groups (scale and zero by the grid rule) and an IntQuantized result.
+    A lazy batch is widened to whole groups, so a group's params see every update before its first
+    column (the reference reads the batch-start weights there); a per-channel group is the original
+    row (the reference's find_params before the loop)."""
+    grid = qtype if isinstance(qtype, Grid) else None
+    if grid is None:
+        _check_qtype(qtype)
     w = _check_weight(w)
     n, k = w.shape
     h = np.asarray(h)
@@ -324,7 +450,10 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, block_size: int = 128, percda
         raise ValueError(f"block_size must be a positive multiple of {QK} (whole groups per batch), got {block_size!r}")
     if not np.isfinite(percdamp) or percdamp < 0:
         raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
-    nb = k // QK
+    gs = QK if grid is None else grid.group(k)
+    nb = -(-k // gs) if k else 0
+    if grid is not None and gs < k:
+        block_size = -(-block_size // gs) * gs
     if n == 0 or k == 0:
         return rtn(np.zeros((n, k), np.float32), qtype)
 
@@ -335,11 +464,12 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, block_size: int = 128, percda
     W[dead] = 0.0
 
     D = np.empty((nb, n))  # group params as float64 values of float16s, [group, row]
-    M = np.empty((nb, n)) if qtype == "Q4_1" else None
+    M = np.empty((nb, n)) if qtype == "Q4_1" or grid is not None else None
     if act_order:
-        D[:], m0 = _group_params(W.reshape(nb, QK, n), qtype)  # static groups
-        if M is not None:
-            M[:] = m0
+        for j in range(0, k, gs):  # static groups, from the original W
+            D[j // gs], mg = _group_params(W[j:j + gs], qtype)
+            if M is not None:
+                M[j // gs] = mg
         perm = np.argsort(-np.diag(H), kind="stable")
         W = W[perm]
         H = H[perm][:, perm]
@@ -369,9 +499,9 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, block_size: int = 128, percda
         Err1 = np.empty((i2 - i1, n))
         for i in range(i2 - i1):
             j = i1 + i
-            g = perm[j] // QK
-            if not act_order and j % QK == 0:
-                D[g], mg = _group_params(W1[i:i + QK], qtype)  # current weights (i + 32 <= i2 - i1)
+            g = perm[j] // gs
+            if not act_order and j % gs == 0:
+                D[g], mg = _group_params(W[j:j + gs], qtype)  # current weights: the group is in this batch
                 if M is not None:
                     M[g] = mg
             wj = W1[i]
@@ -386,6 +516,9 @@ def gptq(w: np.ndarray, h: np.ndarray, qtype: str, block_size: int = 128, percda
 
     q = np.empty((n, k), np.int8 if qtype == "Q8_0" else np.uint8)
     q[:, perm] = codes.T
+    if grid is not None:
+        return IntQuantized(grid, np.ascontiguousarray(D.T.astype(np.float16)),
+                            np.ascontiguousarray(M.T.astype(np.uint8)), q)
     d = D.T.astype(np.float16)  # exact: D holds float16 values
     m = M.T.astype(np.float16) if M is not None else None
     return Quantized(qtype, np.ascontiguousarray(d), None if m is None else np.ascontiguousarray(m), q)
@@ -402,7 +535,7 @@ def _awq_scales(act: np.ndarray, alpha: float) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def awq_search(ws: list[np.ndarray], x: np.ndarray, qtype: str, grid: int = 20,
+def awq_search(ws: list[np.ndarray], x: np.ndarray, qtype, grid: int = 20,
                max_tokens: int = 512) -> np.ndarray:
     """AWQ (Lin et al. 2023): per-input-channel scales s [K] (float32) for linears ws (each [N_i, K])
     that share the input x [tokens, K].
@@ -414,8 +547,9 @@ def awq_search(ws: list[np.ndarray], x: np.ndarray, qtype: str, grid: int = 20,
     over at most max_tokens evenly spaced tokens of x (the mean uses all of them). The s of least
     loss is returned (ties to the smaller alpha); alpha = 0 gives s = 1, plain RTN, so the result
     is never worse than that on these tokens. The caller scales W_i by s and folds 1/s into the op
-    producing x."""
-    _check_qtype(qtype)
+    producing x. qtype may be a Grid (rtn on that grid)."""
+    if not isinstance(qtype, Grid):
+        _check_qtype(qtype)
     if isinstance(ws, np.ndarray):
         ws = [ws]
     if len(ws) == 0:

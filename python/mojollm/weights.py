@@ -6,6 +6,11 @@ GGUF block layouts (ggml), 32 weights per block along the row (K) dimension:
     Q5_0: f16 d, u32 high bits, 16 B nibbles    w = (q - 16) * d     (22 bytes)
     Q5_1: f16 d, f16 m, u32 high bits, 16 B     w = q * d + m        (24 bytes)
     Q8_0: f16 d, 32 x int8                      w = q * d            (34 bytes)
+    W8A8: Q8_0's blocks; the activations are quantized to int8 per token at run time (SmoothQuant;
+          a GGUF stores these tensors as Q8_0 and names them in `mojollm.w8a8_tensors`)
+    F8_E4M3: f16 d, 32 x E4M3 (OCP FP8)         w = d * e4m3(q)      (34 bytes)
+          not a ggml type: FP8 checkpoints (mojollm.fp8); E4M3 is 1 sign bit, 4 exponent bits
+          (bias 7), 3 mantissa bits, max 448, no infinities, 0x7F / 0xFF NaN
 Nibble order: byte j holds element j (low 4 bits) and element j + 16 (high 4 bits).
 k-quants, 256 weights per super-block in groups of 16 or 32 with their own 4- to 8-bit scales
 (layouts in mojo/kquant.mojo): Q2_K 84 bytes, Q3_K 110, Q4_K 144, Q5_K 176, Q6_K 210. Rows
@@ -23,8 +28,9 @@ from mojollm.errors import ModelLoadError
 
 QK = 32  # weights per block of the 32-weight types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
 QK_K = 256  # weights per k-quant super-block
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34,
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "W8A8": 34,
                "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_BYTES["F8_E4M3"] = 2 + QK  # f16 d + 32 E4M3 codes (mojollm.fp8)
 BLOCK_SIZE = {qtype: QK_K if qtype.endswith("_K") else QK for qtype in BLOCK_BYTES}  # weights per block
 FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_TYPES = FLOAT_TYPES + tuple(BLOCK_BYTES)
@@ -86,6 +92,10 @@ class WeightTensor:
             return np.asarray(self.data).astype(np.float32).reshape(self.shape)
         if self.qtype == "BF16":
             return bf16_to_float32(np.asarray(self.data)).reshape(self.shape)
+        if self.qtype == "F8_E4M3":
+            from mojollm import fp8
+
+            return fp8.blocks_to_float32(np.asarray(self.data), self.shape)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 

@@ -10,9 +10,9 @@ runs inside the call when its weight is a supported block format; the embedding 
 the first norm stay per-op calls.
 
 Supported: Llama-family layers whose projections are GGUF blocks (Q4_0 / Q4_1 / Q8_0 / Q5_0 /
-Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel), q/k/v fused or apart, gate/up fused (as
-LlamaModel builds them), no attention bias, float32 KV cache. Anything else runs
-the per-op path (`unsupported_reason` says why).
+Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel) or FP8 E4M3 blocks, q/k/v fused or
+apart, gate/up fused (as LlamaModel builds them), no attention bias, float32 KV cache. Anything
+else runs the per-op path (`unsupported_reason` says why).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from mojollm.kernels.quant import TYPE_CODES, QuantLinear, default_dot
 
 _kernels = kernel_loader("decode")
 # the block formats decode.mojo dispatches (quant.mojo's and kquant.mojo's matmuls)
-_CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+_CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "W8A8", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                                     "Q6_K", "F8_E4M3")}
 _HEADER = 16
 TEAM_BYTES = 256 << 10  # weight bytes of one layer per team thread, at least
 _LAYER_FIELDS = 16

@@ -1,6 +1,6 @@
 """GGUF block-quantized linear layers, (de)quantization and the embedding table (cpu backend).
 
-The Mojo kernels work directly on the GGUF blocks (mojo/quant.mojo: Q4_0 / Q4_1 / Q8_0;
+The Mojo kernels work directly on the GGUF blocks (mojo/quant.mojo: Q4_0 / Q4_1 / Q8_0, and FP8's F8_E4M3;
 mojo/kquant.mojo: Q5_0 / Q5_1 and the k-quants Q2_K .. Q6_K, large Q4_K / Q6_K layers through
 Modular's int8 kernels, see MODULAR_TYPES); a weight matrix is never expanded to float32. Every
 entry point here checks shapes, dtypes, contiguity and index ranges and raises a one-line
@@ -15,7 +15,8 @@ ValueError before any buffer address reaches Mojo.
     EmbeddingTable(w).lookup(ids[T] int)    -> [T, D] f32     rows of a float or block-quantized table
 
 Dot products (QuantLinear.forward's `dot`, default from MOJOLLM_QUANT_DOT, else "auto"; Q4_0 / Q4_1 /
-Q8_0 / Q5_0 / Q5_1, the k-quants stay float32 apart from MODULAR_TYPES):
+Q8_0 / Q5_0 / Q5_1, the k-quants stay float32 apart from MODULAR_TYPES; F8_E4M3 is always float32:
+its codes are no integers):
     "float"   activations stay float32 (the reference; every T)
     "int8"    activations quantized per 32-block to int8 + a float32 scale, once per call, and
               integer dot products on the host's best int8 path (every T: above 8 rows the
@@ -41,6 +42,10 @@ from mojollm.weights import BLOCK_BYTES, BLOCK_SIZE, FLOAT_TYPES, WeightTensor
 # ggml's GGMLQuantizationType values, the type codes the Mojo module expects.
 TYPE_CODES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
+TYPE_CODES["W8A8"] = 101  # not ggml's: Q8_0's blocks with per-token int8 activations (mojo/quant.mojo)
+# not ggml's (its codes end below 40): FP8 E4M3 blocks (mojollm.fp8), always float32 activations
+TYPE_CODES["F8_E4M3"] = 100
+_BLOCKS_OF = {"W8A8": "Q8_0"}  # a type whose blocks are another's: (de)quantize and gather as that one
 QUANT_TYPES = tuple(BLOCK_BYTES)
 QUANTIZE_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the types quantize() writes
 KQUANT_TYPES = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # kernels in mojo/kquant.mojo
@@ -142,6 +147,12 @@ def _block_data(w: WeightTensor, rows: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
+def _check_e4m3(name: str, blocks: np.ndarray) -> None:
+    codes = blocks.reshape(blocks.shape[0], -1, BLOCK_BYTES["F8_E4M3"])[:, :, 2:]
+    if ((codes & 0x7F) == 0x7F).any():
+        raise ValueError(f"tensor {name}: F8_E4M3 blocks hold NaN codes (0x7F / 0xFF)")
+
+
 class QuantLinear:
     """y = x @ W.T for a GGUF-quantized W [out_features, in_features], computed on the blocks."""
 
@@ -159,6 +170,8 @@ class QuantLinear:
         self.out_features = n
         self.in_features = k
         self._data = _block_data(w, n, k)
+        if self.qtype == "F8_E4M3":  # the kernel decodes NaN codes as numbers: refuse them here
+            _check_e4m3(w.name, self._data)
         self._addr = self._data.ctypes.data  # cached: .ctypes costs ~1 us per call
         self._code = TYPE_CODES[self.qtype]
         self._kernels = _module(self.qtype)
@@ -281,7 +294,7 @@ def dequantize(raw: np.ndarray, qtype: str, shape: Sequence[int]) -> np.ndarray:
         raise ValueError(f"{qtype} {shape} needs {need} bytes of blocks, raw has {raw.size}")
     out = np.empty(shape, dtype=np.float32)
     if rows:
-        _module(qtype)().dequantize(TYPE_CODES[qtype], raw.ctypes.data, out.ctypes.data, (rows, k))
+        _module(qtype)().dequantize(TYPE_CODES[_BLOCKS_OF.get(qtype, qtype)], raw.ctypes.data, out.ctypes.data, (rows, k))
     return out
 
 
@@ -307,7 +320,7 @@ class EmbeddingTable:
                                  f"got {data.dtype} {data.shape}")
             self._data = np.ascontiguousarray(data)
         self._addr = self._data.ctypes.data
-        self._code = TYPE_CODES[self.qtype]
+        self._code = TYPE_CODES[_BLOCKS_OF.get(self.qtype, self.qtype)]
 
     @property
     def data(self) -> np.ndarray:

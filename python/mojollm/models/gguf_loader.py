@@ -336,6 +336,7 @@ class GGUFCheckpoint:
                     continue
                 raise ModelLoadError(f"{path}: unexpected tensor {t.name} for a {self.config.arch} model")
             self.weights[ours] = _weight_tensor(t, self.path)
+        _mark_w8a8(self.metadata, reader.tensors, self.weights, self.path)
         check_layer_tensors(self.config, self.weights, str(self.path))
         tokens = self.metadata.get("tokenizer.ggml.tokens")
         if tokens is not None and len(tokens) > self.config.vocab_size:  # encode would emit ids past the embedding
@@ -344,6 +345,25 @@ class GGUFCheckpoint:
         if "rope_freqs" in self.weights:
             _check_rope_freqs(self.weights["rope_freqs"], self.config, self.path)
         self._reader = reader  # keeps the memory map alive while the weights are views of it
+
+
+W8A8_KEY = "mojollm.w8a8_tensors"  # the Q8_0 tensors that run with per-token int8 activations (SmoothQuant)
+
+
+def _mark_w8a8(meta: dict[str, Any], tensors: list, weights: dict[str, WeightTensor], path: Path) -> None:
+    """The tensors named under W8A8_KEY become W8A8: the same blocks, activations quantized per
+    token at run time (what their smoothing was searched for). Other readers see plain Q8_0."""
+    names = meta.get(W8A8_KEY)
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"{path}: {W8A8_KEY} must be a list of tensor names")
+    ours = {t.name: our_name(t.name) for t in tensors}
+    for name in names:
+        w = weights.get(ours.get(name) or "")
+        if w is None or w.qtype != "Q8_0":
+            raise ModelLoadError(f"{path}: {W8A8_KEY} names {name[:80]!r}, which is not a Q8_0 tensor of the file")
+        weights[ours[name]] = WeightTensor(w.name, w.shape, "W8A8", w.data)
 
 
 def _check_rope_freqs(w: WeightTensor, config: ModelConfig, path: Path) -> None:

@@ -18,11 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from mojollm import fp8
 from mojollm.errors import ModelLoadError
+from mojollm.models import packed_int
 from mojollm.models.config import ModelConfig, check_layer_tensors
 from mojollm.weights import WeightTensor
 
-_DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "BF16")}
+_DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "BF16"),
+           "I32": (np.int32, None)}  # I32: GPTQ / AWQ packed codes, returned as plain arrays
+_DTYPES["F8_E4M3"] = (np.uint8, None)  # FP8 codes, plain arrays too: mojollm.fp8 makes them blocks
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _MAX_JSON_FILE = 64 * 1024 * 1024  # config.json / the shard index: a few KB in practice
 
@@ -82,8 +86,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def read_safetensors(path: Path) -> dict[str, WeightTensor]:
-    """All tensors of one .safetensors file as zero-copy views of a read-only memory map.
+def read_safetensors(path: Path) -> dict[str, WeightTensor | np.ndarray]:
+    """All tensors of one .safetensors file as zero-copy views of a read-only memory map
+    (WeightTensors; int32 tensors as numpy arrays, for mojollm.models.packed_int).
     The header is checked in full (types, shapes, offsets against the file) before any view is made."""
     try:
         with open(path, "rb") as f:
@@ -115,7 +120,7 @@ def read_safetensors(path: Path) -> dict[str, WeightTensor]:
     for name, dtype, shape, begin, end in entries:
         np_dtype, qtype = _DTYPES[dtype]
         data = mm[data_start + begin:data_start + end].view(np_dtype).reshape(shape)
-        out[name] = WeightTensor(name, shape, qtype, data)
+        out[name] = data if qtype is None else WeightTensor(name, shape, qtype, data)
     return out
 
 
@@ -163,16 +168,41 @@ class HFCheckpoint:
                                      "pickles: convert them to safetensors (save_pretrained(safe_serialization=True))")
             raise ModelLoadError(f"{self.path} has no *.safetensors weights")
         self.weights: dict[str, WeightTensor] = {}
+        entries = []  # (file name, tensor name, tensor)
+        # GPTQ / AWQ: the packed linears' tensors are held back, then become our blocks (packed_int).
+        # FP8: likewise the F8_E4M3 weights and their scales (mojollm.fp8).
+        try:
+            is_fp8 = fp8.is_hf_fp8(self.raw_config)
+        except ValueError as e:
+            raise ModelLoadError(f"{cfg_path}: {e}") from None
+        packed = None if is_fp8 else packed_int.scheme_of(self.raw_config, str(cfg_path))
+        held: dict = {}
+        fp8_held: dict = {}
         for f in files:
             for name, w in read_safetensors(f).items():
-                ours = our_name(name)
-                if ours is None:
-                    if name.endswith(_IGNORED_SUFFIXES):
-                        continue
-                    raise ModelLoadError(f"{f.name}: unexpected tensor {name} for a {self.config.arch} model")
-                if ours in self.weights:
-                    raise ModelLoadError(f"{self.path}: tensor {name} is stored twice ({f.name} repeats it)")
-                self.weights[ours] = w
+                if fp8.holds(name, w, is_fp8):
+                    fp8_held[name] = w
+                elif packed is not None and packed.owns(name):
+                    held[name] = (f.name, w)
+                else:
+                    entries.append((f.name, name, w))
+        if packed is not None:
+            entries += [(fname, name, w) for name, (fname, w) in packed.linears(held).items()]
+        if fp8_held:
+            entries += [(self.path.name, name, w)
+                        for name, w in fp8.hf_weights(self.raw_config, fp8_held, str(self.path)).items()]
+        for fname, name, w in entries:
+            ours = our_name(name)
+            if ours is None:
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                raise ModelLoadError(f"{fname}: unexpected tensor {name} for a {self.config.arch} model")
+            if not isinstance(w, WeightTensor):
+                raise ModelLoadError(f"{fname}: tensor {name} holds {w.dtype} codes, which only the quantized "
+                                     "linears of GPTQ / AWQ / FP8 checkpoints hold")
+            if ours in self.weights:
+                raise ModelLoadError(f"{self.path}: tensor {name} is stored twice ({fname} repeats it)")
+            self.weights[ours] = w
         check_layer_tensors(self.config, self.weights, str(self.path))
 
 

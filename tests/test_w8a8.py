@@ -1,0 +1,246 @@
+"""SmoothQuant W8A8: the per-token int8 kernel against a float64 numpy reference of its
+arithmetic, the fused decode step against the per-op path, the smoothing's folds leaving the
+float model unchanged, and `mojollm quantize --method smoothquant | w8a8` files that the `gguf`
+package reads as per-channel Q8_0 and mojollm runs as W8A8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mojollm import model_quantizer as mq
+from mojollm.errors import ModelLoadError
+from mojollm.kernels.quant import QuantLinear, int8_paths, quantize
+from mojollm.weights import WeightTensor
+from test_loader_hardening import write_tiny_gguf
+from test_model_quantizer import _logits
+
+
+def _per_token_reference(x: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """float64: each row of x rounded to int8 codes on its own scale max|x| / 127 (half to even,
+    with the kernel's float32 reciprocal), times the dequantized weights."""
+    x = x.astype(np.float32)
+    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d)).astype(np.float32)
+    q = np.rint(x * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)) @ wd.astype(np.float64).T
+
+
+@pytest.mark.parametrize("n, k", [(37, 96), (5, 1024), (130, 576)])
+def test_w8a8_kernel_matches_the_per_token_reference(n, k):
+    rng = np.random.default_rng(n * 1000 + k)
+    raw = quantize(rng.standard_normal((n, k)).astype(np.float32), "Q8_0")
+    lin = QuantLinear(WeightTensor("w", (n, k), "W8A8", raw))
+    wd = lin.dequantize().astype(np.float64)
+    for t in (1, 2, 5, 8, 9, 23):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        x[:, 3] *= 40  # an outlier channel: per-token scales feel it, per-block ones would not
+        x[0] = 0 if t > 3 else x[0]  # a zero row: scale 0, output 0
+        want = _per_token_reference(x, wd)
+        scale = np.abs(want).max() + 1
+        for dot in [None] + int8_paths():
+            got = lin.forward(x, dot=dot)
+            np.testing.assert_allclose(got, want, atol=2e-6 * scale * np.sqrt(k), rtol=0, err_msg=f"t={t} dot={dot}")
+        # the per-token rounding is what differs from float: the reference must see it
+        assert np.abs(lin.forward(x, dot="float") - x.astype(np.float64) @ wd.T).max() < 1e-3 * scale
+        if t > 1:
+            assert np.abs(want - x.astype(np.float64) @ wd.T).max() > 1e-3 * scale
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("w8a8") / "tiny.gguf")
+
+
+def _tensors(path: Path) -> dict:
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_smoothing_leaves_the_float_model_unchanged(tiny, tmp_path):
+    import gguf
+
+    reader, tensors = mq.read_gguf(tiny)
+    floatpath = mq.write_float_gguf(tiny, tmp_path / "f.gguf")
+    inputs, _ = mq.calibrate(floatpath, mq.default_calibration_text(), 200)
+    weights = {n: w for n, (w, _) in tensors.items()}
+    before = {n: w.copy() for n, w in weights.items()}
+    n_layers = 1 + max(int(n.split(".")[1]) for n in weights if n.startswith("blk."))
+    for i in range(n_layers):
+        mq.fold_smoothing(weights, inputs, i, 0.5)
+    for part in ("attn_norm", "ffn_norm", "ffn_up"):
+        assert any(not np.array_equal(weights[n], before[n]) for n in weights if part in n), part
+    folded = tmp_path / "folded.gguf"
+    mq.write_gguf(reader, folded, {n: (weights[n], None) for n in weights}, gguf.LlamaFileType.ALL_F32)
+    ids = list(np.random.default_rng(3).integers(2, 250, size=41))
+    a, b = _logits(floatpath, ids), _logits(folded, ids)
+    np.testing.assert_allclose(b, a, atol=2e-4 * np.abs(a).max(), rtol=0)
+
+
+def test_smoothing_moves_the_outlier_channels_into_the_weights():
+    """A hand-derived case: one input channel 100x the others; with alpha 0.5 its scale is
+    sqrt(100 * amax_x / amax_w) times the others', so the smoothed activations' max shrinks."""
+    rng = np.random.default_rng(1)
+    k = 64
+    x = rng.standard_normal((50, k)).astype(np.float32)
+    x[:, 7] *= 100
+    w = rng.standard_normal((32, k)).astype(np.float32)
+    inputs = {(0, "mlp"): mq._Inputs(k)}
+    inputs[(0, "mlp")].add(x)
+    weights = {"blk.0.ffn_gate.weight": w.copy(), "blk.0.ffn_up.weight": w.copy(),
+               "blk.0.ffn_norm.weight": np.ones(k, np.float32)}
+    mq.fold_smoothing(weights, inputs, 0, 0.5)
+    s = 1 / weights["blk.0.ffn_norm.weight"]
+    want = np.sqrt(np.abs(x).max(axis=0).astype(np.float64)) / np.sqrt(np.abs(w).max(axis=0))
+    np.testing.assert_allclose(s, want, rtol=1e-5)
+    np.testing.assert_allclose(weights["blk.0.ffn_gate.weight"], w * s[None, :], rtol=1e-6)
+    xs = x / s
+    assert np.abs(xs).max() / np.median(np.abs(xs).max(axis=0)) < 0.2 * np.abs(x).max() / np.median(np.abs(x).max(axis=0))
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "w8a8"])
+def test_w8a8_file_is_per_channel_q8_0_that_runs_as_w8a8(tiny, tmp_path, method):
+    import gguf
+    from gguf.quants import dequantize
+
+    from mojollm import LLM, SamplingParams
+    from mojollm.models.gguf_loader import W8A8_KEY, load_gguf
+
+    out = tmp_path / f"{method}.gguf"
+    summary = mq.quantize_model(tiny, out, method=method, bits=8, calib_tokens=300)
+    assert summary["type"] == "Q8_0"
+    got = _tensors(out)
+    names = gguf.GGUFReader(str(out)).fields[W8A8_KEY].contents()
+    assert names and all(n.startswith("blk.") for n in names)
+    src = {n: dequantize(np.asarray(t.data), t.tensor_type) for n, t in _tensors(tiny).items()}
+    for n in names:
+        t = got[n]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        blocks = np.asarray(t.data).reshape(-1, 34)
+        d = blocks[:, :2].copy().view("<f2").reshape(int(t.shape[1]), -1)
+        assert (d == d[:, :1]).all(), n  # one scale per output channel
+        if method == "w8a8":  # no smoothing: the codes are round(w / (max|row| / 127))
+            w = src[n].reshape(d.shape[0], -1)
+            want = np.rint(w / d[:, :1].astype(np.float32)).astype(np.int8)
+            np.testing.assert_array_equal(blocks[:, 2:].copy().view(np.int8).reshape(w.shape), want, err_msg=n)
+    weights = load_gguf(out).weights
+    assert {weights[k].qtype for k in weights if k.endswith(("q_proj", "down_proj"))} == {"W8A8"}
+    llm = LLM(str(out), backend="cpu")
+    res = llm.generate(["the the"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(res.token_ids) == 5
+    ids = list(np.random.default_rng(5).integers(2, 250, size=29))
+    ref = _logits(mq.write_float_gguf(tiny, tmp_path / "f.gguf"), ids)
+    assert np.abs(_logits(out, ids) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_fused_decode_runs_w8a8_as_the_per_op_path(tiny, tmp_path, monkeypatch):
+    """The worker team's GEMV row shares take the per-token activations of the whole row."""
+    from mojollm import LLM, SamplingParams
+
+    out = tmp_path / "sq.gguf"
+    mq.quantize_model(tiny, out, method="w8a8", bits=8)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    runs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("MOJOLLM_CPU_FUSED_DECODE", fused)
+        llm = LLM(str(out), backend="cpu")
+        assert (llm.engine.runner.program is not None) == (fused == "1")
+        runs[fused] = llm.generate(["the the the", "a b"], params)
+        del llm
+    for a, b in zip(runs["1"], runs["0"]):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose([e["logprob"] for e in a.outputs[0].logprobs],
+                                   [e["logprob"] for e in b.outputs[0].logprobs], atol=1e-4)
+
+
+def test_bad_w8a8_requests_and_files_are_refused_in_one_line(tiny, tmp_path):
+    import gguf
+    from click.testing import CliRunner
+
+    from mojollm.cli import cli
+    from mojollm.models.gguf_loader import W8A8_KEY, load_gguf
+
+    with pytest.raises(ValueError, match="bits=8"):
+        mq.quantize_model(tiny, tmp_path / "x.gguf", method="smoothquant", bits=4)
+    with pytest.raises(ValueError, match="alpha"):
+        mq.quantize_model(tiny, tmp_path / "x.gguf", method="smoothquant", bits=8, alpha=1.5)
+    res = CliRunner().invoke(cli, ["quantize", str(tiny), "--out", str(tmp_path / "x.gguf"), "--method", "w8a8"])
+    assert res.exit_code == 2 and "--bits 8" in res.output
+    res = CliRunner().invoke(cli, ["quantize", str(tiny), "--out", str(tmp_path / "x.gguf"), "--method",
+                                   "smoothquant", "--bits", "8", "--alpha", "2"])
+    assert res.exit_code == 2 and "alpha" in res.output.lower()
+    # a file naming a tensor that is not Q8_0 (the tiny model's projections are F32 / other types)
+    reader, tensors = mq.read_gguf(tiny)
+    bad = tmp_path / "bad.gguf"
+    mq.write_gguf(reader, bad, {n: (w, None) for n, (w, _) in tensors.items()}, gguf.LlamaFileType.ALL_F32,
+                  w8a8=["blk.0.attn_q.weight"])
+    with pytest.raises(ModelLoadError, match=W8A8_KEY):
+        load_gguf(bad)
+
+
+def _cuda():
+    import glob
+
+    if not glob.glob("/dev/nvidia*"):
+        pytest.skip(reason="no CUDA device on this machine (the cuda W8A8 path runs on a GPU machine; the cpu "
+                           "path is tested everywhere)")
+    from mojollm.backends import registry
+
+    return registry.get_backend("cuda")
+
+
+@pytest.mark.parametrize("t", [1, 5, 16, 17, 300])
+def test_cuda_w8a8_linear_matches_the_per_token_reference(t):
+    gpu = _cuda()
+    rng = np.random.default_rng(t)
+    n, k = 200, 1024
+    raw = mq.per_channel_q8(rng.standard_normal((n, k)).astype(np.float32)).gguf_blocks()
+    w = WeightTensor("w", (n, k), "W8A8", raw)
+    wd = QuantLinear(w).dequantize()
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    x[:, 9] *= 30
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = gpu.to_numpy(gpu.linear(gpu.asarray(x), gpu.prepare_linear(w), gpu.asarray(bias)))
+    want = _per_token_reference(x, wd) + bias
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_cuda_runs_a_w8a8_model_like_the_cpu(make_hf_model):
+    """A random Llama whose projections are W8A8 (per-channel int8, as quantize writes them)
+    through LLM on cuda (CUDA graphs) and on the cpu: both quantize each token's activations the
+    same way and sum the int8 products exactly, so the logits differ by the rest of the model's
+    arithmetic only (bf16 KV cache on cuda), and greedy tokens agree up to a near tie."""
+    from mojollm import LLM, SamplingParams
+    from mojollm.backends import registry
+    from mojollm.models import load_checkpoint
+    from mojollm.models.llama import LlamaModel
+    from mojollm.tokenizer import Tokenizer
+    from test_gpu import RUNNER_CONFIG, TC, _logits as teacher_logits, _texts, rel_err
+
+    gpu = _cuda()
+    path, _ = make_hf_model("llama", seed=4, **RUNNER_CONFIG)
+    _, ckpt = load_checkpoint(path)
+    weights = {n: (WeightTensor(n, w.shape, "W8A8", mq.per_channel_q8(w.to_float32()).gguf_blocks())
+                   if n.startswith("layers.") and len(w.shape) == 2 else w) for n, w in ckpt.weights.items()}
+    tokenizer = Tokenizer.from_hf_dir(path)
+    llms = {name: LLM(LlamaModel(ckpt.config, weights, tokenizer, backend), backend=name, kv_cache_memory="64MiB",
+                      max_num_seqs=8)
+            for name, backend in (("cuda", gpu), ("cpu", registry.get_backend("cpu")))}
+    assert llms["cuda"].engine.runner.graphs
+    prompts = _texts(4, seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = {name: [o.token_ids for o in llm.generate(prompts, params)] for name, llm in llms.items()}
+    for p, toks, ref_toks in zip(prompts, got["cuda"], got["cpu"]):
+        ids = p + toks
+        a = teacher_logits(llms["cuda"].model, ids, len(p), block=16)
+        b = teacher_logits(llms["cpu"].model, ids, len(p), block=16)
+        assert rel_err(a, b) < 3 * TC
+        for i, (t, r) in enumerate(zip(toks, ref_toks)):
+            if t != r:
+                row = b[len(p) - 1 + i]
+                assert row[r] - row[t] <= 2 * TC * np.abs(row).max(), (i, t, r)
+                break
