@@ -17,6 +17,7 @@ import pytest
 from mojollm import fp8
 from mojollm.errors import ModelLoadError
 from mojollm.kernels.quant import EmbeddingTable, QuantLinear, dequantize
+from mojollm.models import compressed_tensors as ct
 from mojollm.weights import WeightTensor
 
 torch = pytest.importorskip("torch", reason="torch's float8_e4m3fn is the independent reference")
@@ -320,7 +321,7 @@ def _fp8_dir(tmp_path: Path, tensors: dict, qcfg: dict | None) -> Path:
     if qcfg is not None:
         cfg["quantization_config"] = qcfg
     (d / "config.json").write_text(json.dumps(cfg))
-    fp8.save_safetensors(d / "model.safetensors", tensors)
+    ct.save_safetensors(d / "model.safetensors", tensors)
     return d
 
 
@@ -353,7 +354,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, case, fragment):
 
     rng = np.random.default_rng(8)
     t = _tiny_tensors(rng)
-    q = fp8.hf_quantization_config()
+    q = ct.quantization_config("fp8")
     w = q["config_groups"]["group_0"]["weights"]
     if case == "no quantization_config":
         q = None

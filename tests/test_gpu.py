@@ -1013,9 +1013,10 @@ def test_linear_f8(gpu, M, NK, monkeypatch):
     """FP8 E4M3 weights kept as codes on the device, tiled (16 rows x 32-block units of 544 bytes,
     rows padded to 16). Up to 64 tokens (NVIDIA) the tensor-core GEMV, assert_f8_gemv's bounds:
     1, 2, 4 or 8 n8 tiles of tokens (partial last tiles), 16 rows a block (N = 67 / 1029 / 4099 / 40:
-    a ragged last tile), 4 and 8 warps splitting K into contiguous ranges (K = 96: warps without a
-    block; 288: one or two blocks each; 4640 / 14336: 2, 4 or 8 blocks in flight per warp, then a
-    tail). 300 tokens: dequantized to bf16 for Modular's GEMM (TC) on NVIDIA; elsewhere every count
+    a ragged last tile), 4 and 8 warps splitting K into contiguous ranges streamed through cp.async
+    stages of 1 or 2 blocks (K = 96: warps without a block; 288: one or two blocks each; 4640: odd
+    ranges, a half-full last stage; 14336: 56-112 blocks a warp, the ring of stages wrapping
+    around). 300 tokens: dequantized to bf16 for Modular's GEMM (TC) on NVIDIA; elsewhere every count
     dequantizes to float32 for the SIMT GEMM (F32). Rows of x far apart in size: one beyond float16's
     range, one all zero, one of 1e-20, and one block of another row at 1e-30 (float16 scales per
     32-block). With and without a bias."""

@@ -788,9 +788,10 @@ class CudaBackend(Backend):
 
     def _f8_warps(self, n: int) -> int:
         """Warps per block of the FP8 GEMV (a block per 16-row tile, its warps splitting K): 8 while
-        the grid stays within one wave of ~24 warps per SM (the kernel takes 65-72 registers at up
-        to 16 tokens), so a small layer still has every SM's loads in flight; else 4, whose smaller
-        blocks leave a fuller last wave."""
+        the grid stays within one wave of 24 warps per SM (up to 16 tokens a warp keeps 8.7 KB of
+        cp.async stages: 3 blocks of 8 or 6 of 4 warps fit an SM's shared memory), so a small
+        layer still has every SM's loads in flight; else 4, whose smaller blocks leave a fuller
+        last wave."""
         return 8 if -(-n // 16) * 8 <= 24 * self.num_sms else 4
 
     def _kq_rows(self, n: int) -> int:

@@ -17,14 +17,15 @@
 from std.math import ceildiv
 from std.memory import stack_allocation, bitcast
 from std.sys import size_of, is_nvidia_gpu
-from max.gpu import thread_idx, block_idx, grid_dim, global_idx, lane_id, WARP_SIZE
-from max.gpu.sync import barrier
+from max.gpu import thread_idx, block_idx, grid_dim, global_idx, lane_id, WARP_SIZE, MAX_THREADS_PER_BLOCK_METADATA
+from std.utils import StaticTuple
+from max.gpu.sync import barrier, syncwarp
 from max.gpu.primitives import warp
-from max.gpu.memory import AddressSpace
+from max.gpu.memory import AddressSpace, async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from std.sys._assembly import inlined_assembly
 from max.gpu.compute.mma import mma
 
-from gpu_common import Ptr, F32P, F16P, vload, vstore, Q4_0, Q4_1, Q8_0
+from gpu_common import Ptr, SharedPtr, F32P, F16P, vload, vstore, Q4_0, Q4_1, Q8_0
 
 comptime GEMV_WARPS = 8
 
@@ -275,16 +276,19 @@ def gemv_quant_kernel[QT: Int, NT: Int, R: Int](
 # Layout (backend.f8_tiles repacks at load): one 544-byte unit per (16-row tile, 32-block): 512
 # code bytes in mma.sync's A-fragment order, 16 bytes per lane l (g = l / 4, c = l % 4): codes
 # 8c .. 8c + 7 of row g, then the same of row g + 8; then 8 words (f16 d of row g | f16 d of row
-# g + 8 << 16). A warp reads a unit with one coalesced 512-byte load plus one 32-byte load, and a
-# tile's units lie back to back, so each warp streams a contiguous range (rows are padded to a
-# multiple of 16 with zero codes and scales). mma step s (0, 1) takes codes 8c + 4s .. 8c + 4s + 3
+# g + 8 << 16). A tile's units lie back to back, so a warp streams a contiguous range of bytes in
+# 512-byte requests, and reads its 16 code bytes and 2 scales of a unit back as they lie (rows are
+# padded to a multiple of 16 with zero codes and scales). mma step s (0, 1) takes codes 8c + 4s .. 8c + 4s + 3
 # of both rows as the lane's k slots (2c, 2c+1 | 2c+8, 2c+9) of A and the same 4 activations of
 # token g as B: the dot product does not care which k goes where as long as A and B agree.
 #
 # Activations arrive as f16 32-blocks (f16_blocks_kernel): xh [T, K] = x / s, s = sx[b, t] a power
 # of two per (token, block). A block of W warps owns one tile and 8 TT tokens (TT n8 tiles of
-# mma's n8); warp w takes the contiguous blocks [w nb / W, (w + 1) nb / W), U at a time with every
-# load issued first; the warps add up through shared memory:
+# mma's n8); warp w takes the contiguous blocks [w nb / W, (w + 1) nb / W) through its own ring of
+# S shared-memory stages of U units, filled by cp.async S - 1 stages ahead of the math (registers
+# cannot hold that much in flight: ptxas sinks each global load to its first use, which left one
+# or two 512-byte loads per warp outstanding); the activations of a stage are read from L2 into
+# registers while it lands. The warps add up through shared memory:
 #   y[t, n] = sum_b (d[n, b] sx[b, t]) sum_{j in b} e4m3(q[n, j]) xh[t, j]
 # e4m3 values are exact in f16, f16 x f16 products exact in f32 and d sx exact (a power of two
 # times an f16): the only rounding besides float32 sums is x's to f16 (2^-11 relative).
@@ -301,52 +305,60 @@ def _f8_a_fragment(wa: UInt32, wb: UInt32) -> SIMD[DType.float16, 8]:
 
 
 @always_inline
-def _f8_units[TT: Int, U: Int](
-    xh: F16P, sx: F32P, qs: Ptr[DType.uint32], mut acc: SIMD[DType.float32, 4 * TT],
-    u: Int, b: Int, lane: Int, g: Int, x0: Int, s0: Int, tp: Int, ntok: Int, ntile: Int, kk: Int,
+def _f8_issue[U: Int](qs: Ptr[DType.uint32], st: SharedPtr[DType.uint32], u: Int, n: Int, lane: Int):
+    """cp.async units u .. u + n - 1 (n <= U; contiguous, 544 bytes each) into stage st: the warp
+    copies their 16-byte chunks in order, lane l chunks l, l + 32, ... (512-byte requests)."""
+    comptime CH = F8_UNIT_WORDS // 4  # 34 chunks a unit
+    comptime for i in range(ceildiv(U * CH, WARP_SIZE)):
+        var c = i * WARP_SIZE + lane
+        if c < n * CH:
+            async_copy[16](qs.unsafe_offset((u * CH + c) * 4).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                           st.unsafe_offset(c * 4))
+
+
+@always_inline
+def _f8_stage[TT: Int, U: Int](
+    st: SharedPtr[DType.uint32], xv: Array[SIMD[DType.float16, 8], U * TT],
+    sv: Array[SIMD[DType.float32, 2], U * TT], mut acc: SIMD[DType.float32, 4 * TT], n: Int, lane: Int, g: Int,
 ):
-    """Units u .. u + U - 1 of the tile (its blocks b .. b + U - 1) into acc, every load first.
-    x0: the lane's first activation of token tile 0 (token t0 + g, position 8c), s0: its first
-    scale column (token t0 + 2c), tp: sx's row length, ntok: token tiles whose token t0 + 8 i + g
-    exists (the others' B columns stay zero), ntile: token tiles with any token."""
-    var wq = Array[SIMD[DType.uint32, 4], U](fill=SIMD[DType.uint32, 4](0))
-    var ws = Array[UInt32, U](fill=UInt32(0))
-    var xv = Array[SIMD[DType.float16, 8], U * TT](fill=SIMD[DType.float16, 8](0))
-    var sv = Array[SIMD[DType.float32, 2], U * TT](fill=SIMD[DType.float32, 2](0))
-    comptime for j in range(U):  # the weights (HBM) first, then the activations (L2)
-        var base = (u + j) * F8_UNIT_WORDS
-        wq[j] = vload[4](qs, base + lane * 4)
-        ws[j] = qs[unsafe_offset=base + 128 + g]
+    """The n (<= U) units of stage st into acc: the lane's 16 code bytes and its rows' scales from
+    shared memory, activations xv and their scales sv (tokens 2c, 2c + 1) from registers."""
     comptime for j in range(U):
-        comptime for t in range(TT):
-            if t < ntok:
-                xv[j * TT + t] = vload[8](xh, x0 + t * 8 * kk + (b + j) * 32)
-            if t < ntile:  # columns of tokens past T: never stored
-                sv[j * TT + t] = vload[2](sx, (b + j) * tp + s0 + 8 * t)
-    comptime for j in range(U):
-        var a0 = _f8_a_fragment(wq[j][0], wq[j][2])
-        var a1 = _f8_a_fragment(wq[j][1], wq[j][3])
-        var dd = bitcast[DType.float16, 2](ws[j]).cast[DType.float32]()  # rows g, g + 8
-        comptime for t in range(TT):
-            var part = SIMD[DType.float32, 4](0)
-            mma(part, a0, xv[j * TT + t].slice[4, offset=0](), part)
-            mma(part, a1, xv[j * TT + t].slice[4, offset=4](), part)
-            var s = sv[j * TT + t]  # tokens 2c, 2c + 1
-            acc[t * 4 + 0] = (dd[0] * s[0]).fma(part[0], acc[t * 4 + 0])
-            acc[t * 4 + 1] = (dd[0] * s[1]).fma(part[1], acc[t * 4 + 1])
-            acc[t * 4 + 2] = (dd[1] * s[0]).fma(part[2], acc[t * 4 + 2])
-            acc[t * 4 + 3] = (dd[1] * s[1]).fma(part[3], acc[t * 4 + 3])
+        if j < n:
+            var wq = st.unsafe_offset(j * F8_UNIT_WORDS + lane * 4).unsafe_load[width=4, alignment=16](0)
+            var dd = bitcast[DType.float16, 2](st[unsafe_offset=j * F8_UNIT_WORDS + 128 + g]).cast[DType.float32]()
+            var a0 = _f8_a_fragment(wq[0], wq[2])
+            var a1 = _f8_a_fragment(wq[1], wq[3])
+            comptime for t in range(TT):
+                var part = SIMD[DType.float32, 4](0)
+                mma(part, a0, xv[j * TT + t].slice[4, offset=0](), part)
+                mma(part, a1, xv[j * TT + t].slice[4, offset=4](), part)
+                var s = sv[j * TT + t]
+                acc[t * 4 + 0] = (dd[0] * s[0]).fma(part[0], acc[t * 4 + 0])
+                acc[t * 4 + 1] = (dd[0] * s[1]).fma(part[1], acc[t * 4 + 1])
+                acc[t * 4 + 2] = (dd[1] * s[0]).fma(part[2], acc[t * 4 + 2])
+                acc[t * 4 + 3] = (dd[1] * s[1]).fma(part[3], acc[t * 4 + 3])
 
 
-def gemv_f8_kernel[TT: Int, U: Int, W: Int](
+def f8_smem_bytes[TT: Int, U: Int, W: Int, S: Int]() -> Int:
+    """Dynamic shared memory of gemv_f8_kernel: W warps' S stages of U units, later the partial sums."""
+    return 4 * max(W * S * U * F8_UNIT_WORDS, W * 4 * TT * WARP_SIZE)
+
+
+@__llvm_metadata(MAX_THREADS_PER_BLOCK_METADATA=StaticTuple[Int32, 1](Int32(W * WARP_SIZE)))
+def gemv_f8_kernel[TT: Int, U: Int, W: Int, S: Int](
     xh: F16P, sx: F32P, qs: Ptr[DType.uint32], bias: F32P, y: F32P,
     has_bias: Int64, T: Int64, N: Int64, K: Int64,
 ):
     """y[t, n] = x[t, :] . dequant(w[n, :]) (+ bias[n]) for the rows of tile block_idx.x and tokens
     8 TT block_idx.y .. + 8 TT - 1; x given as f16 32-blocks xh with scales sx [K/32, Tp]
-    (Tp = T rounded up to 8). K is a multiple of 32; qs and xh 16-byte aligned."""
+    (Tp = T rounded up to 8). K is a multiple of 32; qs and xh 16-byte aligned; launched with
+    f8_smem_bytes[TT, U, W, S]() bytes of dynamic shared memory."""
     comptime assert is_nvidia_gpu(), "gemv_f8_kernel needs NVIDIA tensor cores (mma.sync f16)"
+    comptime assert S >= 2, "at least one stage in flight while another is multiplied"
     comptime NV = 4 * TT
+    comptime STAGE = U * F8_UNIT_WORDS  # words of a stage
+    var smem = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
     var nn = Int(N)
     var tt = Int(T)
     var kk = Int(K)
@@ -358,22 +370,45 @@ def gemv_f8_kernel[TT: Int, U: Int, W: Int](
     var c = lane % 4
     var n0 = block_idx.x * F8_ROWS
     var t0 = block_idx.y * 8 * TT
-    var ntok = min(TT, max(0, ceildiv(tt - t0 - g, 8)))  # tiles i with t0 + 8 i + g < T
-    var ntile = min(TT, ceildiv(tt - t0, 8))
-    var x0 = (t0 + g) * kk + c * 8
-    var s0 = t0 + 2 * c
-    var u0 = block_idx.x * nb
+    # The lane's activation offset and scale column per token tile, clamped to real tokens: a
+    # column of a token past T holds another token's values and is never stored.
+    var xrow = SIMD[DType.int32, TT](0)  # T K < 2^31 (checked on the host)
+    var scol = SIMD[DType.int32, TT](0)
+    comptime for t in range(TT):
+        xrow[t] = Int32(min(t0 + 8 * t + g, tt - 1) * kk + c * 8)
+        scol[t] = Int32(min(t0 + 8 * t, tp - 8) + 2 * c)
+    var wst = smem.unsafe_offset(wid * S * STAGE)  # this warp's stages
+    var b0 = wid * nb // W  # this warp's blocks [b0, b1)
+    var b1 = (wid + 1) * nb // W
+    var u0 = block_idx.x * nb + b0  # their first unit
+    var nst = ceildiv(b1 - b0, U)
+    comptime for i in range(S - 1):  # prologue: stages 0 .. S - 2 in flight
+        if i < nst:
+            _f8_issue[U](qs, wst.unsafe_offset(i * STAGE), u0 + i * U, min(U, b1 - b0 - i * U), lane)
+        async_copy_commit_group()
     var acc = SIMD[DType.float32, NV](0)  # [tile][c0 c1 c2 c3 of mma's C fragment]
-    var b = wid * nb // W
-    var e = (wid + 1) * nb // W
-    comptime if U > 1:
-        while b + U <= e:
-            _f8_units[TT, U](xh, sx, qs, acc, u0 + b, b, lane, g, x0, s0, tp, ntok, ntile, kk)
-            b += U
-    while b < e:
-        _f8_units[TT, 1](xh, sx, qs, acc, u0 + b, b, lane, g, x0, s0, tp, ntok, ntile, kk)
-        b += 1
-    var partial = stack_allocation[W * NV * WARP_SIZE, Float32, address_space=AddressSpace.SHARED]()
+    for k in range(nst):
+        var nx = k + S - 1
+        if nx < nst:
+            _f8_issue[U](qs, wst.unsafe_offset((nx % S) * STAGE), u0 + nx * U,
+                         min(U, b1 - b0 - nx * U), lane)
+        async_copy_commit_group()
+        var n = min(U, b1 - b0 - k * U)
+        var bk = b0 + k * U
+        var xv = Array[SIMD[DType.float16, 8], U * TT](fill=SIMD[DType.float16, 8](0))
+        var sv = Array[SIMD[DType.float32, 2], U * TT](fill=SIMD[DType.float32, 2](0))
+        comptime for j in range(U):  # L2 reads while the stage lands (a unit past n reads a real one)
+            var bj = min(bk + j, nb - 1)
+            comptime for t in range(TT):
+                xv[j * TT + t] = vload[8](xh, Int(xrow[t]) + bj * 32)
+                sv[j * TT + t] = vload[2](sx, bj * tp + Int(scol[t]))
+        async_copy_wait_group(Int32(S - 1))  # stage k has landed (for this lane)
+        syncwarp()  # ... and for the whole warp
+        _f8_stage[TT, U](wst.unsafe_offset((k % S) * STAGE), xv, sv, acc, n, lane, g)
+        syncwarp()  # every lane is done with the stage before it is refilled
+    async_copy_wait_group(0)
+    barrier()  # the stages become the partial sums
+    var partial = smem.bitcast[Float32]()
     comptime for v in range(NV):
         partial[unsafe_offset=(wid * NV + v) * WARP_SIZE + lane] = acc[v]
     barrier()

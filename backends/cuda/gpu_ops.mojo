@@ -36,7 +36,7 @@ from gpu_elementwise import (
 )
 from gpu_linear import (
     GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
-    gemv_f8_kernel, dequant_f8_kernel, F8_ROWS,
+    gemv_f8_kernel, f8_smem_bytes, dequant_f8_kernel, F8_ROWS,
 )
 from gpu_kquant import gemv_kq_kernel, dequant_kq_kernel, embedding_kq_kernel, KQ_WARPS
 from gpu_attention import (
@@ -531,12 +531,19 @@ def _gemv_f8[TT: Int, W: Int](g: GpuPtr, a: PythonObject) raises:
         var fc = g[].ctx.compile_function[f16_blocks_kernel]()
         st.enqueue_function(fc, _p[F32](a, 2), xh, sx, Int64(T * K), Int64(K), Int64(ceildiv(T, 8) * 8),
                             grid_dim=ceildiv(T * K, 256), block_dim=256)
-        # weight units in flight per warp: fewer as the token tiles' activation registers grow
-        comptime U = 8 if TT == 1 else (4 if TT == 2 else 2)
-        var f = g[].ctx.compile_function[gemv_f8_kernel[TT, U, W]]()
+        # U units a cp.async stage, S stages a warp (S - 1 in flight while one is multiplied):
+        # ~7.6 KB of weights in flight per warp up to 16 tokens, less as the activations' registers
+        # (U TT 16-byte loads a stage) and the tensor-core work grow
+        comptime U = 2 if TT <= 4 else 1
+        comptime S = 8 if TT <= 2 else 4
+        comptime smem = f8_smem_bytes[TT, U, W, S]()
+        var f = g[].ctx.compile_function[gemv_f8_kernel[TT, U, W, S]](
+            func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
+        )
         st.enqueue_function(f, xh, sx, _p[DType.uint32](a, 3), _p[F32](a, 4), _p[F32](a, 5),
                             _n(a, 6), Int64(T), Int64(N), Int64(K),
-                            grid_dim=(ceildiv(N, F8_ROWS), ceildiv(T, 8 * TT)), block_dim=W * WARP_SIZE)
+                            grid_dim=(ceildiv(N, F8_ROWS), ceildiv(T, 8 * TT)), block_dim=W * WARP_SIZE,
+                            shared_mem_bytes=smem)
     else:
         raise Error("gemv_f8: the FP8 GEMV runs on NVIDIA tensor cores only")
 

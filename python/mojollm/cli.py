@@ -439,7 +439,7 @@ def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens,
               show_default=True,
               help="Round to nearest, GPTQ (Hessian from calibration activations), AWQ (activation-aware scales), "
                    "SmoothQuant W8A8 (int8 weights and per-token int8 activations), W8A8 without smoothing, or "
-                   "FP8 E4M3 per output channel (a HF directory).")
+                   "FP8 E4M3 per output channel (a HF directory only).")
 @click.option("--bits", type=int, default=4, show_default=True,
               help="8, 4, 3 or 2. A .gguf holds 8 (Q8_0) or 4 (Q4_1; Q4_0 with --symmetric); a directory any.")
 @click.option("--symmetric", is_flag=True, help="No zero point / per-block minimum (4 bits in a .gguf: Q4_0).")
@@ -452,14 +452,16 @@ def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens,
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="SmoothQuant's migration strength: the share of the activations' range moved into the weights.")
 @click.option("--out", "out", required=True, type=click.Path(),
-              help="A .gguf file, or a directory: Hugging Face GPTQ / AWQ safetensors.")
+              help="A .gguf file, or a directory: Hugging Face GPTQ / AWQ safetensors (rtn, gptq, awq) or "
+                   "compressed-tensors (fp8; W8A8 int8 for smoothquant, w8a8).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True)
 def quantize(model, method, bits, symmetric, group_size, calib_file, calib_tokens, act_order, alpha, out, as_json,
              quiet):
-    """Quantize a Llama-family MODEL (a GGUF, or a float Hugging Face directory) by RTN, GPTQ or AWQ
-    into a GGUF (Q8_0 / Q4_1 / Q4_0 blocks, which the cpu and cuda kernels run) or, when --out is a
-    directory, GPTQ / AWQ packed-integer safetensors (2-8 bits, groups of 32 / 64 / 128 or per channel)."""
+    """Quantize a Llama-family MODEL (a GGUF, or a float Hugging Face directory) by RTN, GPTQ, AWQ,
+    SmoothQuant / W8A8 or FP8 into a GGUF (Q8_0 / Q4_1 / Q4_0 blocks, which the cpu and cuda kernels
+    run) or, when --out is a directory, Hugging Face safetensors: GPTQ / AWQ packed integers (2-8 bits,
+    groups of 32 / 64 / 128 or per channel) or compressed-tensors (FP8, or W8A8 int8 per channel)."""
     from mojollm.model_quantizer import quantize_model, target_type
 
     if method == "fp8":  # FP8 E4M3 per channel into a HF directory: no bits, groups or calibration
@@ -490,10 +492,10 @@ def quantize(model, method, bits, symmetric, group_size, calib_file, calib_token
                 raise click.UsageError(f"group_size must be 32: GGUF's Q8_0 / Q4_0 / Q4_1 blocks hold 32 weights, "
                                        f"got {group_size}; --out DIR writes other group sizes")
         elif os.path.isfile(out):
-            raise click.UsageError(f"--out {out} is a file: give a directory (GPTQ / AWQ safetensors) or a .gguf path")
-        elif method in ("smoothquant", "w8a8"):
-            raise click.UsageError(f"--method {method} writes a .gguf (its W8A8 marks are GGUF metadata): "
-                                   "give --out a .gguf path")
+            raise click.UsageError(f"--out {out} is a file: give a directory (HF safetensors) or a .gguf path")
+        elif method in ("smoothquant", "w8a8") and (symmetric or group_size != 32):
+            raise click.UsageError(f"--symmetric and --group-size do not apply to --method {method} into a directory "
+                                   "(compressed-tensors W8A8: symmetric int8, one scale per output channel)")
     if calib_tokens < 16:
         raise click.UsageError(f"--calib-tokens must be >= 16, got {calib_tokens}")
     if method in ("rtn", "w8a8") and (calib_file or act_order):

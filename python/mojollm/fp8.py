@@ -1,5 +1,5 @@
-"""FP8 E4M3 weights: encode / decode in numpy, per-output-channel quantization, our F8_E4M3
-blocks, and the Hugging Face checkpoint format.
+"""FP8 E4M3 weights: encode / decode in numpy, per-output-channel quantization, and our F8_E4M3
+blocks. The checkpoint format that carries them is mojollm.models.compressed_tensors.
 
 E4M3 (OCP FP8, torch.float8_e4m3fn): 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits. No
 infinities; 0x7F / 0xFF are NaN; the largest finite value is 448; subnormals are m/8 * 2^-6.
@@ -12,27 +12,14 @@ Per-channel quantization (what vLLM / llm-compressor FP8 checkpoints hold): one 
 row, s = amax(row) / 448, q = e4m3(w / s). Every block of a row then carries the same d = s. We
 round s up to a float16 value (and at least 2^-14, float16's smallest normal, so a row of tiny
 weights keeps 11 significant scale bits), so blocks and checkpoint scales convert both ways
-without loss.
-
-The HF format (compressed-tensors "float-quantized", channel strategy, weights only; vLLM runs it
-as its W8A16 FP8 scheme, transformers through its compressed-tensors integration):
-    <linear>.weight        F8_E4M3 [out, in]
-    <linear>.weight_scale  F32 [out, 1]         w = weight_scale * e4m3(weight)
-    config.json "quantization_config": hf_quantization_config()
-Loading also takes per-tensor scales ([] or [1]: compressed-tensors' "tensor" strategy, or
-quant_method "fp8" checkpoints). A checkpoint scale that is not a float16 value is rounded to
-one and the codes are re-encoded against it (a change of at most 2^-12 of each weight's size,
-which almost never moves a code).
+without loss. A checkpoint scale that is not a float16 value (to_blocks) is rounded to one and
+the codes are re-encoded against it (a change of at most 2^-12 of each weight's size, which
+almost never moves a code).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from mojollm.weights import WeightTensor
 
 E4M3_MAX = 448.0
 QK = 32  # weights per block
@@ -184,141 +171,3 @@ def quantize_blocks(w: np.ndarray) -> np.ndarray:
     """float [N, K] -> per-channel F8_E4M3 blocks uint8 [N, K/32 * 34]."""
     codes, scales = quantize_per_channel(w)
     return to_blocks(codes, scales)
-
-
-# ---------------------------------------------------------------- the HF checkpoint format
-
-
-def hf_quantization_config(ignore: list[str] | None = None) -> dict[str, Any]:
-    """config.json's quantization_config for per-channel FP8 weights, float activations."""
-    weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
-               "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
-               "observer_kwargs": {}}
-    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None}},
-            "ignore": list(ignore if ignore is not None else ["lm_head"]), "kv_cache_scheme": None,
-            "global_compression_ratio": None}
-
-
-def is_hf_fp8(config: dict) -> bool:
-    """Whether a config.json's quantization_config describes FP8 E4M3 weights we load (False
-    without one, or for another method such as GPTQ); a one-line ValueError for an FP8 / a
-    compressed-tensors config we cannot take, with its reason."""
-    q = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(q, dict):
-        return False
-    method = q.get("quant_method")
-    if method == "fp8":  # vLLM's / transformers' Fp8Config: per-tensor scales, or 2-D blocks
-        if q.get("weight_block_size") is not None:
-            raise ValueError(f"FP8 with weight_block_size {q['weight_block_size']} (block-wise scales) is not "
-                             "supported: per-channel or per-tensor scales only")
-        return True
-    if method != "compressed-tensors":
-        return False
-    fmt = q.get("format")
-    if fmt not in ("float-quantized", "naive-quantized"):
-        raise ValueError(f"compressed-tensors format {fmt!r} is not supported (FP8 weights: float-quantized)")
-    if q.get("kv_cache_scheme"):
-        raise ValueError("a quantized KV cache (kv_cache_scheme) is not supported")
-    groups = q.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        raise ValueError("compressed-tensors quantization_config has no config_groups")
-    for name, g in groups.items():
-        w = g.get("weights") if isinstance(g, dict) else None
-        if not isinstance(w, dict):
-            raise ValueError(f"config group {name!r} has no weights scheme")
-        if (w.get("type"), w.get("num_bits")) != ("float", 8) or w.get("symmetric") is False or w.get("dynamic"):
-            raise ValueError(f"config group {name!r}: weights {w.get('type')}/{w.get('num_bits')} bits are not static "
-                             "symmetric FP8 (float, 8 bits)")
-        if (w.get("strategy") or "tensor") not in ("channel", "tensor"):
-            raise ValueError(f"config group {name!r}: FP8 weight strategy {w.get('strategy')!r} is not supported "
-                             "(channel or tensor)")
-    return True
-
-
-def holds(name: str, tensor: Any, fp8_config: bool) -> bool:
-    """Whether the HF loader hands this checkpoint tensor to hf_weights: every F8_E4M3 tensor (read
-    as uint8 arrays) and, in an FP8 checkpoint, the scales."""
-    if isinstance(tensor, np.ndarray) and tensor.dtype == np.uint8:
-        return True
-    return fp8_config and name.endswith((".weight_scale", ".input_scale"))
-
-
-def blocks_from_hf(name: str, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """A checkpoint's F8_E4M3 weight [out, in] (uint8 view) and its weight_scale ([out, 1], [out],
-    [1] or []) -> our blocks; a one-line ValueError naming the tensor when they do not fit."""
-    try:
-        if codes.ndim != 2:
-            raise ValueError(f"an FP8 weight must be 2-D [out, in], got shape {codes.shape}")
-        s = np.asarray(scale, np.float32)
-        if s.size not in (1, codes.shape[0]) or s.ndim > 2 or (s.ndim == 2 and s.shape[1] != 1):
-            raise ValueError(f"weight_scale has shape {s.shape}: expected [{codes.shape[0]}, 1] (per channel) "
-                             "or [1] (per tensor)")
-        return to_blocks(np.ascontiguousarray(codes), s.reshape(-1))
-    except ValueError as e:
-        raise ValueError(f"tensor {name}: {e}") from None
-
-
-def hf_weights(config: dict, parts: dict[str, Any], where: str) -> dict[str, "WeightTensor"]:
-    """The FP8 linears of a HF checkpoint as F8_E4M3 WeightTensors, {HF weight name: tensor}.
-    `parts`: the checkpoint's F8_E4M3 tensors (uint8 arrays [out, in]) and every `*.weight_scale`
-    / `*.input_scale` tensor. input_scale (static activation scales of W8A8 checkpoints) is not
-    needed: the kernels keep the activations in float32. Any defect is one ModelLoadError line."""
-    from mojollm.errors import ModelLoadError
-    from mojollm.weights import WeightTensor
-
-    try:
-        fp8_config = is_hf_fp8(config)
-    except ValueError as e:
-        raise ModelLoadError(f"{where}: {e}") from None
-    codes = {n: a for n, a in parts.items() if isinstance(a, np.ndarray) and a.dtype == np.uint8}
-    if codes and not fp8_config:
-        raise ModelLoadError(f"{where}: tensor {next(iter(codes))} is F8_E4M3 but config.json has no FP8 "
-                             "quantization_config (compressed-tensors float-quantized, or quant_method fp8)")
-    scales = {n: a for n, a in parts.items() if n.endswith(".weight_scale")}
-    out = {}
-    for name, q in codes.items():
-        if not name.endswith(".weight"):
-            raise ModelLoadError(f"{where}: tensor {name} is F8_E4M3 but is no linear's weight")
-        scale = scales.pop(name + "_scale", None)
-        if scale is None:
-            raise ModelLoadError(f"{where}: the FP8 weight {name} has no {name}_scale")
-        s = scale.to_float32() if isinstance(scale, WeightTensor) else np.asarray(scale, np.float32)
-        try:
-            blocks = blocks_from_hf(name, q, s)
-        except ValueError as e:
-            raise ModelLoadError(f"{where}: {e}") from None
-        out[name] = WeightTensor(name, tuple(int(d) for d in q.shape), "F8_E4M3", blocks)
-    if scales:
-        raise ModelLoadError(f"{where}: {next(iter(scales))} scales no F8_E4M3 weight")
-    return out
-
-
-_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32"}
-
-
-def save_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file; uint8 arrays are stored as F8_E4M3 codes (safetensors.numpy cannot
-    name that dtype: numpy has none). Layout: u64 header length, the JSON header (padded with
-    spaces to 8 bytes), then every tensor's little-endian bytes in header order."""
-    import json
-
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    arrays = []
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
-        dtype = "F8_E4M3" if a.dtype == np.uint8 else _ST_DTYPES.get(a.dtype)
-        if dtype is None:
-            raise ValueError(f"tensor {name}: dtype {a.dtype} has no safetensors name here")
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for a in arrays:
-            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())

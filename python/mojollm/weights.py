@@ -7,7 +7,8 @@ GGUF block layouts (ggml), 32 weights per block along the row (K) dimension:
     Q5_1: f16 d, f16 m, u32 high bits, 16 B     w = q * d + m        (24 bytes)
     Q8_0: f16 d, 32 x int8                      w = q * d            (34 bytes)
     W8A8: Q8_0's blocks; the activations are quantized to int8 per token at run time (SmoothQuant;
-          a GGUF stores these tensors as Q8_0 and names them in `mojollm.w8a8_tensors`)
+          a GGUF stores these tensors as Q8_0 and names them in `mojollm.w8a8_tensors`; a HF directory
+          as compressed-tensors int-quantized, mojollm.models.compressed_tensors)
     F8_E4M3: f16 d, 32 x E4M3 (OCP FP8)         w = d * e4m3(q)      (34 bytes)
           not a ggml type: FP8 checkpoints (mojollm.fp8); E4M3 is 1 sign bit, 4 exponent bits
           (bias 7), 3 mantissa bits, max 448, no infinities, 0x7F / 0xFF NaN
@@ -99,7 +100,8 @@ class WeightTensor:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        return dequantize(np.asarray(self.data), GGMLQuantizationType[self.qtype]).astype(np.float32).reshape(self.shape)
+        ggml = "Q8_0" if self.qtype == "W8A8" else self.qtype  # W8A8 holds Q8_0's blocks
+        return dequantize(np.asarray(self.data), GGMLQuantizationType[ggml]).astype(np.float32).reshape(self.shape)
 
     @classmethod
     def from_float(cls, name: str, a: np.ndarray) -> "WeightTensor":

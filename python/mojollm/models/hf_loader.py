@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from mojollm import fp8
 from mojollm.errors import ModelLoadError
-from mojollm.models import packed_int
+from mojollm.models import compressed_tensors, packed_int
 from mojollm.models.config import ModelConfig, check_layer_tensors
 from mojollm.weights import WeightTensor
 
 _DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "BF16"),
            "I32": (np.int32, None)}  # I32: GPTQ / AWQ packed codes, returned as plain arrays
-_DTYPES["F8_E4M3"] = (np.uint8, None)  # FP8 codes, plain arrays too: mojollm.fp8 makes them blocks
+# FP8 and int8 codes, plain arrays too: mojollm.models.compressed_tensors makes them blocks
+_DTYPES.update({"F8_E4M3": (np.uint8, None), "I8": (np.int8, None)})
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _MAX_JSON_FILE = 64 * 1024 * 1024  # config.json / the shard index: a few KB in practice
 
@@ -88,7 +88,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 def read_safetensors(path: Path) -> dict[str, WeightTensor | np.ndarray]:
     """All tensors of one .safetensors file as zero-copy views of a read-only memory map
-    (WeightTensors; int32 tensors as numpy arrays, for mojollm.models.packed_int).
+    (WeightTensors; int32 / F8_E4M3 / int8 tensors as numpy arrays, for packed_int / compressed_tensors).
     The header is checked in full (types, shapes, offsets against the file) before any view is made."""
     try:
         with open(path, "rb") as f:
@@ -170,27 +170,27 @@ class HFCheckpoint:
         self.weights: dict[str, WeightTensor] = {}
         entries = []  # (file name, tensor name, tensor)
         # GPTQ / AWQ: the packed linears' tensors are held back, then become our blocks (packed_int).
-        # FP8: likewise the F8_E4M3 weights and their scales (mojollm.fp8).
+        # FP8 / W8A8 int8: likewise the 8-bit codes and their scales (compressed_tensors).
         try:
-            is_fp8 = fp8.is_hf_fp8(self.raw_config)
+            ct_scheme = compressed_tensors.scheme_of(self.raw_config)
         except ValueError as e:
             raise ModelLoadError(f"{cfg_path}: {e}") from None
-        packed = None if is_fp8 else packed_int.scheme_of(self.raw_config, str(cfg_path))
+        packed = None if ct_scheme else packed_int.scheme_of(self.raw_config, str(cfg_path))
         held: dict = {}
-        fp8_held: dict = {}
+        ct_held: dict = {}
         for f in files:
             for name, w in read_safetensors(f).items():
-                if fp8.holds(name, w, is_fp8):
-                    fp8_held[name] = w
+                if compressed_tensors.holds(name, w, ct_scheme):
+                    ct_held[name] = w
                 elif packed is not None and packed.owns(name):
                     held[name] = (f.name, w)
                 else:
                     entries.append((f.name, name, w))
         if packed is not None:
             entries += [(fname, name, w) for name, (fname, w) in packed.linears(held).items()]
-        if fp8_held:
+        if ct_held:
             entries += [(self.path.name, name, w)
-                        for name, w in fp8.hf_weights(self.raw_config, fp8_held, str(self.path)).items()]
+                        for name, w in compressed_tensors.hf_weights(self.raw_config, ct_held, str(self.path)).items()]
         for fname, name, w in entries:
             ours = our_name(name)
             if ours is None:
@@ -199,7 +199,7 @@ class HFCheckpoint:
                 raise ModelLoadError(f"{fname}: unexpected tensor {name} for a {self.config.arch} model")
             if not isinstance(w, WeightTensor):
                 raise ModelLoadError(f"{fname}: tensor {name} holds {w.dtype} codes, which only the quantized "
-                                     "linears of GPTQ / AWQ / FP8 checkpoints hold")
+                                     "linears of GPTQ / AWQ / FP8 / W8A8 checkpoints hold")
             if ours in self.weights:
                 raise ModelLoadError(f"{self.path}: tensor {name} is stored twice ({fname} repeats it)")
             self.weights[ours] = w
