@@ -53,7 +53,8 @@ _LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested her
 _TUNE_M = (256, 512, 1024)
 # The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
 _DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
-_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7, "F8_E4M3": 8}
+_QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7, "F8_E4M3": 8,
+           "W8A8": 9}
 _KQUANTS = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # gpu_kquant's kernels (the others: gpu_linear's)
 _ERRORS = (  # (gpu_common's flag word, message), in word order
     ("ERR_TOKEN", "token ids outside the embedding table"),
@@ -94,13 +95,15 @@ class QuantWeight:
     """A GGUF-quantized weight [N, K] on the device. Q4_0/Q4_1/Q8_0 (and F8_E4M3 embedding tables)
     repacked: qs [N, K/32, 16|32] uint8, d (m) [N, K/32] float16; F8_E4M3 linears tiled (f8_tiles:
     qs [ceil(N/16), K/32, 544] uint8, d None); the other types as repack_gguf_kquant lays them out
-    (h: Q5_x's high bits)."""
+    (h: Q5_x's high bits). W8A8: Q8_0's repack; decode runs Q8_0's GEMV on activations quantized
+    per token, prefill cuBLASLt's int8 GEMM with row_scale."""
 
-    __slots__ = ("qtype", "code", "qs", "d", "m", "h", "n", "k")
+    __slots__ = ("qtype", "code", "qs", "d", "m", "h", "n", "k", "row_scale")
 
-    def __init__(self, qtype, qs, d, m, n, k, h=None):
+    def __init__(self, qtype, qs, d, m, n, k, h=None, row_scale=None):
         self.qtype, self.code = qtype, _QCODES[qtype]
         self.qs, self.d, self.m, self.h, self.n, self.k = qs, d, m, h, n, k
+        self.row_scale = row_scale  # W8A8: float32 [N], for the int8 GEMM of prefill
 
     @property
     def nbytes(self) -> int:
@@ -113,31 +116,12 @@ class QuantWeight:
                 (self.h if self.h is not None else d).data_ptr())
 
 
-class Int8Weight:
-    """A W8A8 weight [N, K] (SmoothQuant): int8 codes qs [N, K] and one float32 scale per row.
-    linear quantizes the activations per token and runs cuBLASLt's int8 GEMM (torch._int_mm),
-    int32 products scaled by (row scale x token scale): the arithmetic the cpu kernel does."""
-
-    __slots__ = ("qs", "scale", "n", "k")
-
-    def __init__(self, qs, scale):
-        self.qs, self.scale = qs, scale
-        self.n, self.k = int(qs.shape[0]), int(qs.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return self.qs.numel() + 4 * self.n
-
-
-def per_channel_int8(w: WeightTensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """(codes int8 [N, K], scale float32 [N]) of W8A8 / Q8_0 blocks whose rows repeat one scale,
-    else None (per-block scales: an int8 GEMM cannot apply them)."""
+def row_scales(w: WeightTensor) -> np.ndarray | None:
+    """float32 [N]: the one scale each row of Q8_0-layout blocks repeats (W8A8 as quantize writes
+    it), else None (per-block scales: an int8 GEMM with per-row scales cannot apply them)."""
     rows, k = int(w.shape[0]), int(w.shape[1])
-    blocks = np.asarray(w.data, dtype=np.uint8).reshape(rows, k // 32, 34)
-    d = blocks[:, :, :2].copy().view("<f2").reshape(rows, k // 32)
-    if not (d == d[:, :1]).all():
-        return None
-    return np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, k), d[:, 0].astype(np.float32)
+    d = np.asarray(w.data, dtype=np.uint8).reshape(rows, k // 32, 34)[:, :, :2].copy().view("<f2").reshape(rows, -1)
+    return d[:, 0].astype(np.float32) if (d == d[:, :1]).all() else None
 
 
 def repack_gguf_blocks(w: WeightTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -514,9 +498,11 @@ class CudaBackend(Backend):
     def _prepare_linear(self, w: WeightTensor, row_layout: bool) -> Any:
         torch = self.torch
         if w.qtype == "W8A8":
-            pc = per_channel_int8(w) if w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0 else None
-            if pc is not None:
-                return Int8Weight(torch.from_numpy(pc[0]).to(self.device), torch.from_numpy(pc[1]).to(self.device))
+            scale = row_scales(w) if w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0 else None
+            if scale is not None:
+                qs, d, _ = repack_gguf_blocks(w)
+                up = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+                return QuantWeight("W8A8", up(qs), up(d), None, w.shape[0], w.shape[1], row_scale=up(scale))
             # per-block scales (or rows cuBLASLt's int8 GEMM cannot take): Q8_0's kernels, whose
             # activations are int8 per 32-block
             _log.warning("%s: W8A8 weight without one scale per row (or N, K not multiples of 8); it runs as "
@@ -606,7 +592,7 @@ class CudaBackend(Backend):
         torch = self.torch
         s = self._s()
         self._tensor("x", x, 2, (torch.float32, torch.bfloat16))
-        if not isinstance(w, (DenseWeight, QuantWeight, Int8Weight)):
+        if not isinstance(w, (DenseWeight, QuantWeight)):
             raise ValueError("linear weight must come from prepare_linear")
         T, K = x.shape
         if K != w.k:
@@ -616,8 +602,8 @@ class CudaBackend(Backend):
             self._f32("bias", bias, 1)
             if bias.shape[0] != N:
                 raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
-        if isinstance(w, Int8Weight):
-            return self._linear_w8a8(x, w, bias)
+        if isinstance(w, QuantWeight) and w.row_scale is not None and T > _QGEMV_MAX_TOKENS:
+            return self._gemm_w8a8(x, w, bias)
         if isinstance(w, QuantWeight) and w.qtype == "F8_E4M3" and w.d is not None:
             raise ValueError("FP8 linear weight must come from prepare_linear (tiled), not prepare_embedding")
         y = self._empty((T, N))
@@ -681,19 +667,16 @@ class CudaBackend(Backend):
             self._k.gemm_simt(self._gpu, (s, code, x.data_ptr(), wt.data_ptr(), bptr, y.data_ptr(), has_bias, T, N, K))
         return y
 
-    def _linear_w8a8(self, x, w: Int8Weight, bias):
-        """Per token: dx = max|x| / 127, q = round-half-even(x * (1/dx)) (the cpu kernel's rule);
-        y = (q @ W_q^T in int32) * dx * row scale. cuBLASLt's int8 GEMM wants more than 16 rows:
-        decode steps are padded with zero rows (the weight is read once either way)."""
+    def _gemm_w8a8(self, x, w: QuantWeight, bias):
+        """W8A8 prefill: per token dx = max|x| / 127, q = round-half-even(x * (1/dx)) (the rule of
+        the cpu kernel and of quantize_q8_token_kernel); y = (q @ W_q^T in int32, cuBLASLt's int8
+        tensor cores) * dx * row scale."""
         torch = self.torch
-        T = x.shape[0]
         xf = x.float()
         dx = xf.abs().amax(dim=1, keepdim=True) / 127
         inv = torch.where(dx < 1e-30 / 127, torch.zeros_like(dx), 1 / dx)
         q = torch.round(xf * inv).to(torch.int8)
-        if T <= 16:
-            q = torch.nn.functional.pad(q, (0, 0, 0, 17 - T))
-        y = torch._int_mm(q, w.qs.t())[:T].float() * (dx * w.scale)
+        y = torch._int_mm(q, w.qs.view(torch.int8).view(w.n, w.k).t()).float() * (dx * w.row_scale)
         return y + bias if bias is not None else y
 
     def _library_gemm_takes(self, w) -> bool:
@@ -892,6 +875,20 @@ class CudaBackend(Backend):
             ccode = self._codes[k_cache.dtype]
             self._k.store_kv(self._gpu, (s, kcode, ccode, k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(),
                                          v.data_ptr(), slot_mapping.data_ptr(), self._err_ptr, T, KVH * D, NB * B))
+
+    def copy_kv_rows(self, k_cache, v_cache, src_slots, dst_slots):
+        """Base.copy_kv_rows with torch index ops on the current stream: index_select gathers
+        every source row into a temporary before index_copy_ writes (a KV policy's compaction)."""
+        torch = self.torch
+        self._s()
+        NB, B, KVH, D = self._cache_pair(k_cache, v_cache)
+        self._idx("src_slots", src_slots, torch.int64)
+        self._idx("dst_slots", dst_slots, torch.int64, src_slots.shape[0])
+        if src_slots.shape[0] == 0:
+            return
+        for c in (k_cache, v_cache):
+            rows = c.view(NB * B, KVH, D)
+            rows.index_copy_(0, dst_slots, rows.index_select(0, src_slots))
 
     def _attn_common(self, q, k_cache, v_cache, block_tables, nseq_name, nseq):
         torch = self.torch

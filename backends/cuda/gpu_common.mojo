@@ -42,7 +42,8 @@ comptime DT_F16 = 2
 # Quantized block formats (GGUF). Q4_0 / Q4_1 / Q8_0: 32 weights per block, repacked on the device
 # into qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16 (gpu_linear). Q5_0 / Q5_1
 # and the k-quants Q4_K / Q5_K / Q6_K: the layouts of gpu_kquant. F8_E4M3: Q8_0's layout with OCP
-# e4m3fn codes instead of int8 (w = d e4m3(q)), repacked as Q8_0 is.
+# e4m3fn codes instead of int8 (w = d e4m3(q)), repacked as Q8_0 is. W8A8: Q8_0's blocks whose
+# GEMV quantizes the activations with one scale per token (quantize_q8_token_kernel).
 comptime Q4_0 = 0
 comptime Q4_1 = 1
 comptime Q8_0 = 2
@@ -52,6 +53,7 @@ comptime Q4_K = 5
 comptime Q5_K = 6
 comptime Q6_K = 7
 comptime F8_E4M3 = 8
+comptime W8A8 = 9  # Q8_0's layout; the GEMV's activations are quantized per token (SmoothQuant)
 
 
 @always_inline

@@ -12,6 +12,8 @@ from gpu_common import (
 )
 
 comptime ROW_BLOCK = 256
+# quantize_q8_token_kernel: a decode step has one row per sequence, so its block takes more threads
+comptime TOKEN_BLOCK = 1024
 
 
 # ---- embedding: out[t, :] = table[ids[t], :] --------------------------------------------------
@@ -116,6 +118,44 @@ def quantize_q8_kernel(x: F32P, qx: I8P, xs: F32P, n: Int64):
     if lane_id() == 0:
         xs[unsafe_offset=(i // 32) * 2] = dx
         xs[unsafe_offset=(i // 32) * 2 + 1] = Float32(qsum)
+
+
+def quantize_q8_token_kernel(x: F32P, qx: I8P, xs: F32P, K: Int64):
+    """quantize_q8_kernel's output for W8A8, one TOKEN_BLOCK block per token row of x [T, K]: dx =
+    max|x| / 127 over the whole row (per-token activations, as mojo/quant.mojo's W8A8 on the CPU),
+    written for every 32-block with that block's sum of codes, so the Q8_0 GEMV reads it unchanged.
+    NaN / inf anywhere in the row: dx = NaN and q = 0."""
+    var k = Int(K)
+    var row = block_idx.x * k
+    var amax: Float32 = 0
+    var bad: Float32 = 0
+    for j in range(thread_idx.x, k, TOKEN_BLOCK):
+        var v = x[unsafe_offset=row + j]
+        if (bitcast[DType.uint32, 1](v) & 0x7F800000) == 0x7F800000:
+            bad = 1
+        amax = max(amax, abs(v))
+    amax = block_max[TOKEN_BLOCK](amax)
+    bad = block_max[TOKEN_BLOCK](bad)
+    var dx: Float32 = 0
+    var inv: Float32 = 0
+    if bad != 0:
+        dx = bitcast[DType.float32, 1](UInt32(0x7FC00000))
+    elif amax >= 1e-30:
+        dx = amax / 127
+        inv = 1 / dx
+    var lane = Int(lane_id())
+    for b in range(thread_idx.x // 32, k // 32, TOKEN_BLOCK // 32):  # a warp per 32-block
+        var i = row + b * 32 + lane
+        var q: Int32 = 0
+        if inv != 0:
+            q = round(x[unsafe_offset=i] * inv).cast[DType.int32]()
+        qx[unsafe_offset=i] = q.cast[DType.int8]()
+        var qsum = q
+        comptime for s in range(5):
+            qsum += warp.shuffle_xor(qsum, UInt32(16 >> s))
+        if lane == 0:
+            xs[unsafe_offset=(i // 32) * 2] = dx
+            xs[unsafe_offset=(i // 32) * 2 + 1] = Float32(qsum)
 
 
 # ---- x [T, K] float32 -> float16 32-blocks, for the FP8 GEMV's tensor cores (gpu_linear) ------

@@ -26,13 +26,13 @@ from max.gpu.host import DeviceContext, DeviceStream, FuncAttribute
 from max.gpu.host._nvidia_cuda import CUDA
 
 from gpu_common import (
-    Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F8_E4M3, DT_F32, DT_BF16,
-    DT_F16,
+    Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F8_E4M3, W8A8, DT_F32,
+    DT_BF16, DT_F16,
 )
 from gpu_elementwise import (
-    ROW_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
+    ROW_BLOCK, TOKEN_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
-    quantize_q8_kernel, f16_blocks_kernel,
+    quantize_q8_kernel, quantize_q8_token_kernel, f16_blocks_kernel,
 )
 from gpu_linear import (
     GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
@@ -429,13 +429,21 @@ def op_gemv_dense(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
 def _gemv_quant[QT: Int, NT: Int, R: Int](g: GpuPtr, a: PythonObject) raises:
     # (stream, qt, nt, x, qs, d, m, bias, y, has_bias, T, N, K, rows per block, scratch)
     # scratch: T K int8 codes, then T K/32 (dx, sum of codes) float32 pairs (8-byte aligned: K % 32 == 0)
+    # W8A8: Q8_0's GEMV on activations quantized per token instead of per 32-block
     var st = g[].stream(_i(a, 0))
     var tk = _i(a, 10) * _i(a, 12)
     var scratch = _i(a, 14)
-    var fq = g[].ctx.compile_function[quantize_q8_kernel]()
-    st.enqueue_function(fq, _p[F32](a, 3), Ptr[DType.int8](unsafe_from_address=scratch),
-                        Ptr[F32](unsafe_from_address=scratch + tk), Int64(tk), grid_dim=ceildiv(tk, 256), block_dim=256)
-    var f = g[].ctx.compile_function[gemv_quant_kernel[QT, NT, R]]()
+    comptime if QT == W8A8:
+        var ft = g[].ctx.compile_function[quantize_q8_token_kernel]()
+        st.enqueue_function(ft, _p[F32](a, 3), Ptr[DType.int8](unsafe_from_address=scratch),
+                            Ptr[F32](unsafe_from_address=scratch + tk), _n(a, 12), grid_dim=_i(a, 10),
+                            block_dim=TOKEN_BLOCK)
+    else:
+        var fq = g[].ctx.compile_function[quantize_q8_kernel]()
+        st.enqueue_function(fq, _p[F32](a, 3), Ptr[DType.int8](unsafe_from_address=scratch),
+                            Ptr[F32](unsafe_from_address=scratch + tk), Int64(tk), grid_dim=ceildiv(tk, 256),
+                            block_dim=256)
+    var f = g[].ctx.compile_function[gemv_quant_kernel[Q8_0 if QT == W8A8 else QT, NT, R]]()
     st.enqueue_function(f, Ptr[DType.uint32](unsafe_from_address=scratch), Ptr[F32](unsafe_from_address=scratch + tk),
                         _p[DType.uint32](a, 4), _p[F16](a, 5), _p[F16](a, 6), _p[F32](a, 7),
                         _p[F32](a, 8), _n(a, 9), _n(a, 10), _n(a, 11), _n(a, 12),
@@ -501,6 +509,8 @@ def op_gemv_quant(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _gemv_quant_nt[Q4_1](g, a)
     elif qt == Q8_0:
         _gemv_quant_nt[Q8_0](g, a)
+    elif qt == W8A8:
+        _gemv_quant_nt[W8A8](g, a)
     elif qt == Q5_0:
         _gemv_kq_nt[Q5_0](g, a)
     elif qt == Q5_1:
