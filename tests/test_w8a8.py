@@ -253,3 +253,195 @@ def test_cuda_runs_a_w8a8_model_like_the_cpu(make_hf_model):
         err_q = rel_err(*(teacher_logits(m.model, ids, len(p), block=16) for m in (q_cuda, q_cpu)))
         err_ref = rel_err(*(teacher_logits(m.model, ids, len(p), block=16) for m in (r_cuda, r_cpu)))
         assert err_q < 3 * err_ref + 1e-3, (err_q, err_ref)
+
+
+# ---------------------------------------------------------------- the HF directory: compressed-tensors int-quantized
+
+
+@pytest.fixture(scope="module")
+def hf_w8a8(make_hf_model, tmp_path_factory) -> tuple[Path, Path]:
+    """(float HF source, its `mojollm quantize --method w8a8` directory)."""
+    src, _ = make_hf_model("llama", seed=7)
+    out = tmp_path_factory.mktemp("w8a8-hf") / "w8a8"
+    summary = mq.quantize_model(src, out, method="w8a8", bits=8)
+    assert (summary["format"], summary["type"]) == ("int-quantized", "W8A8 int8 per channel")
+    return src, out
+
+
+def _header_dtypes(path: Path) -> dict[str, str]:
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", raw)
+    return {k: v["dtype"] for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
+
+
+def test_directory_holds_int8_codes_of_each_rows_float16_scale(hf_w8a8):
+    """Read back by the safetensors library: every projection is I8 codes round(w / f16(max|row| / 127))
+    of the source's float weights with that scale as F32 [out, 1], the rest float16, and the
+    quantization_config is compressed-tensors' int-quantized W8A8 (channel weights, dynamic
+    per-token activations: the scheme vLLM's CompressedTensorsW8A8Int8 runs)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    src, out = hf_w8a8
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["format"], qc["ignore"]) == ("compressed-tensors", "int-quantized", ["lm_head"])
+    group = qc["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"]
+    pick = ("num_bits", "type", "symmetric", "strategy", "dynamic")
+    assert [group["weights"][k] for k in pick] == [8, "int", True, "channel", False]
+    assert [group["input_activations"][k] for k in pick] == [8, "int", True, "token", True]
+    dtypes = _header_dtypes(out / "model.safetensors")
+    got, ref = load_file(str(out / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    projections = [n for n in ref if n.endswith("_proj.weight")]
+    assert len(projections) == 14
+    for name, w in ref.items():
+        if name not in projections:
+            assert dtypes[name] == "F16" and got[name].dtype == np.float16, name
+            continue
+        codes, scale = got[name], got[name + "_scale"]
+        assert (dtypes[name], dtypes[name + "_scale"]) == ("I8", "F32") and codes.dtype == np.int8
+        d = (np.abs(w).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(scale, d, err_msg=name)
+        np.testing.assert_array_equal(codes, np.clip(np.rint(w / d), -127, 127).astype(np.int8), err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["w8a8", "smoothquant"])
+def test_directory_loads_as_w8a8_with_the_logits_of_the_gguf_file(tiny, tmp_path, method):
+    """The same quantization written both ways. The directory keeps the embedding, LM head and
+    norms in float16 where the GGUF has Q8_0 / float32, so the GGUF compared is the W8A8 file's
+    projection blocks with those float16 values. q / k rows are in HF's order in one, llama.cpp's
+    in the other, each row's codes and scale the same: the logits agree to float rounding."""
+    import gguf
+
+    from mojollm import LLM, SamplingParams
+    from mojollm.models.gguf_loader import W8A8_KEY
+    from mojollm.models.hf_loader import load_hf
+
+    gg, hf, same = tmp_path / "w.gguf", tmp_path / "w", tmp_path / "same.gguf"
+    mq.quantize_model(tiny, gg, method=method, bits=8, calib_tokens=300)
+    mq.quantize_model(tiny, hf, method=method, bits=8, calib_tokens=300)
+    reader, source = mq.read_gguf(tiny)
+    _, written = mq.read_gguf(gg)
+    names = gguf.GGUFReader(str(gg)).fields[W8A8_KEY].contents()
+    raw = {t.name: (np.asarray(t.data), t.tensor_type) for t in gguf.GGUFReader(str(gg)).tensors}
+    f16 = {n: ((written if w.ndim == 1 else source)[n][0].astype(np.float16).astype(np.float32), None)
+           for n, (w, _) in source.items()}  # the norms as smoothing folded them, the rest as the source has them
+    mq.write_gguf(reader, same, {n: raw[n] if n in names else f16[n] for n in source}, gguf.LlamaFileType.MOSTLY_Q8_0,
+                  w8a8=names)
+    weights = load_hf(hf).weights
+    assert {w.qtype for n, w in weights.items() if n.startswith("layers.") and len(w.shape) == 2} == {"W8A8"}
+    ids = list(np.random.default_rng(6).integers(2, 250, size=33))
+    a, b = _logits(same, ids), _logits(hf, ids)
+    np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max(), rtol=0)  # measured: 7e-7
+    res = LLM(str(hf), backend="cpu").generate(["the the"], SamplingParams(temperature=0, max_tokens=5,
+                                                                            ignore_eos=True))[0]
+    assert len(res.token_ids) == 5
+
+
+def test_scales_that_are_no_float16_value_keep_their_codes_within_the_bound():
+    """compressed_tensors.int8_blocks: a float32 scale of 2^-14 or more keeps every code and moves
+    each weight by at most 2^-11 of its size; a smaller one is rounded to steps of 2^-14 (error
+    <= 2^-15); a zero row stays zero."""
+    from mojollm.models import compressed_tensors as ct
+    from mojollm.quantization import Quantized
+
+    rng = np.random.default_rng(2)
+    codes = rng.integers(-128, 128, (4, 64)).astype(np.int8)
+    s = np.float32([0.0123457, 3.1e-3, 1e-6, 0.0])
+    blocks = ct.int8_blocks(codes, s)
+    q = Quantized.from_gguf_blocks(blocks, "Q8_0")
+    np.testing.assert_array_equal(q.q[:2], codes[:2])
+    exact = codes.astype(np.float64) * s[:, None].astype(np.float64)
+    got = q.dequantize().astype(np.float64)
+    assert np.all(np.abs(got[:2] - exact[:2]) <= 2 ** -11 * np.abs(exact[:2]) + 1e-30)
+    assert np.abs(got[2] - exact[2]).max() <= 2 ** -15 and np.all(got[3] == 0)
+    assert (q.d == q.d[:, :1]).all()
+
+
+def _w8a8_variant(good: Path, tmp_path: Path, tag: str, config=None, tensors=None) -> Path:
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from mojollm.models import compressed_tensors as ct
+
+    d = tmp_path / tag
+    shutil.copytree(good, d)
+    cfg = json.loads((d / "config.json").read_text())
+    if config:
+        config(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    if tensors:
+        t = load_file(str(d / "model.safetensors"))
+        tensors(t)
+        ct.save_safetensors(d / "model.safetensors", t)  # uint8 arrays as F8_E4M3, as safetensors.numpy cannot
+    return d
+
+
+def _weights(c):
+    return c["quantization_config"]["config_groups"]["group_0"]["weights"]
+
+
+def _acts(c):
+    return c["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+
+
+UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("case, config, tensors, fragment", [
+    ("group strategy", lambda c: _weights(c).update(strategy="group", group_size=32), None,
+     "int8 weight strategy 'group' is not supported"),
+    ("4 bits", lambda c: _weights(c).update(num_bits=4), None, "int/4 bits are not static symmetric int8"),
+    ("asymmetric weights", lambda c: _weights(c).update(symmetric=False), None, "not static symmetric int8"),
+    ("static activations", lambda c: _acts(c).update(dynamic=False, strategy="tensor"), None,
+     "static activation scales"),
+    ("tensor activations", lambda c: _acts(c).update(strategy="tensor"), None, "not symmetric int8 per token"),
+    ("weight-only", lambda c: c["quantization_config"]["config_groups"]["group_0"].update(input_activations=None),
+     None, "without input_activations"),
+    ("float format", lambda c: c["quantization_config"].update(format="float-quantized"), None,
+     "not static symmetric FP8"),
+    ("mixed groups", lambda c: c["quantization_config"].update(format="naive-quantized") or c["quantization_config"][
+        "config_groups"].update(group_1={"targets": ["re:.*lm_head"], "weights": {"num_bits": 8, "type": "float"}}),
+     None, "mix FP8 and int8"),
+    ("packed format", lambda c: c["quantization_config"].update(format="pack-quantized"), None,
+     "format 'pack-quantized' is not supported"),
+    ("no config", lambda c: c.pop("quantization_config"), None, "no W8A8 quantization_config"),
+    ("missing scale", None, lambda t: t.pop(f"{UP}.weight_scale"), f"has no {UP}.weight_scale"),
+    ("scale shape", None, lambda t: t.update({f"{UP}.weight_scale": np.ones((3, 1), np.float32)}),
+     "weight_scale has shape"),
+    ("zero point", None, lambda t: t.update({f"{UP}.weight_zero_point": np.ones((96, 1), np.int8)}),
+     "asymmetric weights are not supported"),
+    ("fp8 codes", None, lambda t: t.update({f"{UP}.weight": t[f"{UP}.weight"].view(np.uint8)}),
+     "is F8_E4M3 but the quantization_config describes W8A8 int8 weights"),
+])
+def test_bad_int_quantized_checkpoints_are_refused_in_one_line(hf_w8a8, tmp_path, case, config, tensors, fragment):
+    from mojollm.models.hf_loader import load_hf
+
+    d = _w8a8_variant(hf_w8a8[1], tmp_path, case.replace(" ", "-"), config, tensors)
+    with pytest.raises(ModelLoadError, match=fragment) as e:
+        load_hf(d)
+    assert "\n" not in str(e.value)
+
+
+def test_quantize_to_a_directory_refuses_what_w8a8_cannot_be(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from mojollm.cli import cli
+
+    with pytest.raises(ValueError, match="bits=8"):
+        mq.quantize_model(tiny, tmp_path / "d", method="w8a8", bits=4)
+    run = CliRunner().invoke
+    res = run(cli, ["quantize", str(tiny), "--out", str(tmp_path / "d"), "--method", "w8a8", "--symmetric",
+                    "--bits", "8"])
+    assert res.exit_code == 2 and "do not apply to --method w8a8" in res.output
+    res = run(cli, ["quantize", str(tiny), "--out", str(tmp_path / "d"), "--method", "w8a8", "--bits", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads(res.output.strip().splitlines()[-1])["format"] == "int-quantized"
