@@ -1,8 +1,16 @@
-# Paged attention for the CPU backend (float32): KV-cache writes, flash-style prefill and
-# (split-K) decode over the block-paged cache of python/mojollm/backends/base.py:
+# Paged attention for the CPU backend: KV-cache writes, flash-style prefill and (split-K)
+# decode over the block-paged cache of python/mojollm/backends/base.py:
 #
-#     k_cache, v_cache [num_blocks, B, KVH, D]; position p of sequence s lives in block
+#     k_cache, v_cache [num_blocks, B, KVH, W]; position p of sequence s lives in block
 #     block_tables[s, p // B], row p % B.
+#
+# KV dtypes (mojollm.kv_dtypes; the code is a run-time argument, each kernel is compiled once per
+# dtype and picked per call): float32, bfloat16 (uint16 bits), float16: W = D elements;
+# int8 / fp8: W = D + 4 bytes per (slot, head) row, D codes (int8, or OCP E4M3) then the row's
+# little-endian float32 scale s, value = s * code. store_kv quantizes on write (s = max|row| / 127
+# or / 448, round to nearest even); the attention kernels read the codes as float32 in registers
+# and fold the scale in: a key's s multiplies its scores (q . (s k) = s (q . k)), a value's s its
+# probabilities (p (s v) = (p s) v). No dequantized copy of the cache exists.
 #
 # All entry points take buffer addresses and sizes packed in an int64 `meta` array by
 # mojollm.kernels.attention, which has validated every shape and index; nothing here re-checks.
@@ -27,17 +35,21 @@
 # tiles differ in cost) and each owns a slice of the scratch buffer passed in from Python.
 
 from std.atomic import Atomic
+from std.memory import bitcast
 from std.math import exp
 from std.os import abort
 from std.python import PythonObject
 from std.python.bindings import PythonModuleBuilder
-from std.sys import num_physical_cores, simd_width_of
+from std.sys import llvm_intrinsic, num_physical_cores, simd_width_of
 
 from max.algorithm import parallelize
 
 comptime F32Ptr = Pointer[Float32, MutUntrackedOrigin]
 comptime I32Ptr = Pointer[Int32, MutUntrackedOrigin]
 comptime I64Ptr = Pointer[Int64, MutUntrackedOrigin]
+comptime U8Ptr = Pointer[UInt8, MutUntrackedOrigin]
+comptime U16Ptr = Pointer[UInt16, MutUntrackedOrigin]
+comptime F16Ptr = Pointer[Float16, MutUntrackedOrigin]
 comptime W = simd_width_of[DType.float32]()
 comptime Vec = SIMD[DType.float32, W]
 comptime ROWS = 4 * W  # query rows per tile (64 with AVX-512)
@@ -45,6 +57,13 @@ comptime BK = 64  # keys per online-softmax step
 comptime DOT_ROWS = 8  # below this many rows, scores are dot products (decode)
 comptime NEG: Float32 = -1.0e30  # "minus infinity" that keeps exp() and max() NaN-free
 comptime SERIAL_FLOPS = 400_000  # below this a parallel region (~10 us) costs more than it saves
+# KV cache dtype codes (mojollm.kernels.attention.KV_CODES)
+comptime KV_F32 = 0
+comptime KV_BF16 = 1
+comptime KV_F16 = 2
+comptime KV_I8 = 3
+comptime KV_FP8 = 4
+comptime SCALE_BYTES = 4  # the float32 scale after a quantized row's D codes
 
 
 def _f32(addr: Int64) -> F32Ptr:
@@ -84,7 +103,7 @@ struct Attn(ImplicitlyCopyable, Movable):
     """The operands shared by every tile of one call."""
 
     var q: F32Ptr  # [T, H, D]
-    var kc: F32Ptr  # [NB, B, KVH, D]
+    var kc: F32Ptr  # [NB, B, KVH, W] (the float32 view; ka / va: the same addresses for other dtypes)
     var vc: F32Ptr
     var bt: I32Ptr  # [S, M]
     var h: Int
@@ -94,6 +113,190 @@ struct Attn(ImplicitlyCopyable, Movable):
     var b: Int
     var m: Int
     var scale: Float32
+    var kv: Int  # KV dtype code
+    var rw: Int  # elements of one (slot, head) row of the cache: D, or D + 4 bytes (int8 / fp8)
+    var ka: Int
+    var va: Int
+
+
+def row_width(kv: Int, d: Int) -> Int:
+    """Storage elements (bytes for int8 / fp8) of one (slot, head) row of a cache of dtype kv."""
+    return d + SCALE_BYTES if kv >= KV_I8 else d
+
+
+def make_attn(q: Int64, kc: Int64, vc: Int64, bt: Int64, h: Int, kvh: Int, d: Int, b: Int, m: Int,
+              scale: Float32, kv: Int) -> Attn:
+    return Attn(_f32(q), _f32(kc), _f32(vc), _i32(bt), h, kvh, h // kvh, d, b, m, scale, kv, row_width(kv, d),
+                Int(kc), Int(vc))
+
+
+# ------------------------------------------------------------------ KV element access
+# Offsets are in storage elements of the cache (floats, 16-bit words or bytes).
+
+
+@always_inline
+def _load_kv[KV: Int, n: Int](p: F32Ptr, addr: Int, off: Int) -> SIMD[DType.float32, n]:
+    """n cache elements from element off as float32: the value (float dtypes), the int8 code,
+    or the E4M3 code's value times 2^-8 (a float16 with the code's bits one place lower: its bias
+    is 8 more than E4M3's, and E4M3 subnormals become float16 subnormals; _scale_kv holds 2^8)."""
+    comptime if KV == KV_F32:
+        return p.unsafe_load[width=n](off)
+    elif KV == KV_BF16:
+        var u = U16Ptr(unsafe_from_address=addr).unsafe_load[width=n](off)
+        return bitcast[DType.float32, n](u.cast[DType.uint32]() << 16)
+    elif KV == KV_F16:
+        return F16Ptr(unsafe_from_address=addr).unsafe_load[width=n](off).cast[DType.float32]()
+    elif KV == KV_I8:
+        var c = U8Ptr(unsafe_from_address=addr).unsafe_load[width=n](off)
+        return bitcast[DType.int8, n](c).cast[DType.float32]()
+    else:
+        var c = U8Ptr(unsafe_from_address=addr).unsafe_load[width=n](off).cast[DType.uint16]()
+        return bitcast[DType.float16, n](((c & 0x7F) << 7) | ((c & 0x80) << 8)).cast[DType.float32]()
+
+
+@always_inline
+def _scale_kv[KV: Int](addr: Int, row: Int, d: Int) -> Float32:
+    """The scale of the quantized row starting at byte `row` (times 2^8 for fp8, see _load_kv)."""
+    var s = bitcast[DType.float32, 1](U8Ptr(unsafe_from_address=addr + row + d).unsafe_load[width=4](0))
+    comptime if KV == KV_FP8:
+        return s * 256.0
+    return s
+
+
+@always_inline
+def _kload[KV: Int, n: Int](a: Attn, off: Int) -> SIMD[DType.float32, n]:
+    return _load_kv[KV, n](a.kc, a.ka, off)
+
+
+@always_inline
+def _vload[KV: Int, n: Int](a: Attn, off: Int) -> SIMD[DType.float32, n]:
+    return _load_kv[KV, n](a.vc, a.va, off)
+
+
+@always_inline
+def _kscale[KV: Int](a: Attn, row: Int) -> Float32:
+    """Scale of the key row at element `row` (1 for float dtypes: folded away at compile time)."""
+    comptime if KV >= KV_I8:
+        return _scale_kv[KV](a.ka, row, a.d)
+    return 1.0
+
+
+@always_inline
+def _vscale[KV: Int](a: Attn, row: Int) -> Float32:
+    comptime if KV >= KV_I8:
+        return _scale_kv[KV](a.va, row, a.d)
+    return 1.0
+
+
+@always_inline
+def _roundeven[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    return llvm_intrinsic["llvm.roundeven", SIMD[DType.float32, n]](x)
+
+
+@always_inline
+def _bf16_bits[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.uint16, n]:
+    """bfloat16 bits of x, round to nearest even (NaN stays a quiet NaN)."""
+    var u = bitcast[DType.uint32, n](x)
+    var r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    var nan = (u & 0x7FFFFFFF).gt(0x7F800000)
+    return nan.select((u >> 16) | 0x40, r).cast[DType.uint16]()
+
+
+@always_inline
+def _e4m3_codes[n: Int](y: SIMD[DType.float32, n]) -> SIMD[DType.uint8, n]:
+    """OCP E4M3 codes of y (|y| <= 448 after clamping), round to nearest even. Normal values
+    round the float32 mantissa to 3 bits (a carry moves up the exponent), and the code is the
+    top bits less E4M3's exponent offset (127 - 7 = 120 binades); below 2^-6 the spacing is 2^-9."""
+    comptime V = SIMD[DType.float32, n]
+    var a = min(abs(y), V(448.0))
+    var u = bitcast[DType.uint32, n](a)
+    var r = (u + 0x7FFFF + ((u >> 20) & 1)) >> 20
+    var sub = _roundeven[n](a * 512.0).cast[DType.uint32]()
+    var code = a.lt(V(0.015625)).select(sub, r - 960)
+    var sign = (bitcast[DType.uint32, n](y) >> 24) & 0x80
+    return (code | sign).cast[DType.uint8]()
+
+
+@always_inline
+def _store_row[KV: Int](addr: Int, dst: Int, src: F32Ptr, s: Int, d: Int):
+    """Write one head row src[s : s + D] at element dst of the cache at addr, in dtype KV."""
+    comptime if KV == KV_F32:
+        var c = F32Ptr(unsafe_from_address=addr)
+        var i = 0
+        while i + W <= d:
+            c.unsafe_store(dst + i, src.unsafe_load[width=W](s + i))
+            i += W
+        while i < d:
+            c[unsafe_offset=dst + i] = src[unsafe_offset=s + i]
+            i += 1
+    elif KV == KV_BF16:
+        var c = U16Ptr(unsafe_from_address=addr)
+        var i = 0
+        while i + W <= d:
+            c.unsafe_store(dst + i, _bf16_bits[W](src.unsafe_load[width=W](s + i)))
+            i += W
+        while i < d:
+            c.unsafe_store(dst + i, _bf16_bits[1](src.unsafe_load[width=1](s + i)))
+            i += 1
+    elif KV == KV_F16:
+        var c = F16Ptr(unsafe_from_address=addr)
+        var i = 0
+        while i + W <= d:
+            c.unsafe_store(dst + i, src.unsafe_load[width=W](s + i).cast[DType.float16]())
+            i += W
+        while i < d:
+            c.unsafe_store(dst + i, src.unsafe_load[width=1](s + i).cast[DType.float16]())
+            i += 1
+    else:
+        # s = max|row| / 127 (int8) or / 448 (fp8); codes of x / s (a float32 division, as the
+        # format specifies); a zero row keeps s = 0 and zero codes
+        var c = U8Ptr(unsafe_from_address=addr)
+        var mv = Vec(0)
+        var i = 0
+        while i + W <= d:
+            mv = max(mv, abs(src.unsafe_load[width=W](s + i)))
+            i += W
+        var amax = mv.reduce_max()
+        while i < d:
+            amax = max(amax, abs(src[unsafe_offset=s + i]))
+            i += 1
+        var sc = amax / (Float32(127.0) if KV == KV_I8 else Float32(448.0))
+        var inv_ok = sc > 0
+        i = 0
+        while i + W <= d:
+            var y = src.unsafe_load[width=W](s + i) / Vec(sc) if inv_ok else Vec(0)
+            comptime if KV == KV_I8:
+                var q = max(min(_roundeven[W](y), Vec(127.0)), Vec(-127.0))
+                c.unsafe_store(dst + i, bitcast[DType.uint8, W](q.cast[DType.int8]()))
+            else:
+                c.unsafe_store(dst + i, _e4m3_codes[W](y))
+            i += W
+        while i < d:
+            var y = src.unsafe_load[width=1](s + i) / sc if inv_ok else Float32(0)
+            comptime if KV == KV_I8:
+                var q = max(min(_roundeven[1](y), Float32(127.0)), Float32(-127.0))
+                c.unsafe_store(dst + i, bitcast[DType.uint8, 1](q.cast[DType.int8]()))
+            else:
+                c.unsafe_store(dst + i, _e4m3_codes[1](y))
+            i += 1
+        c.unsafe_store(dst + d, bitcast[DType.uint8, 4](sc))
+
+
+def store_token(kv: Int, addr: Int, slot: Int, kvh: Int, d: Int, src: F32Ptr, s: Int):
+    """Write one token's [KVH, D] float32 row src[s:] to cache slot `slot` in dtype kv."""
+    var rw = row_width(kv, d)
+    var dst = slot * kvh * rw
+    for hh in range(kvh):
+        if kv == KV_F32:
+            _store_row[KV_F32](addr, dst + hh * rw, src, s + hh * d, d)
+        elif kv == KV_BF16:
+            _store_row[KV_BF16](addr, dst + hh * rw, src, s + hh * d, d)
+        elif kv == KV_F16:
+            _store_row[KV_F16](addr, dst + hh * rw, src, s + hh * d, d)
+        elif kv == KV_I8:
+            _store_row[KV_I8](addr, dst + hh * rw, src, s + hh * d, d)
+        else:
+            _store_row[KV_FP8](addr, dst + hh * rw, src, s + hh * d, d)
 
 
 # ------------------------------------------------------------------ tile kernel
@@ -127,7 +330,7 @@ def _key_offsets(a: Attn, s: Int, k0: Int, nk: Int, mut offs: Array[Int, BK]):
     """Offsets of the [KVH, D] cache rows of positions k0..k0+nk-1 (no division per key)."""
     var blk = s * a.m + k0 // a.b
     var row = k0 % a.b
-    var row_floats = a.kvh * a.d
+    var row_floats = a.kvh * a.rw
     for j in range(nk):
         offs[j] = (Int(a.bt[unsafe_offset=blk]) * a.b + row) * row_floats
         row += 1
@@ -137,7 +340,7 @@ def _key_offsets(a: Attn, s: Int, k0: Int, nk: Int, mut offs: Array[Int, BK]):
 
 
 @always_inline
-def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int,
+def _scores_transposed[KV: Int, NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int,
                                 j_lo: Int, j_hi: Int):
     """S^T[j, r] = sum_d K[j, d] QT[d, r] for NR row vectors; 4 keys x NR vectors in registers."""
     var j = j_lo
@@ -148,10 +351,10 @@ def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int
         var o2 = offs[j + 2] + kv_off
         var o3 = offs[j + 3] + kv_off
         for d in range(a.d):
-            var k0 = Vec(a.kc[unsafe_offset=o0 + d])
-            var k1 = Vec(a.kc[unsafe_offset=o1 + d])
-            var k2 = Vec(a.kc[unsafe_offset=o2 + d])
-            var k3 = Vec(a.kc[unsafe_offset=o3 + d])
+            var k0 = Vec(_kload[KV, 1](a, o0 + d))
+            var k1 = Vec(_kload[KV, 1](a, o1 + d))
+            var k2 = Vec(_kload[KV, 1](a, o2 + d))
+            var k3 = Vec(_kload[KV, 1](a, o3 + d))
             comptime for v in range(NR):
                 var qv = qt.unsafe_load[width=W](d * ROWS + v * W)
                 acc[v] += k0 * qv
@@ -166,7 +369,7 @@ def _scores_transposed[NR: Int](a: Attn, qt: F32Ptr, st: F32Ptr, offs: Array[Int
         var acc = Array[Vec, NR](fill=Vec(0))
         var o = offs[j] + kv_off
         for d in range(a.d):
-            var k = Vec(a.kc[unsafe_offset=o + d])
+            var k = Vec(_kload[KV, 1](a, o + d))
             comptime for v in range(NR):
                 acc[v] += k * qt.unsafe_load[width=W](d * ROWS + v * W)
         comptime for v in range(NR):
@@ -193,7 +396,7 @@ def _sum_each(mut acc: Array[Vec, W]) -> Vec:
 
 
 @always_inline
-def _dot_rows_w[DV: Int](a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j: Int, nrows: Int):
+def _dot_rows_w[KV: Int, DV: Int](a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j: Int, nrows: Int):
     """Scores of W consecutive keys j.. for each row, head dim DV*W known at compile time: the q
     row stays in registers, one accumulator per key, then one transpose-reduction."""
     for r in range(nrows):
@@ -203,19 +406,19 @@ def _dot_rows_w[DV: Int](a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], 
         var acc = Array[Vec, W](fill=Vec(0))
         comptime for jj in range(W):
             var o = offs[j + jj] + kv_off
-            var s0 = qv[0] * a.kc.unsafe_load[width=W](o)
-            var s1 = qv[1] * a.kc.unsafe_load[width=W](o + W) if DV > 1 else Vec(0)
+            var s0 = qv[0] * _kload[KV, W](a, o)
+            var s1 = qv[1] * _kload[KV, W](a, o + W) if DV > 1 else Vec(0)
             comptime for c in range(2, DV):
                 if c % 2 == 0:
-                    s0 += qv[c] * a.kc.unsafe_load[width=W](o + c * W)
+                    s0 += qv[c] * _kload[KV, W](a, o + c * W)
                 else:
-                    s1 += qv[c] * a.kc.unsafe_load[width=W](o + c * W)
+                    s1 += qv[c] * _kload[KV, W](a, o + c * W)
             acc[jj] = s0 + s1
         st.unsafe_store(r * BK + j, _sum_each(acc))
 
 
 @always_inline
-def _dot_rows_one(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j: Int, nrows: Int):
+def _dot_rows_one[KV: Int](a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j: Int, nrows: Int):
     """Scores of key j for each row, any head dim."""
     var d = a.d
     var o = offs[j] + kv_off
@@ -224,35 +427,35 @@ def _dot_rows_one(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off:
         var acc1 = Vec(0)
         var i = 0
         while i + 2 * W <= d:
-            acc0 += qr.unsafe_load[width=W](r * d + i) * a.kc.unsafe_load[width=W](o + i)
-            acc1 += qr.unsafe_load[width=W](r * d + i + W) * a.kc.unsafe_load[width=W](o + i + W)
+            acc0 += qr.unsafe_load[width=W](r * d + i) * _kload[KV, W](a, o + i)
+            acc1 += qr.unsafe_load[width=W](r * d + i + W) * _kload[KV, W](a, o + i + W)
             i += 2 * W
         if i + W <= d:
-            acc0 += qr.unsafe_load[width=W](r * d + i) * a.kc.unsafe_load[width=W](o + i)
+            acc0 += qr.unsafe_load[width=W](r * d + i) * _kload[KV, W](a, o + i)
             i += W
         var sc = (acc0 + acc1).reduce_add()
         while i < d:
-            sc += qr[unsafe_offset=r * d + i] * a.kc[unsafe_offset=o + i]
+            sc += qr[unsafe_offset=r * d + i] * _kload[KV, 1](a, o + i)
             i += 1
         st[unsafe_offset=r * BK + j] = sc
 
 
 @always_inline
-def _scores_rowmajor(a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int,
+def _scores_rowmajor[KV: Int](a: Attn, qr: F32Ptr, st: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int,
                      nrows: Int):
     """S[r, j] = q_r . K[j] for a few rows (decode): q rows row-major in qr[r * D], scores
     row-major in st[r * BK + j] so that the softmax runs across keys."""
     var j = j_lo
     if a.d == 4 * W:
         while j + W <= j_hi:
-            _dot_rows_w[4](a, qr, st, offs, kv_off, j, nrows)
+            _dot_rows_w[KV, 4](a, qr, st, offs, kv_off, j, nrows)
             j += W
     elif a.d == 8 * W:
         while j + W <= j_hi:
-            _dot_rows_w[8](a, qr, st, offs, kv_off, j, nrows)
+            _dot_rows_w[KV, 8](a, qr, st, offs, kv_off, j, nrows)
             j += W
     while j < j_hi:
-        _dot_rows_one(a, qr, st, offs, kv_off, j, nrows)
+        _dot_rows_one[KV](a, qr, st, offs, kv_off, j, nrows)
         j += 1
 
 
@@ -337,7 +540,7 @@ def _online_softmax[NR: Int](st: F32Ptr, mv: F32Ptr, lv: F32Ptr, av: F32Ptr, pv:
 
 
 @always_inline
-def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK],
+def _pv_rows[KV: Int, RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK],
                                 kv_off: Int, j_lo: Int, j_hi: Int, rescale: Bool, r0: Int):
     """O[r0:r0+RG, :] = O (* alpha if rescale) + P[r0:r0+RG, j_lo:j_hi] . V[j_lo:j_hi] (RG rows x
     4 vectors in registers). P is read from st transposed (PT: st[j * ROWS + r]) or row-major
@@ -354,12 +557,13 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
                 acc[ri * 4 + cv] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0 + cv * W) * al
         for j in range(j_lo, j_hi):
             var vo = offs[j] + kv_off + c0
-            var v0 = a.vc.unsafe_load[width=W](vo)
-            var v1 = a.vc.unsafe_load[width=W](vo + W)
-            var v2 = a.vc.unsafe_load[width=W](vo + 2 * W)
-            var v3 = a.vc.unsafe_load[width=W](vo + 3 * W)
+            var v0 = _vload[KV, W](a, vo)
+            var v1 = _vload[KV, W](a, vo + W)
+            var v2 = _vload[KV, W](a, vo + 2 * W)
+            var v3 = _vload[KV, W](a, vo + 3 * W)
+            var sv = _vscale[KV](a, offs[j] + kv_off)
             comptime for ri in range(RG):
-                var p = Vec(st[unsafe_offset=j * js + (r0 + ri) * rs])
+                var p = Vec(st[unsafe_offset=j * js + (r0 + ri) * rs] * sv)
                 acc[ri * 4 + 0] += p * v0
                 acc[ri * 4 + 1] += p * v1
                 acc[ri * 4 + 2] += p * v2
@@ -373,9 +577,10 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
         comptime for ri in range(RG):
             acc[ri] = o_buf.unsafe_load[width=W]((r0 + ri) * d + c0) * (av[unsafe_offset=r0 + ri] if rescale else Float32(1))
         for j in range(j_lo, j_hi):
-            var vv = a.vc.unsafe_load[width=W](offs[j] + kv_off + c0)
+            var vv = _vload[KV, W](a, offs[j] + kv_off + c0)
+            var sv = _vscale[KV](a, offs[j] + kv_off)
             comptime for ri in range(RG):
-                acc[ri] += Vec(st[unsafe_offset=j * js + (r0 + ri) * rs]) * vv
+                acc[ri] += Vec(st[unsafe_offset=j * js + (r0 + ri) * rs] * sv) * vv
         comptime for ri in range(RG):
             o_buf.unsafe_store((r0 + ri) * d + c0, acc[ri])
         c0 += W
@@ -383,36 +588,37 @@ def _pv_rows[RG: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, 
         comptime for ri in range(RG):
             var o = o_buf[unsafe_offset=(r0 + ri) * d + c0] * (av[unsafe_offset=r0 + ri] if rescale else Float32(1))
             for j in range(j_lo, j_hi):
-                o += st[unsafe_offset=j * js + (r0 + ri) * rs] * a.vc[unsafe_offset=offs[j] + kv_off + c0]
+                o += (st[unsafe_offset=j * js + (r0 + ri) * rs] * _vscale[KV](a, offs[j] + kv_off)
+                      * _vload[KV, 1](a, offs[j] + kv_off + c0))
             o_buf[unsafe_offset=(r0 + ri) * d + c0] = o
         c0 += 1
 
 
 @always_inline
-def _pv[PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int,
+def _pv[KV: Int, PT: Bool](a: Attn, o_buf: F32Ptr, st: F32Ptr, av: F32Ptr, offs: Array[Int, BK], kv_off: Int, j_lo: Int,
                  j_hi: Int, rescale: Bool, nrows: Int):
     if not PT:  # few rows (decode): one pass over V with every row in registers
         if nrows == 3:
-            _pv_rows[3, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            _pv_rows[KV, 3, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
             return
         if nrows == 5:
-            _pv_rows[5, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            _pv_rows[KV, 5, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
             return
         if nrows == 6:
-            _pv_rows[6, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            _pv_rows[KV, 6, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
             return
         if nrows == 7:
-            _pv_rows[7, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
+            _pv_rows[KV, 7, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, 0)
             return
     var r0 = 0
     while r0 + 4 <= nrows:
-        _pv_rows[4, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
+        _pv_rows[KV, 4, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
         r0 += 4
     if r0 + 2 <= nrows:
-        _pv_rows[2, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
+        _pv_rows[KV, 2, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
         r0 += 2
     if r0 < nrows:
-        _pv_rows[1, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
+        _pv_rows[KV, 1, PT](a, o_buf, st, av, offs, kv_off, j_lo, j_hi, rescale, r0)
 
 
 def _init_unit(a: Attn, u: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int, f_lo: Int, nrows: Int):
@@ -452,22 +658,33 @@ def _init_unit(a: Attn, u: Int, kvh: Int, tok0: Int, q_len: Int, ctx: Int, f_lo:
                 qt[unsafe_offset=c * ROWS + r] = 0
 
 
-def _scores(a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, nrows: Int):
+def _scores[KV: Int](a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, nrows: Int):
     """Scores of keys j_lo..j_hi-1 of the block for one row tile: row-major dot products for few
     rows (decode), else the transposed kernel with its row-vector count picked at run time."""
     var d = a.d
+    var st = _s_of(u, d)
     if nrows < DOT_ROWS:
-        _scores_rowmajor(a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi, nrows)
+        _scores_rowmajor[KV](a, _q_of(u), st, offs, kv_off, j_lo, j_hi, nrows)
+        comptime if KV >= KV_I8:  # each key's scale: q . (s k) = s (q . k)
+            for j in range(j_lo, j_hi):
+                var sk = _kscale[KV](a, offs[j] + kv_off)
+                for r in range(nrows):
+                    st[unsafe_offset=r * BK + j] *= sk
         return
     var nr = (nrows + W - 1) // W
     if nr == 1:
-        _scores_transposed[1](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
+        _scores_transposed[KV, 1](a, _q_of(u), st, offs, kv_off, j_lo, j_hi)
     elif nr == 2:
-        _scores_transposed[2](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
+        _scores_transposed[KV, 2](a, _q_of(u), st, offs, kv_off, j_lo, j_hi)
     elif nr == 3:
-        _scores_transposed[3](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
+        _scores_transposed[KV, 3](a, _q_of(u), st, offs, kv_off, j_lo, j_hi)
     else:
-        _scores_transposed[4](a, _q_of(u), _s_of(u, d), offs, kv_off, j_lo, j_hi)
+        _scores_transposed[KV, 4](a, _q_of(u), st, offs, kv_off, j_lo, j_hi)
+    comptime if KV >= KV_I8:
+        for j in range(j_lo, j_hi):
+            var sk = Vec(_kscale[KV](a, offs[j] + kv_off))
+            for v in range(nr):
+                st.unsafe_store(j * ROWS + v * W, st.unsafe_load[width=W](j * ROWS + v * W) * sk)
 
 
 def _softmax(a: Attn, u: Int, k0: Int, nk: Int, nrows: Int, masked: Bool):
@@ -492,14 +709,14 @@ def _softmax(a: Attn, u: Int, k0: Int, nk: Int, nrows: Int, masked: Bool):
         _online_softmax[4](st, mv, lv, av, pv, k0, nk, masked)
 
 
-def _accumulate(a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, rescale: Bool,
+def _accumulate[KV: Int](a: Attn, u: Int, offs: Array[Int, BK], kv_off: Int, j_lo: Int, j_hi: Int, rescale: Bool,
                 nrows: Int):
     """O += P[:, j_lo:j_hi] . V[j_lo:j_hi] for one row tile (rescaling O by alpha first if asked)."""
     var d = a.d
     if nrows < DOT_ROWS:
-        _pv[False](a, _o_of(u, d), _s_of(u, d), _stat(u, d, 2), offs, kv_off, j_lo, j_hi, rescale, nrows)
+        _pv[KV, False](a, _o_of(u, d), _s_of(u, d), _stat(u, d, 2), offs, kv_off, j_lo, j_hi, rescale, nrows)
     else:
-        _pv[True](a, _o_of(u, d), _s_of(u, d), _stat(u, d, 2), offs, kv_off, j_lo, j_hi, rescale, nrows)
+        _pv[KV, True](a, _o_of(u, d), _s_of(u, d), _stat(u, d, 2), offs, kv_off, j_lo, j_hi, rescale, nrows)
 
 
 def _write_rows(a: Attn, dst_buf: F32Ptr, u: Int, kvh: Int, tok0: Int, f_lo: Int, nrows: Int):
@@ -535,17 +752,32 @@ def _write_partial(d: Int, part: F32Ptr, u: Int, nrows: Int):
 # ------------------------------------------------------------------ entry points
 
 
+def _prefill_tile[KV: Int](a: Attn, u: Int, mut offs: Array[Int, BK], s: Int, kvh: Int, q_len: Int, ctx: Int,
+                           f_lo: Int, nrows: Int):
+    """One prefill row tile (loaded by _init_unit) over its causal key range."""
+    var pos_min = ctx - q_len + f_lo // a.g
+    var pos_max = ctx - q_len + (f_lo + nrows - 1) // a.g
+    var k0 = 0
+    while k0 <= pos_max:  # causal: no row of the tile sees past its last position
+        var nk = min(BK, pos_max + 1 - k0)
+        _key_offsets(a, s, k0, nk, offs)
+        _scores[KV](a, u, offs, kvh * a.rw, 0, nk, nrows)
+        _softmax(a, u, k0, nk, nrows, k0 + nk - 1 > pos_min)
+        _accumulate[KV](a, u, offs, kvh * a.rw, 0, nk, True, nrows)
+        k0 += nk
+
+
 def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> PythonObject:
     """Meta (int64): q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
-    scratch, T, H, KVH, D, B, S, M, workers. Causal: query i of sequence s sits at position
-    context_lens[s] - q_len + i and sees keys 0..that position."""
+    scratch, T, H, KVH, D, B, S, M, workers, KV dtype code. Causal: query i of sequence s sits at
+    position context_lens[s] - q_len + i and sees keys 0..that position."""
     var meta = I64Ptr(unsafe_from_address=Int(py=meta_addr))
     var h = Int(meta[unsafe_offset=9])
     var kvh_n = Int(meta[unsafe_offset=10])
     var d = Int(meta[unsafe_offset=11])
-    var a = Attn(_f32(meta[unsafe_offset=0]), _f32(meta[unsafe_offset=1]), _f32(meta[unsafe_offset=2]),
-                 _i32(meta[unsafe_offset=3]), h, kvh_n, h // kvh_n, d, Int(meta[unsafe_offset=12]),
-                 Int(meta[unsafe_offset=14]), Float32(py=scale))
+    var a = make_attn(meta[unsafe_offset=0], meta[unsafe_offset=1], meta[unsafe_offset=2], meta[unsafe_offset=3],
+                      h, kvh_n, d, Int(meta[unsafe_offset=12]), Int(meta[unsafe_offset=14]), Float32(py=scale),
+                      Int(meta[unsafe_offset=16]))
     var cu = _i32(meta[unsafe_offset=4])
     var ctx_lens = _i32(meta[unsafe_offset=5])
     var out = _f32(meta[unsafe_offset=6])
@@ -587,17 +819,17 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
             var kvh = jj % a.kvh
             var nrows = min(ROWS, rows - f_lo)
             var ctx = Int(ctx_lens[unsafe_offset=s])
-            var pos_min = ctx - q_len + f_lo // a.g
-            var pos_max = ctx - q_len + (f_lo + nrows - 1) // a.g
             _init_unit(a, u, kvh, tok0, q_len, ctx, f_lo, nrows)
-            var k0 = 0
-            while k0 <= pos_max:  # causal: no row of the tile sees past its last position
-                var nk = min(BK, pos_max + 1 - k0)
-                _key_offsets(a, s, k0, nk, offs)
-                _scores(a, u, offs, kvh * a.d, 0, nk, nrows)
-                _softmax(a, u, k0, nk, nrows, k0 + nk - 1 > pos_min)
-                _accumulate(a, u, offs, kvh * a.d, 0, nk, True, nrows)
-                k0 += nk
+            if a.kv == KV_F32:
+                _prefill_tile[KV_F32](a, u, offs, s, kvh, q_len, ctx, f_lo, nrows)
+            elif a.kv == KV_BF16:
+                _prefill_tile[KV_BF16](a, u, offs, s, kvh, q_len, ctx, f_lo, nrows)
+            elif a.kv == KV_F16:
+                _prefill_tile[KV_F16](a, u, offs, s, kvh, q_len, ctx, f_lo, nrows)
+            elif a.kv == KV_I8:
+                _prefill_tile[KV_I8](a, u, offs, s, kvh, q_len, ctx, f_lo, nrows)
+            else:
+                _prefill_tile[KV_FP8](a, u, offs, s, kvh, q_len, ctx, f_lo, nrows)
             _write_rows(a, out, u, kvh, tok0, f_lo, nrows)
 
     if n_workers <= 1:
@@ -609,7 +841,7 @@ def attention_prefill(meta_addr: PythonObject, scale: PythonObject) raises -> Py
 
 def attention_decode(meta_addr: PythonObject, scale: PythonObject) raises -> PythonObject:
     """Meta (int64): q, k_cache, v_cache, block_tables, context_lens, out, scratch, partial,
-    S, H, KVH, D, B, M, chunk prefix sums (int32 [S + 1]), workers. One query per sequence at
+    S, H, KVH, D, B, M, chunk prefix sums (int32 [S + 1]), workers, KV dtype code. One query per sequence at
     position ctx - 1. A job is one (sequence, key chunk) with all its kv heads ("units": kv head
     x row tile of up to ROWS group heads). A sequence with several chunks (flash-decoding) has
     their partial softmaxes merged at the end; partial holds one slot of min(ROWS, G) * (D + 2)
@@ -644,9 +876,9 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
         var h = Int(meta[unsafe_offset=9])
         var kvh_n = Int(meta[unsafe_offset=10])
         var d = Int(meta[unsafe_offset=11])
-        var a = Attn(_f32(meta[unsafe_offset=0]), _f32(meta[unsafe_offset=1]), _f32(meta[unsafe_offset=2]),
-                     _i32(meta[unsafe_offset=3]), h, kvh_n, h // kvh_n, d, Int(meta[unsafe_offset=12]),
-                     Int(meta[unsafe_offset=13]), scale)
+        var a = make_attn(meta[unsafe_offset=0], meta[unsafe_offset=1], meta[unsafe_offset=2], meta[unsafe_offset=3],
+                          h, kvh_n, d, Int(meta[unsafe_offset=12]), Int(meta[unsafe_offset=13]), scale,
+                          Int(meta[unsafe_offset=16]))
         var ctx_lens = _i32(meta[unsafe_offset=4])
         var n_seqs = Int(meta[unsafe_offset=8])
         var first = _i32(meta[unsafe_offset=14])
@@ -662,6 +894,19 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
                           min(ROWS, a.g) * (d + 2), n_jobs, 1 if flops < SERIAL_FLOPS else min(workers, n_jobs))
 
     def run(self, job: Int, w: Int):
+        """Job `job` on scratch slot w (the kernel compiled for the cache's dtype)."""
+        if self.a.kv == KV_F32:
+            self.run_kv[KV_F32](job, w)
+        elif self.a.kv == KV_BF16:
+            self.run_kv[KV_BF16](job, w)
+        elif self.a.kv == KV_F16:
+            self.run_kv[KV_F16](job, w)
+        elif self.a.kv == KV_I8:
+            self.run_kv[KV_I8](job, w)
+        else:
+            self.run_kv[KV_FP8](job, w)
+
+    def run_kv[KV: Int](self, job: Int, w: Int):
         var a = self.a
         var row_tiles = self.row_tiles
         var units = self.units
@@ -698,7 +943,7 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
                 var j_hi = min(nk, j + W)
                 for un in range(units):
                     var f_lo = (un % row_tiles) * ROWS
-                    _scores(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, min(ROWS, a.g - f_lo))
+                    _scores[KV](a, base + 4 * un * uf, offs, (un // row_tiles) * a.rw, j, j_hi, min(ROWS, a.g - f_lo))
                 j = j_hi
             for un in range(units):
                 var f_lo = (un % row_tiles) * ROWS
@@ -708,7 +953,7 @@ struct DecodeJobs(ImplicitlyCopyable, Movable):
                 var j_hi = min(nk, j + W)
                 for un in range(units):
                     var f_lo = (un % row_tiles) * ROWS
-                    _accumulate(a, base + 4 * un * uf, offs, (un // row_tiles) * a.d, j, j_hi, j == 0,
+                    _accumulate[KV](a, base + 4 * un * uf, offs, (un // row_tiles) * a.rw, j, j_hi, j == 0,
                                 min(ROWS, a.g - f_lo))
                 j = j_hi
             k0 += nk
@@ -778,8 +1023,9 @@ def decode_attention(meta: I64Ptr, scale: Float32) raises:
 
 
 def store_kv(meta_addr: PythonObject) raises -> PythonObject:
-    """Meta (int64): k_cache, v_cache, k, v, slot_mapping, T, row (= KVH * D).
-    k_cache.reshape(-1, row)[slot_mapping[t]] = k[t], likewise v."""
+    """Meta (int64): k_cache, v_cache, k, v, slot_mapping, T, row (= KVH * D), KV dtype code, KVH.
+    k_cache.reshape(-1, row)[slot_mapping[t]] = k[t], likewise v (converted / quantized per head
+    row for the 16-bit and 8-bit dtypes)."""
     var meta = I64Ptr(unsafe_from_address=Int(py=meta_addr))
     var kc = _f32(meta[unsafe_offset=0])
     var vc = _f32(meta[unsafe_offset=1])
@@ -788,10 +1034,20 @@ def store_kv(meta_addr: PythonObject) raises -> PythonObject:
     var slots = I64Ptr(unsafe_from_address=Int(meta[unsafe_offset=4]))
     var t_n = Int(meta[unsafe_offset=5])
     var row = Int(meta[unsafe_offset=6])
+    var kv = Int(meta[unsafe_offset=7])
+    var kvh = Int(meta[unsafe_offset=8])
+    var ka = Int(meta[unsafe_offset=0])
+    var va = Int(meta[unsafe_offset=1])
     var chunks = 1 if t_n * row < (1 << 16) else min(t_n, 4 * num_physical_cores())
     var per = (t_n + chunks - 1) // chunks
 
-    def work(c: Int) {imm kc, imm vc, imm k, imm v, imm slots, imm t_n, imm row, imm per}:
+    def work(c: Int) {imm kc, imm vc, imm k, imm v, imm slots, imm t_n, imm row, imm per, imm kv, imm kvh, imm ka, imm va}:
+        if kv != KV_F32:
+            for t in range(c * per, min(t_n, (c + 1) * per)):
+                var slot = Int(slots[unsafe_offset=t])
+                store_token(kv, ka, slot, kvh, row // kvh, k, t * row)
+                store_token(kv, va, slot, kvh, row // kvh, v, t * row)
+            return
         for t in range(c * per, min(t_n, (c + 1) * per)):
             var dst = Int(slots[unsafe_offset=t]) * row
             var src = t * row

@@ -23,6 +23,7 @@
 #     [12] matmul path (quant.PATH_*: -1 = int8 activations where the kernel prefers them; the
 #     per-op path's choice, mojollm.kernels.quant.default_dot)
 #     [13] LM head blocks (0: the caller runs the LM head) [14] its type code [15] its rows (vocab)
+#     [16] KV cache dtype code (attention.mojo's KV_*: the caches' format, written and read there)
 #     then per layer, LAYER_FIELDS values:
 #     attn_norm, qkv_w, qkv_qtype, o_w, o_qtype, mlp_norm, gu_w, gu_qtype, down_w, down_qtype,
 #     k_cache, v_cache, k_w, k_qtype, v_w, v_qtype
@@ -44,7 +45,7 @@ from std.atomic import Atomic
 
 from max.algorithm import parallelize
 
-from attention import DecodeJobs, decode_attention
+from attention import DecodeJobs, decode_attention, store_token
 from quant import _matmul, Q4_0, Q4_1, Q8_0, W8A8, F8_E4M3, PATH_FLOAT, SMALL_T
 from kquant import _matmul as _kmatmul, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
@@ -54,11 +55,13 @@ comptime I64Ptr = Pointer[Int64, MutUntrackedOrigin]
 comptime AttnMeta = Pointer[Int64, MutUntrackedOrigin]
 comptime W = simd_width_of[DType.float32]()
 comptime Vec = SIMD[DType.float32, W]
-comptime HEADER = 16
+comptime HEADER = 17
 comptime LAYER_FIELDS = 16
 comptime HEAD_W = 13  # the LM head's blocks (0: the caller runs it), its type code, its rows
 comptime HEAD_QTYPE = 14
 comptime HEAD_VOCAB = 15
+comptime KV_DTYPE = 16
+comptime META = 17  # entries of the attention's meta array (attention.mojo)
 
 
 @always_inline
@@ -271,8 +274,7 @@ struct Step(ImplicitlyCopyable, Movable):
                     for i in range(kvd):
                         qkvp[unsafe_offset=tok * row + h * d + i] = gp[unsafe_offset=t * h * d + tok * kvd + i]
                         qkvp[unsafe_offset=tok * row + h * d + kvd + i] = gp[unsafe_offset=t * (h * d + kvd) + tok * kvd + i]
-            var kc = _f32(m[unsafe_offset=L + 10])
-            var vc = _f32(m[unsafe_offset=L + 11])
+            var kv = Int(m[unsafe_offset=KV_DTYPE])
             for tok in range(t):
                 var crow = Int(self.pos[unsafe_offset=tok]) * self.rot
                 var base = tok * row
@@ -280,10 +282,9 @@ struct Step(ImplicitlyCopyable, Movable):
                     _rope_head(qkvp, base + hh * d, self.cs, crow, self.rot // 2, self.neox)
                 for i in range(h * d):
                     qp[unsafe_offset=tok * h * d + i] = qkvp[unsafe_offset=base + i]
-                var dst = Int(self.slots[unsafe_offset=tok]) * kvh * d
-                for i in range(kvh * d):
-                    kc[unsafe_offset=dst + i] = qkvp[unsafe_offset=base + h * d + i]
-                    vc[unsafe_offset=dst + i] = qkvp[unsafe_offset=base + (h + kvh) * d + i]
+                var slot = Int(self.slots[unsafe_offset=tok])
+                store_token(kv, Int(m[unsafe_offset=L + 10]), slot, kvh, d, qkvp, base + h * d)
+                store_token(kv, Int(m[unsafe_offset=L + 11]), slot, kvh, d, qkvp, base + (h + kvh) * d)
         elif op == 5:
             _add_rms_norm(_f32(Int64(self.hbuf)), self.res, _f32(m[unsafe_offset=L + 5]), xp, t, self.hidden, self.eps)
         else:
@@ -299,9 +300,9 @@ struct Step(ImplicitlyCopyable, Movable):
         var row = hd + 2 * kvd
         var gc = self.gemv_chunks
         # this thread's own copy of the attention's meta array (only the caches change per layer)
-        var meta_list = List[Int64](length=16, fill=0)
+        var meta_list = List[Int64](length=META, fill=0)
         var meta = AttnMeta(unsafe_from_address=Int(meta_list.unsafe_ptr()))
-        for i in range(16):
+        for i in range(META):
             meta[unsafe_offset=i] = self.meta[unsafe_offset=i]
         for layer in range(self.layers):
             var L = HEADER + layer * LAYER_FIELDS
@@ -376,7 +377,7 @@ def decode_step(model_addr: PythonObject, step_addr: PythonObject, eps_py: Pytho
     var t = Int(st[unsafe_offset=0])
     var workers = Int(st[unsafe_offset=17])
     # the attention's meta array, caches left out (each thread fills them in its own copy)
-    var meta_list = List[Int64](length=16, fill=0)
+    var meta_list = List[Int64](length=META, fill=0)
     var meta = AttnMeta(unsafe_from_address=Int(meta_list.unsafe_ptr()))
     meta[unsafe_offset=0] = st[unsafe_offset=9]
     meta[unsafe_offset=3] = st[unsafe_offset=5]
@@ -392,6 +393,7 @@ def decode_step(model_addr: PythonObject, step_addr: PythonObject, eps_py: Pytho
     meta[unsafe_offset=13] = st[unsafe_offset=6]
     meta[unsafe_offset=14] = st[unsafe_offset=16]
     meta[unsafe_offset=15] = Int64(workers)
+    meta[unsafe_offset=16] = m[unsafe_offset=KV_DTYPE]
     # A team for the GEMV sizes (up to SMALL_T rows); more rows take the GEMM and its own threads.
     var team = min(workers, Int(m[unsafe_offset=11])) if t <= SMALL_T else 1
     var step = Step(m, Int(m[unsafe_offset=0]), Int(m[unsafe_offset=1]), Int(m[unsafe_offset=2]),

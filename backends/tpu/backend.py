@@ -21,7 +21,10 @@ int32. Device arrays are taken as they are: the runner validates a whole step on
 (`check_step`) before its program runs. Shape buckets (what XLA compiles once per) are the runner's.
 
 Dtypes. Float weights are stored as bfloat16 on TPU and float32 elsewhere (MOJOLLM_TPU_DTYPE=
-float32|bfloat16 overrides); activations, norms, attention and the KV cache stay float32, matmuls
+float32|bfloat16 overrides); activations, norms and attention stay float32, the KV cache too unless
+kv_cache_dtype picks bfloat16 / float16 / int8 / fp8 (mojollm.kv_dtypes: xla_ops encodes rows on
+write and decodes them after the gather, inside the step's program; decode attention over such a
+cache takes the jnp path, not the Pallas kernel, which reads float32 blocks), matmuls
 accumulate in float32, and float32 matmuls run at full float32 precision (not TF32 / one bf16 pass).
 GGUF Q4_0/Q4_1/Q8_0 weights become int8 + per-group float32 scales (+ mins) on TPU (Pallas
 quantized matmul, 1 byte per weight in HBM); on CPU/GPU they are widened to the float dtype at
@@ -42,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mojollm.backends.base import Backend, Probe
+from mojollm.kv_dtypes import row_width
 from mojollm.weights import QK, WeightTensor
 
 _INT_DTYPES = {"int32": np.int32, "int64": np.int64}
@@ -65,13 +69,15 @@ def _platform_label(devices) -> str:
 
 
 class CacheTensor:
-    """A KV cache [num_blocks, B, KVH, D]: a jax array that store_kv replaces with the updated
-    cache (jax arrays are immutable; the old one is donated, so XLA writes into its memory)."""
+    """A KV cache [num_blocks, B, KVH, W]: a jax array that store_kv replaces with the updated
+    cache (jax arrays are immutable; the old one is donated, so XLA writes into its memory), and
+    its KV dtype (mojollm.kv_dtypes: int8 and fp8 caches are both uint8 bytes)."""
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "kv_dtype")
 
-    def __init__(self, array):
+    def __init__(self, array, kv_dtype: str | None = None):
         self.array = array
+        self.kv_dtype = kv_dtype or _kv_dtype_of(array)
 
     shape = property(lambda self: tuple(self.array.shape))
     dtype = property(lambda self: self.array.dtype)
@@ -82,6 +88,16 @@ class CacheTensor:
 
     def __repr__(self):
         return f"CacheTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+def _kv_dtype_of(array) -> str:
+    """The KV dtype of a cache array (a CacheTensor carries its own; uint8 bytes do not say)."""
+    if isinstance(array, CacheTensor):
+        return array.kv_dtype
+    name = np.dtype(array.dtype).name
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"a {name} KV cache must come from kv_cache_zeros (int8 or fp8 bytes carry no dtype)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -310,6 +326,14 @@ class TpuBackend(Backend):
             raise ValueError(f"zeros: dtype {dtype!r} is not one of 'float32', 'int32', 'int64'")
         return CacheTensor(self._jnp.zeros(shape, self._jnp.float32))
 
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        from mojollm.kv_dtypes import KV_CACHE_DTYPES
+
+        return KV_CACHE_DTYPES  # xla_ops encodes on write and decodes after the gather (jnp)
+
+    def kv_cache_zeros(self, shape, kv_dtype: str) -> CacheTensor:
+        return CacheTensor(self._jnp.zeros(shape, self._ops.kv_storage(kv_dtype)), kv_dtype)
+
     def synchronize(self) -> None:
         if self._last is not None:
             self._jax.block_until_ready(self._last)
@@ -400,26 +424,47 @@ class TpuBackend(Backend):
         if not (isinstance(k_cache, CacheTensor) and isinstance(v_cache, CacheTensor)):
             raise ValueError("store_kv: the caches must be tensors from this backend's zeros(), "
                              "because jax arrays cannot be updated in place")
-        nb, bs, kvh, d = k_cache.shape
+        nb, bs, kvh, w = k_cache.shape
+        kv = k_cache.kv_dtype
+        d = w - row_width(kv, 0)
         if tuple(k.shape) != tuple(v.shape) or len(k.shape) != 3 or tuple(k.shape[1:]) != (kvh, d) \
-                or tuple(slot_mapping.shape) != (k.shape[0],):
+                or tuple(slot_mapping.shape) != (k.shape[0],) or v_cache.kv_dtype != kv:
             raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping "
-                             f"{tuple(slot_mapping.shape)} do not fit caches [{nb}, {bs}, {kvh}, {d}]")
+                             f"{tuple(slot_mapping.shape)} do not fit {kv} caches [{nb}, {bs}, {kvh}, {w}]")
         slots = self._meta(slot_mapping, "slot_mapping", lambda s: check_slots(s, k.shape[0], nb, bs))
         # the old caches are donated: XLA writes the new ones into their memory
-        k_cache.array, v_cache.array = self._call(self._ops.store_kv, (), k_cache.array, v_cache.array, k, v, slots,
-                                                  donate=(0, 1))
+        k_cache.array, v_cache.array = self._call(self._ops.store_kv, (("kv_dtype", kv),), k_cache.array,
+                                                  v_cache.array, k, v, slots, donate=(0, 1))
+
+    def copy_kv_rows(self, k_cache, v_cache, src_slots, dst_slots):
+        """Base.copy_kv_rows as one functional gather-then-scatter per cache (a KV policy's
+        compaction); the caches' arrays are replaced, like store_kv's."""
+        if not (isinstance(k_cache, CacheTensor) and isinstance(v_cache, CacheTensor)):
+            raise ValueError("copy_kv_rows: the caches must be tensors from this backend's zeros()")
+        nb, bs, kvh, d = k_cache.shape
+        src = self._jnp.asarray(_ints(src_slots, "src_slots").astype(np.int32))
+        dst = self._jnp.asarray(_ints(dst_slots, "dst_slots").astype(np.int32))
+        if src.shape != dst.shape or src.ndim != 1:
+            raise ValueError(f"copy_kv_rows: src {tuple(src.shape)} and dst {tuple(dst.shape)} must be equal vectors")
+        if src.shape[0] == 0:
+            return
+        for c in (k_cache, v_cache):
+            rows = c.array.reshape(nb * bs, kvh, d)
+            c.array = rows.at[dst].set(rows[src], unique_indices=True).reshape(nb, bs, kvh, d)
 
     def _check_attention(self, what, q, k_cache, v_cache):
-        """(k, v arrays, num_blocks, B): attention reads caches from zeros() or any jax arrays."""
+        """(k, v arrays, num_blocks, B, kv dtype): attention reads caches from kv_cache_zeros() or
+        float jax arrays."""
         k, v = (c.array if isinstance(c, CacheTensor) else c for c in (k_cache, v_cache))
         if not (isinstance(k, self._jax.Array) and isinstance(v, self._jax.Array)) \
                 or k.shape != v.shape or len(k.shape) != 4:
-            raise ValueError(f"{what}: k/v caches must be equal-shaped [num_blocks, B, KVH, D] jax arrays")
-        nb, bs, kvh, d = k.shape
+            raise ValueError(f"{what}: k/v caches must be equal-shaped [num_blocks, B, KVH, W] jax arrays")
+        kv = _kv_dtype_of(k_cache)
+        nb, bs, kvh, w = k.shape
+        d = w - row_width(kv, 0)
         if len(q.shape) != 3 or q.shape[2] != d or q.shape[1] % kvh:
-            raise ValueError(f"{what}: q {tuple(q.shape)} does not fit caches [{nb}, {bs}, {kvh}, {d}]")
-        return k, v, nb, bs
+            raise ValueError(f"{what}: q {tuple(q.shape)} does not fit {kv} caches [{nb}, {bs}, {kvh}, {w}]")
+        return k, v, nb, bs, kv
 
     def _tables(self, block_tables, context_lens, num_seqs, nb, bs):
         """Device (tables, lens): the runner's as they are, host ones checked and uploaded."""
@@ -429,14 +474,15 @@ class TpuBackend(Backend):
         return self._jnp.asarray(_int32(tables)), self._jnp.asarray(_int32(lens))
 
     def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        k, v, nb, bs = self._check_attention("attention_decode", q, k_cache, v_cache)
+        k, v, nb, bs, kv = self._check_attention("attention_decode", q, k_cache, v_cache)
         tables, lens = self._tables(block_tables, context_lens, q.shape[0], nb, bs)
-        fn = _pallas_decode if self.use_pallas else self._ops.attention_decode
-        statics = (("scale", float(scale)),) + ((("interpret", self.pallas_interpret),) if self.use_pallas else ())
-        return self._call(fn, statics, q, k, v, tables, lens)
+        if self.use_pallas and kv == "float32":  # the Pallas kernel reads float32 blocks; others: jnp
+            statics = (("scale", float(scale)), ("interpret", self.pallas_interpret))
+            return self._call(_pallas_decode, statics, q, k, v, tables, lens)
+        return self._call(self._ops.attention_decode, (("scale", float(scale)), ("kv_dtype", kv)), q, k, v, tables, lens)
 
     def attention_prefill(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-        k, v, nb, bs = self._check_attention("attention_prefill", q, k_cache, v_cache)
+        k, v, nb, bs, kv = self._check_attention("attention_prefill", q, k_cache, v_cache)
         num_tokens = q.shape[0]
         if isinstance(cu_seqlens_q, CuSeqlens):   # the runner's: checked on the host, window known
             cu, window = cu_seqlens_q.array, cu_seqlens_q.q_window
@@ -450,7 +496,8 @@ class TpuBackend(Backend):
             cu_host = check_cu_seqlens(cu_host, num_tokens, lens)
             window = prefill_window(np.diff(cu_host).max(), num_tokens)
             cu, tables, lens = (self._jnp.asarray(_int32(a)) for a in (cu_host, tables, lens))
-        statics = (("scale", float(scale)), ("q_window", window), ("q_chunk", min(window, _PREFILL_Q_CHUNK)))
+        statics = (("scale", float(scale)), ("q_window", window), ("q_chunk", min(window, _PREFILL_Q_CHUNK)),
+                   ("kv_dtype", kv))
         return self._call(self._ops.attention_prefill, statics, q, k, v, tables, cu, lens)
 
     # ---- info for measurements ----

@@ -101,7 +101,8 @@ class TpuRunner(ModelRunner):
         for name, template in self._template.items():
             setattr(m, name, _rebuild(template, weights))
         it = iter(caches)
-        m.kv_caches = [(CacheTensor(next(it)), CacheTensor(next(it))) for _ in self.model.kv_caches]
+        m.kv_caches = [(CacheTensor(next(it), k.kv_dtype), CacheTensor(next(it), v.kv_dtype))
+                       for k, v in self.model.kv_caches]
         logits = m.compute_logits(ids, positions, slots, tables, lens, cu if is_decode else CuSeqlens(cu, q_window),
                                   is_decode, (... if is_decode else rows) if want_rows else None)
         new_caches = [c.array for kv in m.kv_caches for c in kv]

@@ -112,22 +112,60 @@ def silu_mul(gate_up):
     return jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
 
 
-# ---- KV cache ----
-def store_kv(k_cache, v_cache, k, v, slots):
+# ---- KV cache (formats: mojollm.kv_dtypes) ----
+_KV_STORAGE = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "int8": jnp.uint8,
+               "fp8": jnp.uint8}
+
+
+def kv_storage(kv_dtype: str):
+    """The jnp element type a cache of kv_dtype is stored in."""
+    return _KV_STORAGE[kv_dtype]
+
+
+def encode_kv(x, kv_dtype: str):
+    """float rows [..., D] -> stored rows [..., W]: a cast for the float dtypes; int8 / fp8: the D
+    codes of x / s and s's 4 little-endian bytes, s = max|row| / 127 (or / 448), round to nearest
+    even (jnp.round; the float8_e4m3fn cast), a zero row s = 0 and codes 0. XLA:CPU divides by
+    multiplying with the reciprocal: s may be 1 ulp off the cpu kernels' exact division, and a
+    code one step off at a tie. Readers use the stored s, so the values are the format's all the same."""
+    x = x.astype(jnp.float32)
+    if kv_dtype in ("float32", "bfloat16", "float16"):
+        return x.astype(_KV_STORAGE[kv_dtype])
+    qmax = 127.0 if kv_dtype == "int8" else 448.0
+    s = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / jnp.float32(qmax)
+    y = jnp.where(s > 0, x / jnp.where(s > 0, s, jnp.float32(1)), jnp.float32(0))
+    if kv_dtype == "int8":
+        codes = jax.lax.bitcast_convert_type(jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8), jnp.uint8)
+    else:
+        codes = jax.lax.bitcast_convert_type(jnp.clip(y, -448, 448).astype(jnp.float8_e4m3fn), jnp.uint8)
+    scale_bytes = jax.lax.bitcast_convert_type(s[..., 0], jnp.uint8)          # [..., 4]
+    return jnp.concatenate([codes, scale_bytes], axis=-1)
+
+
+def decode_kv(c, kv_dtype: str):
+    """Stored rows [..., W] -> float32 values [..., D] (value = s * code for int8 / fp8)."""
+    if kv_dtype in ("float32", "bfloat16", "float16"):
+        return c.astype(jnp.float32)
+    s = jax.lax.bitcast_convert_type(c[..., -4:], jnp.float32)                # [...]
+    code_type = jnp.int8 if kv_dtype == "int8" else jnp.float8_e4m3fn
+    return jax.lax.bitcast_convert_type(c[..., :-4], code_type).astype(jnp.float32) * s[..., None]
+
+
+def store_kv(k_cache, v_cache, k, v, slots, kv_dtype="float32"):
     """Write k/v [T, KVH, D] to slots [T] (block * B + row, validated on the host) of caches
-    [NB, B, KVH, D]. The in-bounds promise keeps the scatter a plain in-place update (a clamped or
-    dropping scatter reads the old rows first, and XLA then copies the whole cache)."""
+    [NB, B, KVH, W] of kv_dtype. The in-bounds promise keeps the scatter a plain in-place update (a
+    clamped or dropping scatter reads the old rows first, and XLA then copies the whole cache)."""
     bs = k_cache.shape[1]
     blocks, rows = slots // bs, slots % bs
-    k_new = k_cache.at[blocks, rows].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
-    v_new = v_cache.at[blocks, rows].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+    k_new = k_cache.at[blocks, rows].set(encode_kv(k, kv_dtype), mode="promise_in_bounds")
+    v_new = v_cache.at[blocks, rows].set(encode_kv(v, kv_dtype), mode="promise_in_bounds")
     return k_new, v_new
 
 
-def _gather_context(cache, table):
-    """cache [NB, B, KVH, D], table [M] -> [M * B, KVH, D] (a sequence's positions in order)."""
+def _gather_context(cache, table, kv_dtype="float32"):
+    """cache [NB, B, KVH, W], table [M] -> float32 [M * B, KVH, D] (a sequence's positions in order)."""
     g = cache[table]
-    return g.reshape(g.shape[0] * g.shape[1], *g.shape[2:]).astype(jnp.float32)
+    return decode_kv(g.reshape(g.shape[0] * g.shape[1], *g.shape[2:]), kv_dtype)
 
 
 def _softmax_masked(scores, mask):
@@ -139,12 +177,12 @@ def _softmax_masked(scores, mask):
     return p / jnp.where(l > 0, l, 1.0)
 
 
-def attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+def attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, kv_dtype="float32"):
     """q [S, H, D]: one new token per sequence, at position context_lens[s] - 1 -> [S, H, D]."""
     s_n, h, d = q.shape
     kvh = k_cache.shape[2]
-    k = jax.vmap(_gather_context, (None, 0))(k_cache, block_tables)      # [S, C, KVH, D]
-    v = jax.vmap(_gather_context, (None, 0))(v_cache, block_tables)
+    k = jax.vmap(lambda t: _gather_context(k_cache, t, kv_dtype))(block_tables)    # [S, C, KVH, D]
+    v = jax.vmap(lambda t: _gather_context(v_cache, t, kv_dtype))(block_tables)
     qg = q.astype(jnp.float32).reshape(s_n, kvh, h // kvh, d)
     scores = jnp.einsum("skgd,sckd->skgc", qg, k, precision=HIGHEST) * scale
     mask = (jnp.arange(k.shape[1])[None, :] < context_lens[:, None])[:, None, None, :]
@@ -152,7 +190,8 @@ def attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
     return jnp.einsum("skgc,sckd->skgd", p, v, precision=HIGHEST).reshape(s_n, h, d)
 
 
-def attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, q_window, q_chunk):
+def attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, q_window, q_chunk,
+                      kv_dtype="float32"):
     """q [T, H, D]; sequence s owns rows cu[s]:cu[s+1], its last positions (the cache holds the rest).
 
     Work is a loop over (sequence, query chunk) pairs: each takes `q_chunk` rows of a per-sequence
@@ -170,8 +209,8 @@ def attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_l
     def one(item):
         seq, c = item // chunks, item % chunks
         table, start, q_len, ctx = block_tables[seq], cu_seqlens_q[seq], q_lens[seq], context_lens[seq]
-        k = _gather_context(k_cache, table)                              # [C, KVH, D]
-        v = _gather_context(v_cache, table)
+        k = _gather_context(k_cache, table, kv_dtype)                    # [C, KVH, D]
+        v = _gather_context(v_cache, table, kv_dtype)
         i = c * q_chunk + jnp.arange(q_chunk)                            # query index within the sequence
         rows = jnp.clip(start + i, 0, t - 1)
         qs = qf[rows].reshape(q_chunk, kvh, g, d)

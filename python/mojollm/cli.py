@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import click
 
 from mojollm.errors import MojollmError
+from mojollm.kv_dtypes import KV_CACHE_DTYPES
 from mojollm.llm import check_text
 
 
@@ -133,15 +134,38 @@ def _load_llm(model, backend, quiet: bool, **engine_kwargs):
         return LLM(model=model, backend=backend, progress=say, **engine_kwargs)
 
 
-def _engine_kwargs(kv_cache_memory, max_model_len, speculative: dict | None = None) -> dict:
+def _engine_kwargs(kv_cache_memory, max_model_len, speculative: dict | None = None,
+                   kv_cache_dtype: str | None = None) -> dict:
     kw = {}
     if kv_cache_memory is not None:
         kw["kv_cache_memory"] = kv_cache_memory
+    if kv_cache_dtype is not None:
+        kw["kv_cache_dtype"] = kv_cache_dtype.lower()
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     if speculative is not None:
         kw["speculative"] = speculative
+    ctx = click.get_current_context(silent=True)
+    kw.update(ctx.meta.get(_KV_POLICY_META, {}) if ctx is not None else {})  # --kv-policy / --kv-budget
     return kw
+
+
+_KV_POLICY_META = "mojollm.kv_policy"
+
+
+def _kv_policy_option(ctx, param, value):
+    """--kv-policy, --kv-budget and --kv-sinks go to the engine through _engine_kwargs (every
+    command with model_options), checked here before the model loads."""
+    if value is not None:
+        ctx.meta.setdefault(_KV_POLICY_META, {})[param.name] = value.lower() if param.name == "kv_policy" else value
+    if param.name == "kv_budget" and value is not None:
+        from mojollm.engine.kv_policy import parse_budget
+
+        try:
+            ctx.meta[_KV_POLICY_META]["kv_budget"] = parse_budget(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
 
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
@@ -214,7 +238,20 @@ def speculative_argv(spec: dict | None) -> list[str]:
 
 
 def model_options(f):
+    f = click.option("--kv-sinks", type=click.IntRange(0), default=None, expose_value=False, is_eager=False,
+                     callback=_kv_policy_option, metavar="N",
+                     help="sink-window: the first N tokens always kept (default 4, rounded up to whole blocks).")(f)
+    f = click.option("--kv-budget", default=None, expose_value=False, callback=_kv_policy_option, metavar="N|F",
+                     help="KV tokens kept per sequence under --kv-policy: N tokens, or a fraction F in (0, 1) "
+                          "of the sequence length (sink-window default: the context).")(f)
+    f = click.option("--kv-policy", type=click.Choice(("full", "sink-window", "h2o"), case_sensitive=False),
+                     default=None, expose_value=False, callback=_kv_policy_option,
+                     help="KV-cache compression: full (default), sink-window (StreamingLLM: sinks + recent "
+                          "window; runs past the context with bounded memory) or h2o (heavy hitters + recent).")(f)
     f = click.option("--max-model-len", type=int, default=None, help="Cap the context length (tokens).")(f)
+    f = click.option("--kv-cache-dtype", type=click.Choice(("auto",) + KV_CACHE_DTYPES, case_sensitive=False),
+                     default=None, help="KV-cache element type (default auto: the backend's choice; int8 / fp8 "
+                                        "keep a scale per token and head, ~3.8x the tokens of float32).")(f)
     f = click.option("--kv-cache-memory", default=None, metavar="SIZE",
                      help="KV-cache budget, e.g. 512MiB or 2GiB (default: 1 GiB at most).")(f)
     f = click.option("--backend", "-b", default=None,
@@ -349,7 +386,7 @@ def _print_completion(llm, prompt_or_messages, params, as_json: bool, quiet: boo
 @speculative_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or statistics on stderr.")
-def generate(prompt, model, backend, kv_cache_memory, max_model_len, speculative, num_speculative_tokens, draft_model,
+def generate(prompt, model, backend, kv_cache_memory, kv_cache_dtype, max_model_len, speculative, num_speculative_tokens, draft_model,
              draft_layers, as_json, quiet, **kw):
     """Complete PROMPT (streams the text as it is decoded)."""
     if prompt == "":
@@ -357,7 +394,7 @@ def generate(prompt, model, backend, kv_cache_memory, max_model_len, speculative
     check_text(prompt, "the prompt")  # undecodable bytes fail here, before the model loads
     params = _sampling_params(kw)  # bad values fail here, before the model loads
     spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
-    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, spec))
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, spec, kv_cache_dtype))
     _print_completion(llm, prompt, params, as_json, quiet)
 
 
@@ -369,7 +406,7 @@ def generate(prompt, model, backend, kv_cache_memory, max_model_len, speculative
 @click.option("--system", default=None, help="A system message opening the conversation.")
 @click.option("--json", "as_json", is_flag=True, help="One turn: print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or statistics on stderr.")
-def chat(prompt, model, backend, kv_cache_memory, max_model_len, speculative, num_speculative_tokens, draft_model,
+def chat(prompt, model, backend, kv_cache_memory, kv_cache_dtype, max_model_len, speculative, num_speculative_tokens, draft_model,
          draft_layers, system, as_json, quiet, **kw):
     """Chat with the model: one turn for PROMPT, else interactive (/exit or Ctrl-D to leave)."""
     if prompt is not None and prompt.strip() == "":
@@ -379,7 +416,7 @@ def chat(prompt, model, backend, kv_cache_memory, max_model_len, speculative, nu
             check_text(text, what)
     params = _sampling_params(kw)
     spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
-    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, spec))
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, spec, kv_cache_dtype))
     history = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         _print_completion(llm, history + [{"role": "user", "content": prompt}], params, as_json, quiet, chat=True)
@@ -413,7 +450,7 @@ def chat(prompt, model, backend, kv_cache_memory, max_model_len, speculative, nu
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the file.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", "-q", is_flag=True)
-def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens, as_json, quiet):
+def perplexity(file, model, backend, kv_cache_memory, kv_cache_dtype, max_model_len, max_tokens, as_json, quiet):
     """Perplexity of the model on a text FILE (windows of the context length)."""
     if max_tokens is not None and max_tokens < 2:
         raise click.UsageError(f"--max-tokens must be >= 2, got {max_tokens}")
@@ -424,7 +461,7 @@ def perplexity(file, model, backend, kv_cache_memory, max_model_len, max_tokens,
         raise click.UsageError(f"{file} is not UTF-8 text ({e.reason})")
     if not text.strip():
         raise click.UsageError(f"{file} is empty")
-    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len))
+    llm = _load_llm(model, backend, quiet, **_engine_kwargs(kv_cache_memory, max_model_len, kv_cache_dtype=kv_cache_dtype))
     res = llm.perplexity(text, max_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps({"ppl": res["ppl"], "tokens": res["tokens"], "nll": res["nll"],
@@ -607,7 +644,7 @@ def build(targets, out_dir, model, quiet):
               help="Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.")
 @speculative_options
 @click.option("--quiet", "-q", is_flag=True, help="Warnings and errors only.")
-def serve(model, backend, kv_cache_memory, max_model_len, host, port, api_key, served_model_name, max_num_seqs,
+def serve(model, backend, kv_cache_memory, kv_cache_dtype, max_model_len, host, port, api_key, served_model_name, max_num_seqs,
           max_queue, max_body_size, shutdown_timeout, speculative, num_speculative_tokens, draft_model, draft_layers,
           quiet):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
@@ -620,7 +657,7 @@ def serve(model, backend, kv_cache_memory, max_model_len, host, port, api_key, s
 
     body_limit = parse_bytes(max_body_size)
     spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
-    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len, spec), max_num_seqs=max_num_seqs)
+    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len, spec, kv_cache_dtype), max_num_seqs=max_num_seqs)
     name = served_model_name or default_model_name(model)
 
     def say(msg, *a, **k):
@@ -663,7 +700,7 @@ def bench():
 @speculative_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result document (bench/SCHEMA.md).")
 @click.option("--quiet", "-q", is_flag=True)
-def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts, input_len, output_len,
+def bench_throughput(model, backend, kv_cache_memory, kv_cache_dtype, max_model_len, num_prompts, input_len, output_len,
                      sequential_prompts, shared_prefix_len, max_num_seqs, max_num_batched_tokens, seed,
                      speculative, num_speculative_tokens, draft_model, draft_layers, as_json, quiet):
     """Continuous batching vs one request at a time; prefix cache on vs off.
@@ -677,7 +714,7 @@ def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts
     from mojollm.measure import device_bandwidth
 
     spec = speculative_dict(speculative, num_speculative_tokens, draft_model, draft_layers)
-    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len, spec), max_num_seqs=max_num_seqs,
+    engine_kw = dict(_engine_kwargs(kv_cache_memory, max_model_len, spec, kv_cache_dtype), max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens)
     llm = _load_llm(model, backend, quiet, **engine_kw)
     run_kw = dict(engine_kw)
@@ -702,6 +739,7 @@ def bench_throughput(model, backend, kv_cache_memory, max_model_len, num_prompts
         argv = ["mojollm", "bench", "throughput", "--num-prompts", str(num_prompts), "--input-len", str(input_len),
                 "--output-len", str(output_len), "--shared-prefix-len", str(shared_prefix_len), "--seed", str(seed)]
         for flag, v in (("--model", model), ("--backend", backend), ("--kv-cache-memory", kv_cache_memory),
+                        ("--kv-cache-dtype", kv_cache_dtype),
                         ("--max-model-len", max_model_len), ("--sequential-prompts", sequential_prompts)):
             if v is not None:
                 argv += [flag, str(v)]

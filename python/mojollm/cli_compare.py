@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from mojollm.kv_dtypes import KV_CACHE_DTYPES
+
 BENCH_SCRIPTS = {  # `mojollm bench throughput` runs in-process (mojollm.cli)
     "kernels": "kernels.py",
     "e2e": "e2e.py",
@@ -59,9 +61,12 @@ def _check_matplotlib() -> None:
               help="The draft model of --speculative draft (same vocabulary).")
 @click.option("--draft-layers", type=click.IntRange(1), default=None, metavar="N",
               help="--speculative self: draft with the first N layers (default: half of them).")
+@click.option("--kv-cache-dtype", type=click.Choice(("auto",) + KV_CACHE_DTYPES, case_sensitive=False), default=None,
+              help="KV-cache element type of every backend (default auto: each backend's choice).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 def compare(model, backends, prompt_len, output_len, batch, reference, repeats, warmup, logprob_tol,
-            json_path, plot_path, speculative, num_speculative_tokens, draft_model, draft_layers, quiet):
+            json_path, plot_path, speculative, num_speculative_tokens, draft_model, draft_layers, kv_cache_dtype,
+            quiet):
     """Run the same prompts on several backends through the product's engine (LLM): speed,
     memory, roofline, energy, and a correctness cross-check against a reference backend. Exits 1
     when a backend disagrees or fails (after printing and writing everything), 2 on a user error."""
@@ -81,7 +86,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
     config = CompareConfig(model=model, backends=backends.split(","), prompt_len=prompt_len,
                            output_len=output_len, batch=batch, reference=reference.strip().lower(),
                            repeats=repeats, warmup=warmup, thresholds=Thresholds(logprob_rel_tol=logprob_tol),
-                           speculative=spec)
+                           speculative=spec, kv_cache_dtype=(kv_cache_dtype or "auto").lower())
     try:
         doc = run_compare(config, progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
     except (MojollmError, ValueError) as e:
@@ -91,6 +96,7 @@ def compare(model, backends, prompt_len, output_len, batch, reference, repeats, 
         + ["--backends", backends, "--prompt-len", str(prompt_len), "--output-len", str(output_len),
            "--batch", str(batch), "--reference", reference, "--repeats", str(repeats), "--warmup", str(warmup),
            "--logprob-tol", str(logprob_tol)] + speculative_argv(spec)
+        + (["--kv-cache-dtype", kv_cache_dtype] if kv_cache_dtype else [])
         + (["--json", json_path] if json_path else []) + (["--plot", plot_path] if plot_path else []))
     print_table(doc)
     if json_path:

@@ -101,6 +101,7 @@ class CompareConfig:
     check_top_k: int = 20  # next-token log-probs compared per position
     thresholds: Thresholds = field(default_factory=Thresholds)
     speculative: dict | None = None  # LLM's `speculative` argument for every backend, e.g. {"method": "ngram"}
+    kv_cache_dtype: str = "auto"  # LLM's `kv_cache_dtype` for every backend (mojollm.kv_dtypes)
 
     def validate(self) -> None:
         for name in ("prompt_len", "batch", "repeats", "block_size", "check_top_k"):
@@ -112,6 +113,9 @@ class CompareConfig:
             raise ValueError(f"warmup must be >= 0 (got {self.warmup})")
         if not self.backends:
             raise ValueError("no backends requested")
+        from mojollm.kv_dtypes import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.speculative is not None:
             from mojollm.engine.speculative import SpeculativeConfig
 
@@ -307,6 +311,7 @@ def model_info(model: Any, path: str, block_size: int) -> dict:
         "vocab_size": cfg.vocab_size,
         "weight_bytes": int(model.weight_bytes),
         "kv_bytes_per_token": kv_per_block / block_size,
+        "kv_cache_dtype": getattr(model, "kv_dtype", None),
     }
 
 
@@ -345,6 +350,7 @@ def run_backend(name: str, config: CompareConfig, path: str, reference: CheckDat
             options = engine_options(b, L, n, config.block_size)
             if config.speculative is not None:
                 options["speculative"] = dict(config.speculative)
+            options["kv_cache_dtype"] = config.kv_cache_dtype
             llm = LLM(path, backend=name, **options)
             entry["load_s"] = measure.sync_clock(backend) - t0
             info = model_info(llm.model, path, config.block_size)

@@ -113,7 +113,8 @@ class LLM:
         """`model`: None (the default model), a .gguf path, a Hugging Face directory, or an already
         loaded model object (anything with forward/config/tokenizer). `backend`: cpu, cuda, rocm,
         tpu or auto; None means $MOJOLLM_BACKEND, else auto (the CLI's rule). Extra keyword
-        arguments go to Engine (block_size, num_blocks, kv_cache_memory, max_num_batched_tokens, ...);
+        arguments go to Engine (block_size, num_blocks, kv_cache_memory, kv_cache_dtype (auto | float32 |
+        bfloat16 | float16 | int8 | fp8: mojollm.kv_dtypes), max_num_batched_tokens, ...);
         `speculative` turns on speculative decoding: a method name ("ngram", "self", "draft") or a
         dict of mojollm.engine.speculative.SpeculativeConfig's fields, e.g.
         {"method": "draft", "draft_model": "path/to/small.gguf", "num_tokens": 4}."""
@@ -215,9 +216,9 @@ class LLM:
         return ids
 
     def _check_fits(self, ids: list[int], reserve: int = 1) -> None:
-        limit = self.engine.max_model_len - reserve
+        limit = self.engine.max_seq_len - reserve  # past max_model_len under a streaming KV policy
         if len(ids) > limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.engine.max_model_len} "
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.engine.max_seq_len} "
                              f"(prompt plus at least {reserve} new token{'s' if reserve != 1 else ''})")
 
     def _normalize_prompts(self, prompts) -> list:
@@ -345,7 +346,8 @@ class LLM:
         """exp(-mean log p) over the text's tokens (at most `max_tokens` of them).
 
         Text longer than the context is cut into consecutive windows of the context length, each
-        scored on its own (the first token of a window has no score). Returns
+        scored on its own (the first token of a window has no score). Under a streaming KV policy
+        (sink-window) a window is the longest sequence the engine runs (max_position_embeddings). Returns
         {"ppl", "tokens" (scored), "nll" (mean negative log-likelihood, nats)}.
         """
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
@@ -355,7 +357,7 @@ class LLM:
             ids = ids[:max_tokens]
         if len(ids) < 2:
             raise ValueError("the text needs at least 2 tokens to measure perplexity")
-        window = self.engine.max_model_len
+        window = self.engine.max_seq_len
         logprobs: list[float] = []
         for start in range(0, len(ids), window):
             chunk = ids[start:start + window]

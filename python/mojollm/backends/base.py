@@ -13,16 +13,21 @@ D = head dim, B = KV block size):
     add_rms_norm(x[T,K], residual[T,K], weight, eps)     -> (normed, new_residual); residual += x
     rope(x[T, H, D], positions[T] int32, cos_sin, neox)  in place; cos_sin[max_pos, rot_dim]
     silu_mul(gate_up[T, 2F])                             -> [T, F]          silu(g) * u
-    store_kv(k_cache, v_cache, k[T,KVH,D], v, slot_mapping[T] int64)   in place
+    store_kv(k_cache, v_cache, k[T,KVH,D], v, slot_mapping[T] int64)   in place (converted to the cache's dtype)
     attention_prefill(q[T,H,D], k_cache, v_cache, block_tables[S,M] int32,
                       cu_seqlens_q[S+1] int32, context_lens[S] int32, scale) -> [T, H, D]
     attention_decode(q[S,H,D], k_cache, v_cache, block_tables, context_lens, scale) -> [S, H, D]
+    copy_kv_rows(k_cache, v_cache, src_slots[N] int64, dst_slots[N] int64)   in place
 
-KV cache of one layer: k_cache, v_cache [num_blocks, B, KVH, D]. A sequence's token at position
+KV cache of one layer: k_cache, v_cache [num_blocks, B, KVH, W] (W = D, or D + 4 bytes for int8 / fp8:
+mojollm.kv_dtypes, allocated by kv_cache_zeros; q, k, v and outputs stay float). A sequence's token at position
 p lives in block block_tables[s, p // B], row p % B; slot = block * B + row. In attention_prefill,
 sequence s has q tokens cu_seqlens_q[s]:cu_seqlens_q[s+1] which are its *last* positions, i.e.
 query i of s sits at position context_lens[s] - q_len + i and attends causally to positions
 0..that position (the cache already holds the earlier ones: prefix-cache hits, chunked prefill).
+"Position" here is the row in the sequence's cache: under a KV policy that evicted tokens
+(engine/kv_policy.py) the rows are fewer than the RoPE positions, and the kernels need only the
+row count and the rows' order (K is stored after RoPE).
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ def host_available_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def check_kv_copies(num_slots: int, src_slots, dst_slots) -> None:
+    """src/dst: equal-length int64 vectors of slots in the cache, destinations distinct."""
+    src, dst = np.asarray(src_slots), np.asarray(dst_slots)
+    if src.ndim != 1 or src.shape != dst.shape or src.dtype != np.int64 or dst.dtype != np.int64:
+        raise ValueError(f"copy_kv_rows takes two equal-length int64 slot vectors, got {src.shape} {src.dtype} "
+                         f"and {dst.shape} {dst.dtype}")
+    if src.size and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= num_slots):
+        raise ValueError(f"copy_kv_rows: slots must lie in [0, {num_slots})")
+    if np.unique(dst).size != dst.size:
+        raise ValueError("copy_kv_rows: a destination slot appears twice")
 
 
 class Backend(abc.ABC):
@@ -113,8 +130,21 @@ class Backend(abc.ABC):
 
     def kv_cache_dtype(self, weight_qtype: str) -> str:
         """The KV cache's element type for a model whose weights are `weight_qtype` (F32, BF16,
-        Q4_0, ...): float32 by default."""
+        Q4_0, ...): float32 by default. kv_cache_dtype="auto" means this choice."""
         return "float32"
+
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        """Every KV dtype (mojollm.kv_dtypes) this backend's store_kv and attention ops run, besides
+        kv_cache_dtype()'s choice: none other by default."""
+        return ()
+
+    def kv_cache_zeros(self, shape: tuple[int, ...], kv_dtype: str) -> Any:
+        """One layer's zeroed K or V cache [num_blocks, B, KVH, W] in kv_dtype's storage format
+        (mojollm.kv_dtypes). The ops must know the cache's dtype from what this returns (int8 and
+        fp8 caches are both bytes): the default allocates zeros() of the storage type."""
+        from mojollm.kv_dtypes import storage_dtype
+
+        return self.zeros(shape, storage_dtype(kv_dtype))
 
     def create_runner(self, model, max_num_seqs: int, max_model_len: int):
         """The runner that executes the engine's steps on this backend (engine/runner.py)."""
@@ -180,6 +210,24 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def attention_decode(self, q: Any, k_cache: Any, v_cache: Any, block_tables: Any,
                          context_lens: Any, scale: float) -> Any: ...
+
+    # ---- KV compression (engine/kv_policy.py) ----
+    def copy_kv_rows(self, k_cache: Any, v_cache: Any, src_slots: Any, dst_slots: Any) -> None:
+        """cache.reshape(-1, KVH, D)[dst_slots] = cache.reshape(-1, KVH, D)[src_slots] for both
+        caches, in place: every source row is read before any destination is written (a
+        compaction may move rows within one block); destinations are distinct."""
+        raise NotImplementedError(f"the {self.name} backend cannot move KV rows (copy_kv_rows)")
+
+    supports_key_mass: ClassVar[bool] = False
+
+    def attention_key_mass(self, q: Any, k_cache: Any, block_tables: np.ndarray, cu_seqlens_q: np.ndarray,
+                           context_lens: np.ndarray, seqs: np.ndarray, scale: float) -> list[np.ndarray]:
+        """For each sequence s in `seqs` (host arrays: the step's tables and lengths), the
+        attention mass each of its cache rows receives from its query rows of this step:
+        sum over query rows i and heads h of softmax_j(scale * q[i, h] . k[j]) (causal: query i of a
+        q_len-token chunk sees rows 0..context_len - q_len + i), as float64 [context_lens[s]].
+        The H2O policy sums it over layers and steps. Backends with supports_key_mass only."""
+        raise NotImplementedError(f"the {self.name} backend does not compute attention mass per key")
 
     # ---- info for measurements ----
     def memory_bandwidth_gbs(self) -> float | None:

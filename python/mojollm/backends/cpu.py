@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from mojollm.backends.base import Backend, Probe
+from mojollm.backends.base import Backend, Probe, check_kv_copies
 from mojollm.engine.runner import ModelRunner, StepOutput
 from mojollm.weights import WeightTensor
 
 _DTYPES = {None: np.float32, "float32": np.float32, "int32": np.int32, "int64": np.int64}
+
 
 
 class CpuBackend(Backend):
@@ -56,6 +57,14 @@ class CpuBackend(Backend):
 
     def create_runner(self, model, max_num_seqs: int, max_model_len: int):
         return CpuRunner(model, max_num_seqs, max_model_len)
+
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        from mojollm.kv_dtypes import KV_CACHE_DTYPES
+
+        return KV_CACHE_DTYPES  # attention.mojo converts on write and dequantizes in its loads
+
+    def kv_cache_zeros(self, shape, kv_dtype: str):
+        return self._attention.kv_cache_zeros(shape, kv_dtype)
 
     # ---- weights ----
     def prepare_linear(self, w: WeightTensor) -> Any:
@@ -99,6 +108,40 @@ class CpuBackend(Backend):
 
     def attention_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         return self._attention.attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+    # ---- KV compression ----
+    def copy_kv_rows(self, k_cache, v_cache, src_slots, dst_slots):
+        check_kv_copies(k_cache.shape[0] * k_cache.shape[1], src_slots, dst_slots)
+        for c in (k_cache, v_cache):
+            rows = c.reshape(-1, *c.shape[2:])  # a view: [slots, KVH, D]
+            rows[dst_slots] = rows[src_slots]   # the gather is a temporary: sources read first
+
+    supports_key_mass = True
+
+    def attention_key_mass(self, q, k_cache, block_tables, cu_seqlens_q, context_lens, seqs, scale):
+        """numpy: per sequence one [rows, KVH, D] gather of its keys, Q K^T per kv head (float32),
+        the softmax in float64. Costs one extra Q K^T pass over the sequence's cache per layer:
+        2 * q_len * H * D * context_len flops plus a read of its K rows."""
+        _, B, KVH, D = k_cache.shape
+        H = q.shape[1]
+        G = H // KVH
+        out = []
+        for s in np.asarray(seqs).tolist():
+            t0, t1 = int(cu_seqlens_q[s]), int(cu_seqlens_q[s + 1])
+            ctx = int(context_lens[s])
+            nb = -(-ctx // B)
+            keys = k_cache[block_tables[s, :nb]].reshape(nb * B, KVH, D)[:ctx]   # [ctx, KVH, D]
+            qs = q[t0:t1].reshape(t1 - t0, KVH, G, D)
+            z = np.einsum("tkgd,jkd->tkgj", qs, keys, optimize=True).astype(np.float64) * scale
+            q_len = t1 - t0
+            if q_len > 1:  # causal: query i sees rows up to ctx - q_len + i
+                allowed = np.arange(ctx)[None, :] <= (ctx - q_len + np.arange(q_len))[:, None]
+                z = np.where(allowed[:, None, None, :], z, -np.inf)
+            z -= z.max(axis=-1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=-1, keepdims=True)
+            out.append(p.sum(axis=(0, 1, 2)))
+        return out
 
     # ---- info for measurements ----
     def memory_bandwidth_gbs(self) -> float | None:
@@ -161,8 +204,8 @@ class CpuRunner(ModelRunner):
 
     def execute(self, batch, device_rows=None, layers=None) -> StepOutput:
         S = batch.num_seqs
-        if (self.program is None or not batch.is_decode
-                or not np.array_equal(batch.logits_indices, np.arange(S))):
+        if (self.program is None or not batch.is_decode or batch.kv_mass_seqs is not None
+                or not np.array_equal(batch.logits_indices, np.arange(S))):  # h2o's mass: per-op path
             return super().execute(batch, device_rows, layers)
         key = None if layers is None else tuple(layers)
         if key not in self.programs:  # a self-speculative draft's layers: built on first use

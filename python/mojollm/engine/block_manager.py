@@ -143,7 +143,7 @@ class BlockManager:
 
     # ---------------------------------------------------------------- allocation
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, num_hits: int = 0) -> int:
-        total = -(-(seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens) // self.block_size)
+        total = -(-(seq.num_kv_tokens + num_hits * self.block_size + num_new_tokens) // self.block_size)
         return max(0, total - len(seq.block_table) - num_hits)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
@@ -177,7 +177,7 @@ class BlockManager:
 
     def needs_copy_on_write(self, seq: Sequence) -> bool:
         """The next token would be written into a partial block another sequence also uses."""
-        if seq.num_computed_tokens % self.block_size == 0 or not seq.block_table:
+        if seq.num_kv_tokens % self.block_size == 0 or not seq.block_table:
             return False
         return self.ref_counts[seq.block_table[-1]] > 1
 
@@ -186,7 +186,7 @@ class BlockManager:
 
         Returns the number of tokens the sequence must run again.
         """
-        redo = seq.num_computed_tokens % self.block_size
+        redo = seq.num_kv_tokens % self.block_size  # the newest rows (the cache keeps position order)
         self._decref(seq.block_table.pop())  # still referenced by the other sequence: never freed here
         seq.num_computed_tokens -= redo
         return redo
@@ -208,18 +208,21 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
+        seq.num_evicted_tokens = 0
+        seq.kv_positions = seq.kv_scores = None
+        seq.kv_copies = []
 
     def trim(self, seq: Sequence) -> None:
         """Free the blocks past the sequence's computed tokens (slots of rejected speculative
         drafts: they were never offered to the prefix cache)."""
-        keep = -(-seq.num_computed_tokens // self.block_size)
+        keep = -(-seq.num_kv_tokens // self.block_size)
         while len(seq.block_table) > keep:
             self._decref(seq.block_table.pop())
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache (after a step ran them)."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_evicted_tokens:
+            return  # after an eviction block i no longer holds positions [i*B, (i+1)*B)
         n_full = seq.num_computed_tokens // self.block_size
         if n_full <= seq.num_registered_blocks:
             return
@@ -235,5 +238,63 @@ class BlockManager:
                                   tuple(seq.token_ids[i * bs:(i + 1) * bs]))
         seq.num_registered_blocks = n_full
 
+    # ---------------------------------------------------------------- eviction (engine/kv_policy.py)
+    def drop_block(self, seq: Sequence, index: int) -> None:
+        """Take block `index` out of the sequence's table (its rows were evicted); a block another
+        sequence or the prefix cache still holds stays theirs."""
+        self._decref(seq.block_table.pop(index))
+
+    def compact(self, seq: Sequence, keep) -> bool:
+        """Keep only the cache rows `keep` (ascending indices) of `seq`, moved down to rows
+        0..len(keep)-1 in order; the blocks past them are released. The moves are appended to
+        seq.kv_copies as (src_slots, dst_slots): the runner performs them before the next forward,
+        every source read before any destination is written. A block that gets written (a row
+        moves into it, or it is the new partial last block) and that another sequence holds is
+        copied to a fresh block first (copy-on-write); one registered in the prefix cache is
+        copied too while blocks are free, else it leaves the prefix cache. False (nothing done)
+        when the pool cannot give the copies of the shared blocks."""
+        bs = self.block_size
+        old = list(seq.block_table)
+        m = len(keep)
+        n_blocks = -(-m // bs)
+        moved = {i // bs for i in range(m) if keep[i] != i}
+        written = sorted(moved | ({n_blocks - 1} if m % bs else set()))
+        trailing = old[n_blocks:]
+        freed = sum(1 for b in trailing if self.ref_counts[b] == 1)
+        shared = sum(1 for j in written if self.ref_counts[old[j]] > 1)
+        spare = self.num_free_blocks + freed - shared
+        if spare < 0:
+            return False
+        for b in reversed(trailing):  # released first: their rows are read before any write
+            self._decref(b)
+        table = old[:n_blocks]
+        src: list[int] = []
+        dst: list[int] = []
+        for j in written:
+            b = old[j]
+            cached = b in self._block_key
+            fresh = self.ref_counts[b] > 1 or (cached and spare > 0)
+            if fresh:
+                if self.ref_counts[b] == 1:
+                    spare -= 1
+                nb = self._take_free_block()
+                self._decref(b)  # still held by the other sequence, or cached and evictable
+                table[j] = nb
+            elif cached:
+                self._uncache(b)  # ours alone and no block to spare: its hash would lie
+            for r in range(bs):
+                i = j * bs + r
+                if i >= m:
+                    break
+                if fresh or keep[i] != i:
+                    k = int(keep[i])
+                    src.append(old[k // bs] * bs + k % bs)
+                    dst.append(table[j] * bs + r)
+        seq.block_table = table
+        if src:
+            seq.kv_copies.append((src, dst))
+        return True
+
     def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        i = position - seq.num_evicted_tokens  # the cache index of that (not evicted) position
+        return seq.block_table[i // self.block_size] * self.block_size + i % self.block_size

@@ -24,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from mojollm.engine.block_manager import BlockManager
+from mojollm.engine.kv_policy import KVPolicy
 from mojollm.engine.metrics import EngineStats
 from mojollm.engine.runner import TOKEN_HOST, TOKEN_NOT_FINITE, create_runner
 from mojollm.engine.sampler import Sampler, beam_candidates, beam_score, filtered_candidates, log_softmax
@@ -67,14 +68,29 @@ def _check_kv_fits_memory(model, num_blocks: int, block_size: int) -> None:
                          f"{free / 2**30:.2f} GiB is free on the {backend.name} device: lower kv_cache_memory")
 
 
+def _set_kv_cache_dtype(model, name) -> str:
+    """Give the model KV dtype `name` (mojollm.kv_dtypes) before the pool is sized; returns it."""
+    from mojollm.kv_dtypes import check_kv_cache_dtype
+
+    name = check_kv_cache_dtype(name)
+    if hasattr(model, "set_kv_cache_dtype"):
+        return model.set_kv_cache_dtype(name)
+    if name != "auto":
+        raise ValueError(f"this model object ({type(model).__name__}) has no KV dtype choice: "
+                         f"kv_cache_dtype must be auto, got {name!r}")
+    return getattr(model, "kv_dtype", "auto")
+
+
 class Engine:
     def __init__(self, model, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | str | None = None, max_num_batched_tokens: int | None = None,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, seed: int | None = None, clock=time.perf_counter,
-                 progress=None, speculative=None, draft_model=None):
+                 progress=None, speculative=None, draft_model=None, kv_cache_dtype: str = "auto",
+                 kv_policy: str = "full", kv_budget: int | float | str | None = None, kv_sinks: int | None = None):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.kv_cache_dtype = _set_kv_cache_dtype(model, kv_cache_dtype)
         self.model = model
         self.tokenizer = model.tokenizer
         cfg = model.config
@@ -104,6 +120,24 @@ class Engine:
         self.num_blocks = num_blocks
         # A sequence must fit in the pool on its own, so preemption can always make room for it.
         self.max_model_len = min(model_len, num_blocks * block_size)
+        # KV compression (engine/kv_policy.py): None keeps every token. Under sink-window a
+        # sequence may run past max_model_len (its cache stays within the budget) up to the
+        # positions the model was trained on; every other policy keeps max_model_len.
+        self.kv_policy = KVPolicy.of(kv_policy, kv_budget, block_size, self.max_model_len, kv_sinks)
+        self.max_seq_len = self.max_model_len
+        if self.kv_policy is not None:
+            if speculative is not None:
+                raise ValueError(f"kv_policy {self.kv_policy.name} does not combine with speculative decoding")
+            if self.kv_policy.needs_attention_mass and not getattr(model, "supports_kv_mass", False):
+                raise ValueError(f"kv_policy h2o needs the attention mass per key, which the "
+                                 f"{getattr(getattr(model, 'backend', None), 'name', 'model')} backend does not "
+                                 f"compute here (the cpu backend does, over a float32 KV cache)")
+            if self.kv_policy.streams:
+                self.max_seq_len = max(self.max_model_len, int(cfg.max_position_embeddings))
+                try:
+                    model.rope_positions = self.max_seq_len  # the RoPE table reaches every position
+                except AttributeError:
+                    pass
         self.runner = create_runner(model, max_num_seqs, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks, block_size, progress=progress)
         # The KV cache lives on the model object: a second engine over the same object replaces
@@ -117,7 +151,7 @@ class Engine:
             backend = getattr(model, "backend", None)
             max_num_batched_tokens = (backend.default_batched_tokens() if hasattr(backend, "default_batched_tokens")
                                       else 512)
-        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs, self.kv_policy)
         self.sampler = Sampler(self.vocab_size)
         self.eos_token_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or ())
         self.stats = EngineStats()
@@ -157,11 +191,11 @@ class Engine:
         if self._may_speculate(req):
             req.seqs[0].spec = SpecState()
         self.requests[request_id] = req
-        limit = self.max_model_len if _score_only else self.max_model_len - 1
+        limit = self.max_seq_len if _score_only else self.max_seq_len - 1
         if len(ids) > limit:
-            self._fail(req, f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+            self._fail(req, f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
                             f"(prompt plus at least one new token)" if not _score_only else
-                            f"the text has {len(ids)} tokens but the context holds {self.max_model_len}")
+                            f"the text has {len(ids)} tokens but the context holds {self.max_seq_len}")
             return request_id
         self.scheduler.add(req.seqs[0])
         return request_id
@@ -282,6 +316,8 @@ class Engine:
         t1 = self.clock()
         device_rows = self._device_rows(plan) if self.runner.samples_on_device else None
         try:
+            if plan.kv_copies is not None:  # a KV policy compacted: move the kept rows first
+                self.runner.copy_kv_rows(*plan.kv_copies)
             out = self.runner.execute(plan.batch, device_rows)
             logits = np.asarray(out.logits)
             tokens = out.tokens
@@ -300,6 +336,10 @@ class Engine:
         if self.proposer is not None and plan.batch.is_decode:
             self.governor.record_step(plan.batch.num_tokens, t2 - t1)
         self.scheduler.step_done(plan)
+        if self.kv_policy is not None and self.kv_policy.needs_attention_mass:
+            mass = out.kv_mass or {}
+            for i, s in enumerate(plan.scheduled):
+                self.kv_policy.after_step(s.seq, s.num_new_tokens, mass.get(i))
 
         touched: dict[str, Request] = {}
         # NaN or +inf anywhere in a row makes its max NaN or +inf (one pass over the logits)
@@ -506,7 +546,7 @@ class Engine:
                 i, st = min(hits)
                 seq.output_text = seq.output_text[:i]
                 return self._finish_seq(seq, "stop", st)
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
             self._flush_text(seq, seq.num_tokens)
             return self._finish_seq(seq, "length", None)
 
@@ -603,7 +643,7 @@ class Engine:
             seq.append_token(tok)
             seq.cumulative_logprob = cum
             req.metrics.num_generated_tokens += 1
-            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
                 self._add_hypothesis(req, seq, [], cum, None, None, "length", None)
                 seq.finish_reason = "length"
                 self.scheduler.finish(seq)

@@ -36,6 +36,7 @@ TOKEN_NOT_FINITE = -2  # tokens[r]: the device row's logits held NaN/inf
 class StepOutput:
     tokens: np.ndarray | None  # [L] int32, None when every row went to the host
     logits: np.ndarray         # [L_host, V] float32: the host rows, in row order
+    kv_mass: dict | None = None  # batch.kv_mass_seqs: sequence index -> attention mass per cache row
 
 
 class ModelRunner:
@@ -54,7 +55,13 @@ class ModelRunner:
                 layers: list[int] | None = None) -> StepOutput:
         """layers: run only these layers of the model (a self-speculative draft; every row to the host)."""
         logits = self.model.forward(batch) if layers is None else self.model.forward(batch, layers)
-        return StepOutput(tokens=None, logits=np.asarray(logits))
+        mass = self.model.take_kv_mass() if batch.kv_mass_seqs is not None else None
+        return StepOutput(tokens=None, logits=np.asarray(logits), kv_mass=mass)
+
+    def copy_kv_rows(self, src_slots: np.ndarray, dst_slots: np.ndarray) -> None:
+        """Move KV rows (every layer) before the next step: a KV policy's compaction. All
+        sources are read before any destination is written; destinations are distinct."""
+        self.model.copy_kv_rows(src_slots, dst_slots)
 
 
 # ---- shape buckets of runners that compile or capture per shape (cuda graphs, jax.jit)

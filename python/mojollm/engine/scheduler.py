@@ -49,6 +49,8 @@ class SchedulerOutput:
     batch: StepBatch | None
     preempted: list[Sequence] = field(default_factory=list)
     num_recomputed_tokens: int = 0
+    # KV rows to move before the forward (H2O compaction): (src_slots, dst_slots) int64, or None
+    kv_copies: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -56,7 +58,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 512, max_num_seqs: int = 64):
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                 kv_policy=None):
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         if max_num_seqs < 1:
@@ -69,6 +72,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.on_release = None  # called with a sequence that gives its blocks back (a draft model's too)
+        self.kv_policy = kv_policy  # engine.kv_policy.KVPolicy, or None (keep every token)
 
     # ---------------------------------------------------------------- queue management
     def add(self, seq: Sequence) -> None:
@@ -130,6 +134,18 @@ class Scheduler:
                 recomputed += bm.copy_on_write(seq)
             drafts = seq.num_lookahead if seq.num_uncomputed_tokens == 1 else 0
             n = min(seq.num_uncomputed_tokens + drafts, budget)
+            if self.kv_policy is not None:  # evict between steps, before the slots are allocated
+                room = self.kv_policy.make_room(seq, n, bm)
+                while room is None:  # a compaction needs copy-on-write blocks the pool lacks
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                    room = self.kv_policy.make_room(seq, n, bm)
+                if room is None:
+                    break  # `seq` preempted itself: everything after it is gone too
+                n = room
             if drafts and not bm.allocate_slots(seq, n):  # no room to speculate: one token then
                 n = 1
             while not bm.allocate_slots(seq, n):
@@ -150,6 +166,8 @@ class Scheduler:
             seq = self.waiting[0]
             hits = [] if seq.request.score_only else bm.get_computed_blocks(seq)
             n = min(seq.num_tokens - len(hits) * self.block_size, budget)
+            if self.kv_policy is not None:
+                hits, n = self.kv_policy.admission_cap(seq, hits, n)
             if not bm.allocate_slots(seq, n, hits):
                 break
             bm.count_admission(seq, len(hits))
@@ -173,7 +191,26 @@ class Scheduler:
             return out
         drafts = any(s.num_drafts for s in scheduled)
         return SchedulerOutput(scheduled, self._build_batch(scheduled) if scheduled and not drafts else None,
-                               preempted, recomputed)
+                               preempted, recomputed, self._take_kv_copies(scheduled))
+
+    def _take_kv_copies(self, scheduled: list[ScheduledSeq]):
+        """The row moves of this step's compactions, as one (src, dst) pair (None: none)."""
+        if self.kv_policy is None:
+            return None
+        src: list[int] = []
+        dst: list[int] = []
+        for s in scheduled:
+            for a, b in s.seq.kv_copies:
+                src.extend(a)
+                dst.extend(b)
+            s.seq.kv_copies = []
+        return (np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)) if src else None
+
+    def _mass_seqs(self, scheduled: list[ScheduledSeq]) -> np.ndarray | None:
+        """Sequences of the batch whose attention mass per cache row the step must return (h2o)."""
+        if self.kv_policy is None or not self.kv_policy.needs_attention_mass:
+            return None
+        return np.arange(len(scheduled), dtype=np.int32)
 
     def build_batch(self, out: SchedulerOutput) -> None:
         """The StepBatch of a plan with speculating sequences (schedule() builds the others), once
@@ -207,11 +244,12 @@ class Scheduler:
             table = np.asarray(seq.block_table, dtype=np.int32)
             block_tables[i, :table.shape[0]] = table
             pos = np.arange(start, start + n, dtype=np.int32)
+            idx = pos - seq.num_evicted_tokens  # cache rows: positions less the evicted tokens
             token_ids[t:t + n - s.num_drafts] = seq.token_ids[start:start + n - s.num_drafts]
             token_ids[t + n - s.num_drafts:t + n] = seq.spec.drafts[:s.num_drafts] if s.num_drafts else []
             positions[t:t + n] = pos
-            slot_mapping[t:t + n] = table[pos // bs].astype(np.int64) * bs + pos % bs
-            context_lens[i] = start + n
+            slot_mapping[t:t + n] = table[idx // bs].astype(np.int64) * bs + idx % bs
+            context_lens[i] = start + n - seq.num_evicted_tokens
             cu_seqlens_q[i + 1] = t + n
             if seq.request.score_only:  # every token's logits (teacher-forced scoring)
                 s.logits_start, s.num_logits = len(logits_indices), n
@@ -232,6 +270,7 @@ class Scheduler:
             cu_seqlens_q=cu_seqlens_q,
             logits_indices=np.asarray(logits_indices, dtype=np.int32),
             is_decode=all(s.num_new_tokens == 1 for s in scheduled),
+            kv_mass_seqs=self._mass_seqs(scheduled),
         )
 
     def _build_decode_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
@@ -241,11 +280,12 @@ class Scheduler:
         tokens become k + 1 rows of their own, each with the context up to itself (the decode
         attention's causal mask), sharing the sequence's block table."""
         bs = self.block_size
-        ids, pos, slots, tables = [], [], [], []
+        ids, pos, slots, tables, lens = [], [], [], [], []
         width = max(len(s.seq.block_table) for s in scheduled)
         for s in scheduled:
             seq = s.seq
             p = seq.num_computed_tokens
+            c = p - seq.num_evicted_tokens  # its cache row (= p unless a KV policy evicted)
             table = seq.block_table
             padded = table + [0] * (width - len(table))
             s.logits_start, s.num_logits = len(ids), 1 + s.num_drafts
@@ -253,19 +293,20 @@ class Scheduler:
                                     else [seq.token_ids[p]]):
                 ids.append(tok)
                 pos.append(p + j)
-                slots.append(table[(p + j) // bs] * bs + (p + j) % bs)
+                slots.append(table[(c + j) // bs] * bs + (c + j) % bs)
                 tables.append(padded)
+                lens.append(c + j + 1)
         T = len(ids)
-        positions = np.array(pos, dtype=np.int32)
         return StepBatch(
             token_ids=np.array(ids, dtype=np.int32),
-            positions=positions,
+            positions=np.array(pos, dtype=np.int32),
             slot_mapping=np.array(slots, dtype=np.int64),
             block_tables=np.array(tables, dtype=np.int32).reshape(T, width),
-            context_lens=positions + 1,
+            context_lens=np.array(lens, dtype=np.int32),
             cu_seqlens_q=np.arange(T + 1, dtype=np.int32),
             logits_indices=np.arange(T, dtype=np.int32),
             is_decode=True,
+            kv_mass_seqs=None if any(s.num_drafts for s in scheduled) else self._mass_seqs(scheduled),
         )
 
     def step_done(self, out: SchedulerOutput) -> None:

@@ -47,6 +47,12 @@ class Sequence:
         self.num_cached_tokens = 0        # prompt tokens found in the prefix cache at admission
         self.block_hashes: list[int] = []  # hash chain of the full token blocks (prefix cache keys)
         self.num_registered_blocks = 0     # leading blocks already offered to the prefix cache
+        # KV compression (engine/kv_policy.py): tokens dropped from the cache, the h2o state of the
+        # rows kept (their positions and accumulated attention mass), and row copies for the step
+        self.num_evicted_tokens = 0
+        self.kv_positions: np.ndarray | None = None
+        self.kv_scores: np.ndarray | None = None
+        self.kv_copies: list[tuple[list[int], list[int]]] = []
         # sampling state
         self.rng: np.random.Generator | None = None
         self.device_rng_key: int | None = None   # a runner's RNG key for (seed, sample index), cached
@@ -78,6 +84,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def num_kv_tokens(self) -> int:
+        """Rows this sequence holds in the KV cache (context_lens): its computed tokens less the
+        evicted ones. A new token at position p goes to cache index p - num_evicted_tokens."""
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
@@ -102,6 +114,9 @@ class Sequence:
         child.num_cached_tokens = self.num_cached_tokens
         child.block_hashes = list(self.block_hashes)
         child.num_registered_blocks = self.num_registered_blocks
+        child.num_evicted_tokens = self.num_evicted_tokens
+        child.kv_positions = None if self.kv_positions is None else self.kv_positions.copy()
+        child.kv_scores = None if self.kv_scores is None else self.kv_scores.copy()
         child.output_counts = Counter(self.output_counts)
         child.cumulative_logprob = self.cumulative_logprob
         child.output_logprobs = list(self.output_logprobs)

@@ -10,6 +10,12 @@ The engine flattens every scheduled sequence's new tokens into one batch (vLLM's
     cu_seqlens_q  [S+1] int32 prefix sums of new tokens per sequence
     logits_indices [L] int32  rows of the T tokens whose logits the step returns
     is_decode     bool        every sequence has exactly one new token (the decode kernel runs)
+    kv_mass_seqs  [K] int32 or None  sequences whose attention mass per cache row the step also
+                  returns (the h2o KV policy; engine/kv_policy.py)
+
+Under a KV policy that evicted tokens, a sequence's cache rows are no longer its positions:
+context_lens counts the rows, slot_mapping places the new tokens after them, and positions stay
+the tokens' own (RoPE); the kept rows keep position order, so causal masks by row still hold.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class StepBatch:
     cu_seqlens_q: np.ndarray
     logits_indices: np.ndarray
     is_decode: bool
+    kv_mass_seqs: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:

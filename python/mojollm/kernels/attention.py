@@ -5,7 +5,11 @@
                       cu_seqlens_q[S+1] int32, context_lens[S] int32, scale) -> [T, H, D]
     attention_decode(q[S, H, D], k_cache, v_cache, block_tables, context_lens, scale) -> [S, H, D]
 
-Caches are [num_blocks, B, KVH, D] float32 (layout and causal semantics: backends/base.py).
+Caches are [num_blocks, B, KVH, W] in one of the KV dtypes of mojollm.kv_dtypes (layout and
+causal semantics: backends/base.py): float32 / float16 / bfloat16 (uint16 bits) with W = D, int8 /
+fp8 as uint8 rows of D codes and a float32 scale (W = D + 4). Every op takes `kv_dtype=`; by
+default it is the cache's own (a KVCache from `kv_cache_zeros`, or read off a float32 / float16 /
+uint16 array; a plain uint8 array must say int8 or fp8). q, k, v and outputs stay float32.
 Every index the kernels will follow (slots, the block ids a sequence's context needs, query
 counts) is range-checked here first, so a bad step plan raises ValueError instead of reading
 or writing outside a buffer.
@@ -21,6 +25,7 @@ import numpy as np
 
 from mojollm.kernels.build import kernel_loader
 from mojollm.kernels.checks import check_array, check_float
+from mojollm.kv_dtypes import KV_CACHE_DTYPES, check_kv_cache_dtype, row_width
 
 _info: dict[str, int] = {}
 _buffers = threading.local()  # per-thread scratch, reused across calls (fresh pages cost faults)
@@ -59,15 +64,57 @@ def _meta(*values) -> np.ndarray:
     return np.array([int(v) for v in values], dtype=np.int64)
 
 
-def _check_caches(k_cache, v_cache) -> tuple[int, int, int, int]:
-    check_array("k_cache", k_cache, np.float32, ndim=4)
-    check_array("v_cache", v_cache, np.float32, ndim=4)
+# the KV dtype codes of attention.mojo (KV_F32 ..) and the numpy element type each is stored in
+KV_CODES = {name: i for i, name in enumerate(KV_CACHE_DTYPES)}
+STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16, "int8": np.uint8, "fp8": np.uint8}
+_BY_STORAGE = {np.dtype(np.float32): "float32", np.dtype(np.uint16): "bfloat16", np.dtype(np.float16): "float16"}
+
+
+class KVCache(np.ndarray):
+    """A cpu KV cache: a numpy array that carries its KV dtype (int8 and fp8 caches are both
+    uint8 bytes, so the array's dtype alone cannot tell them apart)."""
+
+    kv_dtype = "float32"
+
+    def __array_finalize__(self, obj):
+        self.kv_dtype = getattr(obj, "kv_dtype", None) or _BY_STORAGE.get(self.dtype, "float32")
+
+
+def kv_cache_zeros(shape, kv_dtype: str) -> KVCache:
+    """A zeroed cache [num_blocks, B, KVH, W] of `kv_dtype` (W = row_width(kv_dtype, D))."""
+    c = np.zeros(shape, dtype=STORAGE[kv_dtype]).view(KVCache)
+    c.kv_dtype = kv_dtype
+    return c
+
+
+def cache_kv_dtype(cache, kv_dtype: str | None = None) -> str:
+    """The KV dtype of `cache`: `kv_dtype` when given, else the cache's own."""
+    if kv_dtype is not None:
+        name = check_kv_cache_dtype(kv_dtype)
+        if name == "auto":
+            raise ValueError("kv_dtype must name the cache's dtype, not auto")
+        return name
+    own = getattr(cache, "kv_dtype", None)
+    if own is not None:
+        return own
+    dt = getattr(cache, "dtype", None)
+    if dt in _BY_STORAGE:
+        return _BY_STORAGE[np.dtype(dt)]
+    raise ValueError(f"a {dt} KV cache needs kv_dtype= (int8 or fp8 for uint8 bytes)")
+
+
+def _check_caches(k_cache, v_cache, kv_dtype: str | None = None) -> tuple[int, int, int, int, str]:
+    """(num_blocks, B, KVH, D, kv dtype) of a pair of caches [num_blocks, B, KVH, W]."""
+    kv = cache_kv_dtype(k_cache, kv_dtype)
+    check_array("k_cache", k_cache, STORAGE[kv], ndim=4)
+    check_array("v_cache", v_cache, STORAGE[kv], ndim=4)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape")
-    nb, b, kvh, d = k_cache.shape
-    if min(nb, b, kvh, d) == 0:
-        raise ValueError(f"KV cache dimensions must be non-zero, got {k_cache.shape}")
-    return nb, b, kvh, d
+    nb, b, kvh, w = k_cache.shape
+    d = w - row_width(kv, 0)
+    if min(nb, b, kvh, d) <= 0:
+        raise ValueError(f"KV cache dimensions must be non-zero, got {k_cache.shape} ({kv})")
+    return nb, b, kvh, d, kv
 
 
 def _check_q(q, kvh: int, d: int, name: str = "q") -> tuple[int, int]:
@@ -103,9 +150,11 @@ def _check_tables(block_tables, context_lens, n_seqs: int, nb: int, b: int) -> N
         raise ValueError(f"block_tables reach block ids [{int(used.min())}, {int(used.max())}] outside the cache's {nb} blocks")
 
 
-def store_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
-    """k_cache.reshape(-1, KVH, D)[slot_mapping[t]] = k[t] (and v), in place."""
-    nb, b, kvh, d = _check_caches(k_cache, v_cache)
+def store_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray,
+             kv_dtype: str | None = None) -> None:
+    """k_cache.reshape(-1, KVH, W)[slot_mapping[t]] = k[t] (and v) in the cache's dtype, in place
+    (16-bit: rounded to nearest even; int8 / fp8: quantized per head row, see mojollm.kv_dtypes)."""
+    nb, b, kvh, d, kv = _check_caches(k_cache, v_cache, kv_dtype)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not c.flags.writeable:
             raise ValueError(f"{name} must be writable: store_kv updates it in place")
@@ -123,16 +172,17 @@ def store_kv(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
     if lo < 0 or hi >= nb * b:
         raise ValueError(f"slot_mapping must lie in [0, {nb * b}) ({nb} blocks of {b}), got [{lo}, {hi}]")
     meta = _meta(k_cache.ctypes.data, v_cache.ctypes.data, k.ctypes.data, v.ctypes.data, slot_mapping.ctypes.data,
-                 t, kvh * d)
+                 t, kvh * d, KV_CODES[kv], kvh)
     _kernels().store_kv(meta.ctypes.data)
 
 
 def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
-                      cu_seqlens_q: np.ndarray, context_lens: np.ndarray, scale: float) -> np.ndarray:
+                      cu_seqlens_q: np.ndarray, context_lens: np.ndarray, scale: float,
+                      kv_dtype: str | None = None) -> np.ndarray:
     """Causal attention of a varlen batch of new tokens over the paged cache (which already
     holds them: call store_kv first). Query i of sequence s sits at position
     context_lens[s] - q_len_s + i."""
-    nb, b, kvh, d = _check_caches(k_cache, v_cache)
+    nb, b, kvh, d, kv = _check_caches(k_cache, v_cache, kv_dtype)
     t, h = _check_q(q, kvh, d)
     check_array("cu_seqlens_q", cu_seqlens_q, np.int32, ndim=1)
     n_seqs = cu_seqlens_q.shape[0] - 1
@@ -153,7 +203,7 @@ def attention_prefill(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, b
     scratch = _scratch(d)
     meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
                  cu_seqlens_q.ctypes.data, context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data,
-                 t, h, kvh, d, b, n_seqs, block_tables.shape[1], _workers())
+                 t, h, kvh, d, b, n_seqs, block_tables.shape[1], _workers(), KV_CODES[kv])
     _kernels().attention_prefill(meta.ctypes.data, sc)
     return out
 
@@ -184,10 +234,11 @@ def partial_floats(first: np.ndarray, units: int, h: int, kvh: int, d: int) -> i
 
 
 def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
-                     context_lens: np.ndarray, scale: float, *, num_splits: int | None = None) -> np.ndarray:
+                     context_lens: np.ndarray, scale: float, *, num_splits: int | None = None,
+                     kv_dtype: str | None = None) -> np.ndarray:
     """One query per sequence (at position context_lens[s] - 1) over its paged context.
     num_splits overrides the flash-decoding chunk count (tests; default: decode_splits)."""
-    nb, b, kvh, d = _check_caches(k_cache, v_cache)
+    nb, b, kvh, d, kv = _check_caches(k_cache, v_cache, kv_dtype)
     n_seqs, h = _check_q(q, kvh, d)
     _check_tables(block_tables, context_lens, n_seqs, nb, b)
     if n_seqs and int(context_lens.min()) < 1:
@@ -206,7 +257,7 @@ def attention_decode(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, bl
     scratch = _scratch(d, units)
     meta = _meta(q.ctypes.data, k_cache.ctypes.data, v_cache.ctypes.data, block_tables.ctypes.data,
                  context_lens.ctypes.data, out.ctypes.data, scratch.ctypes.data, partial.ctypes.data,
-                 n_seqs, h, kvh, d, b, block_tables.shape[1], first.ctypes.data, workers)
+                 n_seqs, h, kvh, d, b, block_tables.shape[1], first.ctypes.data, workers, KV_CODES[kv])
     _kernels().attention_decode(meta.ctypes.data, sc)
     return out
 

@@ -11,7 +11,8 @@ the first norm stay per-op calls.
 
 Supported: Llama-family layers whose projections are GGUF blocks (Q4_0 / Q4_1 / Q8_0 / Q5_0 /
 Q5_1 / Q2_K..Q6_K, not repacked for Modular's kernel) or FP8 E4M3 blocks, q/k/v fused or
-apart, gate/up fused (as LlamaModel builds them), no attention bias, float32 KV cache. Anything
+apart, gate/up fused (as LlamaModel builds them), no attention bias, and a KV cache of any of
+mojollm.kv_dtypes' types (the step writes and reads it with attention.mojo's kernels). Anything
 else runs the per-op path (`unsupported_reason` says why).
 """
 
@@ -28,7 +29,7 @@ _kernels = kernel_loader("decode")
 # the block formats decode.mojo dispatches (quant.mojo's and kquant.mojo's matmuls)
 _CODES = {t: TYPE_CODES[t] for t in ("Q4_0", "Q4_1", "Q8_0", "W8A8", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                                      "Q6_K", "F8_E4M3")}
-_HEADER = 16
+_HEADER = 17
 TEAM_BYTES = 256 << 10  # weight bytes of one layer per team thread, at least
 _LAYER_FIELDS = 16
 
@@ -40,7 +41,7 @@ def unsupported_reason(model) -> str | None:
         return "not on the cpu backend"
     if c.attention_bias:
         return "attention bias"
-    if model.kv_dtype != "float32":
+    if model.kv_dtype not in attention.KV_CODES:
         return f"{model.kv_dtype} KV cache"
     for i, layer in enumerate(model.layers):
         projections = [(name, getattr(layer, name)) for name in ("qkv", "o_proj", "gate_up", "down")]
@@ -75,6 +76,8 @@ class DecodeProgram:
         head = model.lm_head
         self.fused_head = isinstance(head, QuantLinear) and head.qtype in _CODES and not head._packed
         table += [head._addr, _CODES[head.qtype], head.out_features] if self.fused_head else [0, 0, 0]
+        table += [attention.KV_CODES[model.kv_dtype]]
+        assert len(table) == _HEADER
         self.vocab = head.out_features if self.fused_head else 0
         for i in self.layers:
             layer = model.layers[i]

@@ -114,8 +114,13 @@ class LlamaModel:
         # checkpoint may claim millions of positions that no cache here will ever reach.
         self.max_positions = 0
         self.cos_sin = None
+        # positions the RoPE table must reach beyond the cache's size: an engine whose KV policy
+        # streams past the context (sink-window) sets it before allocating the cache
+        self.rope_positions = 0
+        self._kv_mass: dict[int, np.ndarray] | None = None
         self.scale = float(c.head_dim) ** -0.5
-        self.kv_dtype = b.kv_cache_dtype(_attention_qtype(c, weights))
+        self.weight_qtype = _attention_qtype(c, weights)
+        self.kv_dtype = b.kv_cache_dtype(self.weight_qtype)  # set_kv_cache_dtype changes it
 
         # Bytes a decode step reads: every matrix and vector once, lm_head included. An untied
         # embedding table is not counted: a step reads only the rows of its tokens.
@@ -125,23 +130,62 @@ class LlamaModel:
         b.specialise(shapes, self.fresh_heads, progress=progress)
 
     # ---- KV cache ----
+    def set_kv_cache_dtype(self, name: str) -> str:
+        """Use KV dtype `name` (mojollm.kv_dtypes: "auto" is the backend's choice) for the caches
+        allocated from now on; returns the dtype. A dtype the backend cannot run: ValueError."""
+        from mojollm.kv_dtypes import resolve
+
+        kv = resolve(name, self.backend, self.weight_qtype)
+        if kv != self.kv_dtype:
+            self.kv_dtype, self.kv_caches = kv, None
+        return kv
+
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of one block of every layer's K and V (int8 / fp8 rows carry their scale)."""
+        from mojollm.kv_dtypes import row_bytes
+
         c = self.config
-        itemsize = 4 if self.kv_dtype == "float32" else 2
-        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
+        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * row_bytes(self.kv_dtype, c.head_dim)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[Any, Any]]:
-        """Per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, D] of kv_dtype."""
+        """Per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, W] in kv_dtype's
+        format (mojollm.kv_dtypes: W = D, or D + 4 bytes for int8 / fp8)."""
+        from mojollm.kv_dtypes import row_width
+
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         c = self.config
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-        self.kv_caches = [(self.backend.zeros(shape, self.kv_dtype), self.backend.zeros(shape, self.kv_dtype))
+        shape = (num_blocks, block_size, c.num_key_value_heads, row_width(self.kv_dtype, c.head_dim))
+        b = self.backend
+        self.kv_caches = None  # the old pool goes before the new one is allocated
+        self.kv_caches = [(b.kv_cache_zeros(shape, self.kv_dtype), b.kv_cache_zeros(shape, self.kv_dtype))
                           for _ in range(c.num_hidden_layers)]
         self.block_size = block_size
-        self.max_positions = min(c.max_position_embeddings, num_blocks * block_size)
+        self.max_positions = min(c.max_position_embeddings, max(num_blocks * block_size, self.rope_positions))
         self.cos_sin = self.backend.asarray(cos_sin_table(self.inv_freq, self.max_positions))
         return self.kv_caches
+
+    def copy_kv_rows(self, src_slots: np.ndarray, dst_slots: np.ndarray) -> None:
+        """Move KV rows in every layer (a KV policy's compaction; Backend.copy_kv_rows)."""
+        from mojollm.backends.base import check_kv_copies
+
+        b = self.backend
+        k0 = self.kv_caches[0][0]
+        check_kv_copies(int(k0.shape[0]) * int(k0.shape[1]), src_slots, dst_slots)  # before any device sees them
+        src, dst = b.asarray(src_slots, "int64"), b.asarray(dst_slots, "int64")
+        for k_cache, v_cache in self.kv_caches:
+            b.copy_kv_rows(k_cache, v_cache, src, dst)
+
+    @property
+    def supports_kv_mass(self) -> bool:
+        """Whether forward can also return each cache row's attention mass (the h2o policy)."""
+        return bool(getattr(self.backend, "supports_key_mass", False)) and self.kv_dtype == "float32"
+
+    def take_kv_mass(self) -> dict[int, np.ndarray] | None:
+        """The last forward's attention mass per cache row of batch.kv_mass_seqs, summed over
+        layers (sequence index in the batch -> float64 [context_len])."""
+        mass, self._kv_mass = self._kv_mass, None
+        return mass
 
     # ---- forward ----
     def forward(self, batch: StepBatch, layers: list[int] | None = None) -> np.ndarray:
@@ -167,19 +211,26 @@ class LlamaModel:
         q_lens = np.diff(batch.cu_seqlens_q)
         fresh = (tuple(int(n) for n in q_lens)
                  if not batch.is_decode and np.array_equal(q_lens, batch.context_lens) else None)
+        mass = None
+        if batch.kv_mass_seqs is not None:
+            mass = (batch.block_tables, batch.cu_seqlens_q, batch.context_lens, batch.kv_mass_seqs)
+            fresh = None  # the mass reads q against the paged cache; keep the paged attention too
         return self.compute_logits(
             b.asarray(batch.token_ids, "int32"), b.asarray(batch.positions, "int32"),
             b.asarray(batch.slot_mapping, "int64"), b.asarray(batch.block_tables, "int32"),
             b.asarray(batch.context_lens, "int32"), b.asarray(batch.cu_seqlens_q, "int32"),
-            batch.is_decode, rows_t, fresh_lens=fresh, layers=layers)
+            batch.is_decode, rows_t, fresh_lens=fresh, layers=layers, kv_mass=mass)
 
     def compute_logits(self, ids, positions, slots, block_tables, context_lens, cu_seqlens_q, is_decode: bool,
-                       logits_rows, fresh_lens: tuple[int, ...] | None = None, layers: list[int] | None = None):
+                       logits_rows, fresh_lens: tuple[int, ...] | None = None, layers: list[int] | None = None,
+                       kv_mass=None):
         """The step on backend tensors (the StepBatch fields, already on the device); returns the
         logits [L, vocab] of rows `logits_rows` (an int64 tensor, `...` for every row, None for no
         row: then only the KV cache is written and None is returned). No host synchronisation, so
         a runner can capture it in a graph. fresh_lens: the sequences' lengths when this is a
-        prefill of sequences without a cached prefix (attention may then skip the paged cache)."""
+        prefill of sequences without a cached prefix (attention may then skip the paged cache).
+        kv_mass: host (block_tables, cu_seqlens_q, context_lens, seqs): also sum, over the layers,
+        the attention mass each cache row of those sequences receives (take_kv_mass; h2o)."""
         b, c = self.backend, self.config
         T = ids.shape[0]
         H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -210,6 +261,8 @@ class LlamaModel:
                 if attn is None:
                     attn = b.attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                                self.scale)
+            if kv_mass is not None:
+                self._add_kv_mass(q, k_cache, kv_mass, first=n == 0)
             attn_out = b.linear(attn.reshape(T, H * D), layer.o_proj)
             x, residual = b.add_rms_norm(attn_out, residual, layer.mlp_norm, c.rms_norm_eps)
             if logits_rows is None and last:
@@ -224,6 +277,15 @@ class LlamaModel:
         if logits_rows is not ...:
             x = x[logits_rows]
         return b.linear(x, self.lm_head)
+
+    def _add_kv_mass(self, q, k_cache, spec, first: bool) -> None:
+        tables, cu, lens, seqs = spec
+        per_seq = self.backend.attention_key_mass(q, k_cache, tables, cu, lens, seqs, self.scale)
+        if first or self._kv_mass is None:
+            self._kv_mass = {int(s): m for s, m in zip(np.asarray(seqs).tolist(), per_seq)}
+        else:
+            for s, m in zip(np.asarray(seqs).tolist(), per_seq):
+                self._kv_mass[int(s)] += m
 
     def _check_batch(self, batch: StepBatch) -> None:
         if self.kv_caches is None:
