@@ -53,7 +53,8 @@ comptime Q4_K = 5
 comptime Q5_K = 6
 comptime Q6_K = 7
 comptime F8_E4M3 = 8
-comptime W8A8 = 9  # Q8_0's layout; the GEMV's activations are quantized per token (SmoothQuant)
+# W8A8: Q8_0's layout; the GEMV's activations are quantized per token (SmoothQuant)
+comptime W8A8 = 9
 
 
 @always_inline
