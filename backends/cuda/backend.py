@@ -1,6 +1,8 @@
 """The cuda backend: Mojo GPU kernels (backends/cuda/gpu_*.mojo) on torch CUDA tensors.
 
-Tensors are torch tensors on one CUDA device: activations float32, KV caches float32 or bfloat16,
+Tensors are torch tensors on one CUDA device: activations float32, KV caches in any of
+mojollm.kv_dtypes' formats (float32, bfloat16, float16; int8 / fp8 as uint8 rows of D codes and a
+float32 scale, quantized by store_kv and read by the attention kernels as they are),
 weights kept in their stored precision (float32, bfloat16, float16) or GGUF-quantized (Q4_0, Q4_1,
 Q8_0, repacked on the device so every block's nibbles are one aligned 16-byte load; Q5_0, Q5_1, Q4_K,
 Q5_K, Q6_K in gpu_kquant's layouts, see repack_gguf_kquant; Q2_K / Q3_K are widened at load) or FP8
@@ -53,6 +55,11 @@ _LIBRARY_HEAD_DIMS = (64, 128)  # flash attention head dims built and tested her
 _TUNE_M = (256, 512, 1024)
 # The kernel ABI (gpu_common.mojo defines the same codes; tests/test_kernel_abi.py checks them).
 _DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # DT_F32, DT_BF16, DT_F16
+# KV caches: store_kv takes the cache's code (the float ones are _DTYPE_CODES'), the attention
+# entries a (q, cache) pair code (gpu_ops.mojo)
+_KV_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3, "fp8": 4}  # .., KV_I8, KV_FP8
+_KV_PAIRS = {("float32", "float32"): 0, ("float32", "bfloat16"): 1, ("bfloat16", "bfloat16"): 2,
+             ("float32", "float16"): 3, ("float32", "int8"): 4, ("float32", "fp8"): 5}
 _QCODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7, "F8_E4M3": 8,
            "W8A8": 9}
 _KQUANTS = ("Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")  # gpu_kquant's kernels (the others: gpu_linear's)
@@ -284,7 +291,8 @@ class CudaBackend(Backend):
         self._bandwidth: float | None = None
         self._rows_cache: dict[int, int] = {}
         self._dtypes = {None: torch.float32, "float32": torch.float32, "int32": torch.int32,
-                        "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+                        "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                        "uint8": torch.uint8}
         self._codes = {getattr(torch, name): code for name, code in _DTYPE_CODES.items()}
 
     @property
@@ -420,7 +428,7 @@ class CudaBackend(Backend):
         if want == torch.bfloat16:
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device).to(want)
         np_dtype = {torch.float32: np.float32, torch.int32: np.int32, torch.int64: np.int64,
-                    torch.float16: np.float16}[want]
+                    torch.float16: np.float16, torch.uint8: np.uint8}[want]
         return torch.from_numpy(np.array(a, dtype=np_dtype, copy=True, order="C")).to(self.device)
 
     def to_numpy(self, t: Any) -> np.ndarray:
@@ -454,6 +462,38 @@ class CudaBackend(Backend):
         """bfloat16 unless the model is float32: decode attention reads half the bytes, and the
         attention kernels accumulate in float32 either way."""
         return "float32" if weight_qtype == "F32" else "bfloat16"
+
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        """Every KV dtype of mojollm.kv_dtypes: store_kv converts (quantizes) on write, the decode
+        and paged prefill kernels read float16 / int8 / fp8 rows as they are."""
+        from mojollm.kv_dtypes import KV_CACHE_DTYPES
+
+        return KV_CACHE_DTYPES
+
+    def kv_cache_zeros(self, shape, kv_dtype: str):
+        """A zeroed cache [num_blocks, B, KVH, W] of kv_dtype (mojollm.kv_dtypes). int8 and fp8 are
+        both uint8 bytes, so the tensor carries its dtype as an attribute (`kv_dtype`) that the
+        ops read (cache_kv_dtype); only these tensors, not views of them, carry it."""
+        from mojollm.kv_dtypes import check_kv_cache_dtype, storage_dtype
+
+        if check_kv_cache_dtype(kv_dtype) == "auto":
+            raise ValueError("kv_cache_zeros needs a KV dtype, not auto")
+        t = self.zeros(shape, storage_dtype(kv_dtype))
+        t.kv_dtype = kv_dtype
+        return t
+
+    def cache_kv_dtype(self, cache) -> str:
+        """The KV dtype of a cache tensor: its `kv_dtype` attribute (kv_cache_zeros), else its
+        float element type; uint8 bytes without the attribute are refused (int8 or fp8?)."""
+        torch = self.torch
+        own = getattr(cache, "kv_dtype", None)
+        if own is not None:
+            return own
+        names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+        if isinstance(cache, torch.Tensor) and cache.dtype in names:
+            return names[cache.dtype]
+        dt = str(getattr(cache, "dtype", type(cache).__name__)).replace("torch.", "")
+        raise ValueError(f"a {dt} KV cache must come from kv_cache_zeros (int8 and fp8 bytes carry no dtype)")
 
     def create_runner(self, model, max_num_seqs: int, max_model_len: int):
         from mojollm.backends.cuda.runner import CudaRunner
@@ -852,18 +892,32 @@ class CudaBackend(Backend):
         return out
 
     def _cache_pair(self, k_cache, v_cache):
-        torch = self.torch
-        self._tensor("k_cache", k_cache, 4, (torch.float32, torch.bfloat16))
-        self._tensor("v_cache", v_cache, 4, (k_cache.dtype,))
+        """(num_blocks, B, KVH, D, kv dtype) of a pair of caches [num_blocks, B, KVH, W]."""
+        from mojollm.kv_dtypes import QUANTIZED, row_width, storage_dtype
+
+        self._tensor("k_cache", k_cache, 4)
+        kv = self.cache_kv_dtype(k_cache)
+        want = self._dtypes[storage_dtype(kv)]
+        self._tensor("k_cache", k_cache, 4, (want,))
+        self._tensor("v_cache", v_cache, 4, (want,))
+        if self.cache_kv_dtype(v_cache) != kv:
+            raise ValueError(f"k_cache ({kv}) and v_cache ({self.cache_kv_dtype(v_cache)}) differ in KV dtype")
         if k_cache.shape != v_cache.shape:
             raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-        return tuple(int(d) for d in k_cache.shape)
+        NB, B, KVH, W = (int(d) for d in k_cache.shape)
+        D = W - row_width(kv, 0)
+        if kv in QUANTIZED and (D <= 0 or D % 16 or D > 128):
+            raise ValueError(f"an {kv} KV cache needs a head dim that is a multiple of 16 and at most 128 "
+                             f"(rows of D + 4 bytes), got rows of {W} bytes")
+        return NB, B, KVH, D, kv
 
     def store_kv(self, k_cache, v_cache, k, v, slot_mapping):
+        """Writes k, v into the caches in their dtype: a cast (16-bit: round to nearest even), or
+        int8 / fp8 rows quantized per (token, head) by gpu_elementwise.store_kv_quant_kernel."""
         torch = self.torch
         s = self._s()
-        NB, B, KVH, D = self._cache_pair(k_cache, v_cache)
-        kdtypes = (torch.float32,) if k_cache.dtype == torch.float32 else (torch.float32, torch.bfloat16)
+        NB, B, KVH, D, kv = self._cache_pair(k_cache, v_cache)
+        kdtypes = (torch.float32, torch.bfloat16) if kv == "bfloat16" else (torch.float32,)
         self._tensor("k", k, 3, kdtypes)
         self._tensor("v", v, 3, (k.dtype,))
         if k.shape != v.shape or tuple(k.shape[1:]) != (KVH, D):
@@ -872,28 +926,29 @@ class CudaBackend(Backend):
         self._idx("slot_mapping", slot_mapping, torch.int64, T)
         if T:
             kcode = self._codes[k.dtype]
-            ccode = self._codes[k_cache.dtype]
-            self._k.store_kv(self._gpu, (s, kcode, ccode, k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(),
-                                         v.data_ptr(), slot_mapping.data_ptr(), self._err_ptr, T, KVH * D, NB * B))
+            self._k.store_kv(self._gpu, (s, kcode, _KV_CODES[kv], k_cache.data_ptr(), v_cache.data_ptr(),
+                                         k.data_ptr(), v.data_ptr(), slot_mapping.data_ptr(), self._err_ptr, T,
+                                         KVH * D, NB * B, KVH))
 
     def copy_kv_rows(self, k_cache, v_cache, src_slots, dst_slots):
         """Base.copy_kv_rows with torch index ops on the current stream: index_select gathers
-        every source row into a temporary before index_copy_ writes (a KV policy's compaction)."""
+        every source row into a temporary before index_copy_ writes (a KV policy's compaction).
+        A row is the slot's whole [KVH, W] (int8 / fp8: codes and scales move together)."""
         torch = self.torch
         self._s()
-        NB, B, KVH, D = self._cache_pair(k_cache, v_cache)
+        NB, B, KVH, _, _ = self._cache_pair(k_cache, v_cache)
         self._idx("src_slots", src_slots, torch.int64)
         self._idx("dst_slots", dst_slots, torch.int64, src_slots.shape[0])
         if src_slots.shape[0] == 0:
             return
         for c in (k_cache, v_cache):
-            rows = c.view(NB * B, KVH, D)
+            rows = c.view(NB * B, KVH, c.shape[3])
             rows.index_copy_(0, dst_slots, rows.index_select(0, src_slots))
 
     def _attn_common(self, q, k_cache, v_cache, block_tables, nseq_name, nseq):
         torch = self.torch
-        NB, B, KVH, D = self._cache_pair(k_cache, v_cache)
-        qdtypes = (torch.float32,) if k_cache.dtype == torch.float32 else (torch.float32, torch.bfloat16)
+        NB, B, KVH, D, kv = self._cache_pair(k_cache, v_cache)
+        qdtypes = (torch.float32, torch.bfloat16) if kv == "bfloat16" else (torch.float32,)
         self._tensor("q", q, 3, qdtypes)
         if q.shape[2] != D:
             raise ValueError(f"q's head dim {q.shape[2]} differs from the cache's {D}")
@@ -903,7 +958,7 @@ class CudaBackend(Backend):
         self._tensor("block_tables", block_tables, 2, (torch.int32,))
         if block_tables.shape[0] != nseq:
             raise ValueError(f"block_tables has {block_tables.shape[0]} rows but {nseq_name} describes {nseq} sequences")
-        pair = 0 if k_cache.dtype == torch.float32 else (1 if q.dtype == torch.float32 else 2)
+        pair = _KV_PAIRS[("float32" if q.dtype == torch.float32 else "bfloat16", kv)]
         if q.data_ptr() % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
             raise ValueError("q and the caches must be 16-byte aligned")
         return NB, B, KVH, D, H, pair

@@ -1,5 +1,14 @@
-# Paged attention over the KV cache [num_blocks, B, KVH, D]: prefill (causal flash attention over
+# Paged attention over the KV cache [num_blocks, B, KVH, W]: prefill (causal flash attention over
 # variable-length sequences) and decode (one query per sequence, split-K flash decoding).
+#
+# KV dtypes (mojollm.kv_dtypes): float32 / bfloat16 / float16 caches (W = D elements), and int8 /
+# fp8 caches (QK = KV_I8 / KV_FP8: uint8 rows of W = D + 4 bytes, the D codes then the row's
+# float32 scale s, value = s * code). The quantized rows are read as they are stored (no
+# dequantized copy of the cache). Decode and the SIMT prefill turn codes into float32 next to the
+# math and fold the scales in where they cost least: a key's s multiplies its scores
+# (q . (s k) = s (q . k)), a value's s its probabilities (p (s v) = (p s) v; the softmax sum takes
+# p unscaled). The tensor-core prefill turns each 64-key tile into bfloat16 s * code in shared
+# memory and runs the 16-bit path on it.
 #
 # Semantics (Backend.attention_prefill): sequence s owns query rows cu[s]..cu[s+1]; they are its
 # last q_len positions, so query i sits at position ctx - q_len + i and sees keys 0..that position.
@@ -22,7 +31,9 @@ from max.gpu.memory import (
 )
 from max.gpu.compute.mma import mma, ld_matrix
 
-from gpu_common import SharedPtr, Ptr, F32P, I32P, flag, ERR_BLOCK, ERR_CONTEXT
+from gpu_common import (
+    SharedPtr, Ptr, F32P, I32P, flag, ERR_BLOCK, ERR_CONTEXT, KV_SCALE_BYTES, kv_codes_f32,
+)
 
 comptime LOG2E: Float32 = 1.4426950408889634
 
@@ -48,13 +59,23 @@ def _seq_ok(qstart: Int, qlen: Int, ctx: Int, T: Int, cap: Int) -> Bool:
     return qstart >= 0 and qstart + qlen <= T and ctx >= qlen and ctx <= cap
 
 
-# ---- prefill, SIMT (float32 caches; the portable path) ----------------------------------------
+@always_inline
+def _kv_f32[cdt: DType, QK: Int, n: Int](v: SIMD[cdt, n]) -> SIMD[DType.float32, n]:
+    """n stored cache elements as float32: the values (float caches) or the codes (QK: the row's
+    scale not applied)."""
+    comptime if QK == 0:
+        return v.cast[DType.float32]()
+    else:
+        return kv_codes_f32[QK, n](rebind[SIMD[DType.uint8, n]](v))
+
+
+# ---- prefill, SIMT (float32 caches, other head dims; the portable path) --------------------------
 comptime SP_ROWS = 32  # query rows per block: 8 rows per warp, 4 threads per row
 comptime SP_TK = 16  # keys per tile
 comptime SP_THREADS = 128
 
 
-def attn_prefill_simt_kernel[qdt: DType, cdt: DType, D: Int](
+def attn_prefill_simt_kernel[qdt: DType, cdt: DType, D: Int, QK: Int = 0](
     q: Ptr[qdt], kc: Ptr[cdt], vc: Ptr[cdt], dst: Ptr[qdt], bt: I32P, cu: I32P, cl: I32P, err: I32P,
     S: Int64, T: Int64, H: Int64, KVH: Int64, M: Int64, B: Int64, NB: Int64, scale: Float32,
 ):
@@ -122,9 +143,16 @@ def attn_prefill_simt_kernel[qdt: DType, cdt: DType, D: Int](
                 if blk < 0 or blk >= nb:
                     flag(err, ERR_BLOCK)
                 else:
-                    var idx = ((blk * b_ + key % b_) * kvh + h) * D + dd
-                    kv = kc[unsafe_offset=idx].cast[DType.float32]()
-                    vv = vc[unsafe_offset=idx].cast[DType.float32]()
+                    comptime if QK == 0:
+                        var idx = ((blk * b_ + key % b_) * kvh + h) * D + dd
+                        kv = kc[unsafe_offset=idx].cast[DType.float32]()
+                        vv = vc[unsafe_offset=idx].cast[DType.float32]()
+                    else:  # the row's code times its scale (a quantized row: D codes, then s)
+                        var row = ((blk * b_ + key % b_) * kvh + h) * (D + KV_SCALE_BYTES)
+                        var sk = kc.unsafe_offset(row + D).unsafe_bitcast[Float32]()[unsafe_offset=0]
+                        var sv = vc.unsafe_offset(row + D).unsafe_bitcast[Float32]()[unsafe_offset=0]
+                        kv = _kv_f32[cdt, QK, 1](kc[unsafe_offset=row + dd]) * sk
+                        vv = _kv_f32[cdt, QK, 1](vc[unsafe_offset=row + dd]) * sv
             Ks[unsafe_offset=j * KLD + dd] = kv
             Vs[unsafe_offset=j * D + dd] = vv
         barrier()
@@ -168,7 +196,12 @@ def attn_prefill_simt_kernel[qdt: DType, cdt: DType, D: Int](
             dst[unsafe_offset=qrow * D + kg + 4 * i] = (o[i] * inv).cast[qdt]()
 
 
-# ---- prefill, tensor cores (NVIDIA, 16-bit caches): FlashAttention-2 with mma.sync ------------
+# ---- prefill, tensor cores (NVIDIA; 16-bit, int8 and fp8 caches): FlashAttention-2 with mma.sync ----
+# 16-bit caches: K / V tiles cp.async'd (two stages) straight into the ldmatrix layout. int8 / fp8
+# caches: the raw rows (4-byte pieces: a D + 4-byte row is only 4-byte aligned) go into two raw
+# stages; each tile's rows become bfloat16 tiles of s * code (rounded as a bfloat16 cache's values
+# are, 2^-9 relative), so the MMAs and the softmax are the 16-bit path's, with no scale in the
+# fragments (their registers are the kernel's limit).
 comptime FA_ROWS = 64  # 4 warps x 16 query rows
 comptime FA_TK = 64  # keys per tile
 comptime FA_THREADS = 128
@@ -203,17 +236,80 @@ def _fa_load_kv[cdt: DType, D: Int](
         )
 
 
-def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
+@always_inline
+def _fa_load_raw[D: Int](
+    cache: Ptr[DType.uint8], raw: SharedPtr[DType.uint8],
+    bt: I32P, err: I32P, s: Int, m_: Int, b_: Int, nb: Int, kvh: Int, h: Int, k0: Int, last_key: Int,
+):
+    """cp.async a tile's quantized rows (D codes and the scale) into raw [FA_TK][D + 4] bytes in
+    4-byte pieces; warp w copies keys 16 w .. 16 w + 15 (lane l < 16 looks up key l's block).
+    Keys past last_key or in an out-of-range block are zero-filled (codes and scale 0)."""
+    comptime RB = D + KV_SCALE_BYTES
+    comptime CPK = RB // 4
+    comptime KPW = FA_TK // (FA_THREADS // WARP_SIZE)
+    comptime N = KPW * CPK
+    var lane = Int(lane_id())
+    var wk = (thread_idx.x // WARP_SIZE) * KPW
+    var slot: Int32 = -1
+    if lane < KPW:
+        var key = k0 + wk + lane
+        if key <= last_key:
+            var blk = Int(bt[unsafe_offset=s * m_ + key // b_])
+            if blk < 0 or blk >= nb:
+                flag(err, ERR_BLOCK)
+            else:
+                slot = Int32(blk * b_ + key % b_)
+    for i in range(ceildiv(N, WARP_SIZE)):  # not unrolled: 17 copies' addresses would all stay live
+        var c = i * WARP_SIZE + lane
+        var j = min(c // CPK, KPW - 1)
+        var part = c % CPK
+        var sj = warp.shuffle_idx(slot, UInt32(j))
+        var inside = True
+        comptime if N % WARP_SIZE != 0:
+            inside = c < N
+        if inside:
+            var ok = sj >= 0
+            var src = (Int(sj) * kvh + h) * RB + part * 4 if ok else 0
+            async_copy[4, fill=Scalar[DType.uint8](0)](
+                cache.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                raw.unsafe_offset((wk + j) * RB + part * 4),
+                src_size=Int32(4 if ok else 0),
+            )
+
+
+@always_inline
+def _fa_dequant[QK: Int, D: Int](raw: SharedPtr[DType.uint8], tile: SharedPtr[DType.bfloat16]):
+    """raw rows [FA_TK][D + 4] -> the bfloat16 tile [FA_TK][D + 8] of their values s * code
+    (zero-filled rows: 0)."""
+    comptime RB = D + KV_SCALE_BYTES
+    comptime LD = D + 8
+    comptime C4 = D // 4
+    comptime assert FA_TK * C4 % FA_THREADS == 0
+    comptime for i in range(FA_TK * C4 // FA_THREADS):
+        var c = thread_idx.x + FA_THREADS * i
+        var j = c // C4
+        var part = c % C4
+        var codes = raw.unsafe_load[width=4, alignment=4](j * RB + part * 4)
+        var sc = raw.unsafe_offset(j * RB + D).unsafe_bitcast[Float32]()[unsafe_offset=0]
+        tile.unsafe_store[alignment=8](j * LD + part * 4, (kv_codes_f32[QK, 4](codes) * sc).cast[DType.bfloat16]())
+
+
+def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int, QK: Int = 0](
     q: Ptr[qdt], kc: Ptr[cdt], vc: Ptr[cdt], dst: Ptr[qdt], bt: I32P, cu: I32P, cl: I32P, err: I32P,
     S: Int64, T: Int64, H: Int64, KVH: Int64, M: Int64, B: Int64, NB: Int64, scale: Float32,
 ):
     comptime assert is_nvidia_gpu(), "attn_prefill_mma_kernel needs NVIDIA tensor cores"
+    comptime mdt = DType.bfloat16 if QK != 0 else cdt  # the MMA operands' type
     comptime LD = D + 8  # 16-byte row padding: conflict-free ldmatrix
     comptime NT_D = D // 8  # n8 tiles over the head dim
     comptime TILE = FA_TK * LD
+    comptime RB = D + KV_SCALE_BYTES  # a quantized row's bytes
+    comptime RAW = 2 * FA_TK * RB  # one raw stage: K rows, then V rows
     # (cp.async needs `fill` to honour src_size: without it a zero-size copy still reads 16 bytes.)
-    # Two stages of (K tile, V tile): tile t + 1 streams in while tile t is used.
-    var smem = external_memory[Scalar[cdt], address_space=AddressSpace.SHARED, alignment=16]()
+    # 16-bit caches: two stages of (K tile, V tile), tile t + 1 streams in while tile t is used.
+    # int8 / fp8: the bfloat16 (K tile, V tile), then two raw stages of (K rows, V rows).
+    var smem = external_memory[Scalar[mdt], address_space=AddressSpace.SHARED, alignment=16]()
+    var raw0 = smem.unsafe_offset(2 * TILE).unsafe_bitcast[UInt8]()
     var tid = thread_idx.x
     var lane = lane_id()
     var warp_id = tid // WARP_SIZE
@@ -243,8 +339,9 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
     var off = ctx - qlen
     var last_key = off + p0 + npos - 1
 
-    # Q (unscaled, rounded to the cache type) -> smem (borrowing stage 1) -> A fragments.
-    var Qst = smem.unsafe_offset(2 * TILE)
+    # Q (unscaled, rounded to the MMA type) -> smem (borrowing stage 1; quantized: the K tile) ->
+    # A fragments.
+    var Qst = smem.unsafe_offset(2 * TILE if QK == 0 else 0)
     for e in range(tid, FA_ROWS * D, FA_THREADS):
         var r = e // D
         var dd = e % D
@@ -252,9 +349,9 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
         if r < rows:
             var qrow = (qstart + p0 + r // G) * hh + h * G + r % G
             v = q[unsafe_offset=qrow * D + dd].cast[DType.float32]()
-        Qst[unsafe_offset=r * LD + dd] = v.cast[cdt]()
+        Qst[unsafe_offset=r * LD + dd] = v.cast[mdt]()
     barrier()
-    var qf = Array[SIMD[cdt, 8], D // 16](fill=SIMD[cdt, 8](0))
+    var qf = Array[SIMD[mdt, 8], D // 16](fill=SIMD[mdt, 8](0))
     comptime for kk in range(D // 16):
         qf[kk] = ld_matrix[8](Qst.unsafe_offset((warp_id * 16 + lane % 16) * LD + kk * 16 + (lane // 16) * 8))
     barrier()
@@ -274,22 +371,44 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
     var s2 = scale * LOG2E
     var n_tiles = ceildiv(last_key + 1, FA_TK)
 
-    _fa_load_kv[cdt, D](kc, smem, bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
-    _fa_load_kv[cdt, D](vc, smem.unsafe_offset(TILE), bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
+    var kc8 = kc.unsafe_bitcast[UInt8]()
+    var vc8 = vc.unsafe_bitcast[UInt8]()
+    comptime if QK == 0:
+        _fa_load_kv[mdt, D](rebind[Ptr[mdt]](kc), smem, bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
+        _fa_load_kv[mdt, D](rebind[Ptr[mdt]](vc), smem.unsafe_offset(TILE), bt, err, s, m_, b_, nb, kvh, h, 0,
+                            last_key)
+    else:
+        _fa_load_raw[D](kc8, raw0, bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
+        _fa_load_raw[D](vc8, raw0.unsafe_offset(FA_TK * RB), bt, err, s, m_, b_, nb, kvh, h, 0, last_key)
     async_copy_commit_group()
     var first_pos = off + p0  # smallest query position of the block: tiles below it need no mask
 
     for t in range(n_tiles):
         if t + 1 < n_tiles:
-            var nx = smem.unsafe_offset(((t + 1) % 2) * 2 * TILE)
-            _fa_load_kv[cdt, D](kc, nx, bt, err, s, m_, b_, nb, kvh, h, (t + 1) * FA_TK, last_key)
-            _fa_load_kv[cdt, D](vc, nx.unsafe_offset(TILE), bt, err, s, m_, b_, nb, kvh, h, (t + 1) * FA_TK, last_key)
+            var k1 = (t + 1) * FA_TK
+            comptime if QK == 0:
+                var nx = smem.unsafe_offset(((t + 1) % 2) * 2 * TILE)
+                _fa_load_kv[mdt, D](rebind[Ptr[mdt]](kc), nx, bt, err, s, m_, b_, nb, kvh, h, k1, last_key)
+                _fa_load_kv[mdt, D](rebind[Ptr[mdt]](vc), nx.unsafe_offset(TILE), bt, err, s, m_, b_, nb, kvh, h,
+                                    k1, last_key)
+            else:
+                var rx = raw0.unsafe_offset(((t + 1) % 2) * RAW)
+                _fa_load_raw[D](kc8, rx, bt, err, s, m_, b_, nb, kvh, h, k1, last_key)
+                _fa_load_raw[D](vc8, rx.unsafe_offset(FA_TK * RB), bt, err, s, m_, b_, nb, kvh, h, k1, last_key)
             async_copy_commit_group()
             async_copy_wait_group(1)  # tile t landed; t + 1 in flight
         else:
             async_copy_wait_group(0)
         barrier()
         var Ks = smem.unsafe_offset((t % 2) * 2 * TILE)
+        comptime if QK != 0:
+            # raw rows -> bfloat16 tiles (the raw stage is refilled next iteration, after the
+            # barrier below and the one at the end of this one)
+            var rt = raw0.unsafe_offset((t % 2) * RAW)
+            _fa_dequant[QK, D](rt, rebind[SharedPtr[DType.bfloat16]](smem))
+            _fa_dequant[QK, D](rt.unsafe_offset(FA_TK * RB), rebind[SharedPtr[DType.bfloat16]](smem.unsafe_offset(TILE)))
+            barrier()
+            Ks = smem
         var Vs = Ks.unsafe_offset(TILE)
         var sacc = SIMD[DType.float32, 32](0)  # 8 n8 tiles over the 64 keys
         comptime for kk in range(D // 16):
@@ -360,7 +479,7 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
                 sacc[(2 * kk) * 4 + 0], sacc[(2 * kk) * 4 + 1], sacc[(2 * kk) * 4 + 2], sacc[(2 * kk) * 4 + 3],
                 sacc[(2 * kk + 1) * 4 + 0], sacc[(2 * kk + 1) * 4 + 1],
                 sacc[(2 * kk + 1) * 4 + 2], sacc[(2 * kk + 1) * 4 + 3],
-            ).cast[cdt]()
+            ).cast[mdt]()
             comptime for dj in range(D // 16):
                 var vrow = kk * 16 + (lane % 8) + ((lane // 8) % 2) * 8
                 var bfr = ld_matrix[8, transpose=True](Vs.unsafe_offset(vrow * LD + dj * 16 + (lane // 16) * 8))
@@ -402,6 +521,9 @@ def attn_prefill_mma_kernel[qdt: DType, cdt: DType, D: Int](
 #     4-step butterfly);
 #   values: each lane owns 4 features of every head; the probabilities [key][head] go through
 #     shared memory (broadcast reads).
+# int8 / fp8 caches: a row is copied in 4-byte pieces (D + 4 bytes are only 4-byte aligned), 16
+# codes at a time become float32 in the scores and 4 in the values; a key's scale multiplies its
+# scores, a value's scale its probabilities as they go to shared memory.
 # The block-table entry for the next tile to issue is loaded one tile ahead, so its latency hides
 # behind the math. At the end the warps' (max, sum, output) are merged through shared memory; one
 # split writes the output, several write a normalised partial output and its log-sum-exp for
@@ -413,8 +535,12 @@ comptime LN2: Float32 = 0.6931471805599453
 comptime _DEC_NVIDIA = _accelerator_arch().startswith("sm_") or "nvidia" in _accelerator_arch()
 
 
-def prefill_mma_smem_bytes[D: Int]() -> Int:
-    return 4 * FA_TK * (D + 8) * 2
+def prefill_mma_smem_bytes[D: Int, QK: Int = 0]() -> Int:
+    """16-bit caches: two stages of (K, V) tiles. int8 / fp8: one bfloat16 (K, V) pair, then two
+    raw stages of (K, V) rows."""
+    comptime if QK == 0:
+        return 4 * FA_TK * (D + 8) * 2
+    return 2 * FA_TK * (D + 8) * 2 + 2 * 2 * FA_TK * (D + KV_SCALE_BYTES)
 
 
 def decode_warps[cdt: DType]() -> Int:
@@ -432,26 +558,38 @@ def _ilog2(n: Int) -> Int:
     return r
 
 
-def _dec_ldk[cdt: DType, D: Int]() -> Int:
-    """K row stride in elements: padded so that a row is 8 banks (mod 32) after the previous one."""
-    comptime W = D * size_of[cdt]() // 4
-    comptime PADW = (8 - W % 32 + 32) % 32
-    return D + PADW * 4 // size_of[cdt]()
+def _dec_ldk[cdt: DType, D: Int, QK: Int]() -> Int:
+    """K row stride in elements: padded so that a row is 8 (or 24) banks (mod 32) after the
+    previous one: the 4 keys a quarter-warp scores hit distinct bank groups. Quantized rows hold D
+    codes and the scale, 16-byte aligned (D + 16 bytes before the padding)."""
+    comptime if QK == 0:
+        comptime W = D * size_of[cdt]() // 4
+        comptime PADW = (8 - W % 32 + 32) % 32
+        return D + PADW * 4 // size_of[cdt]()
+    var w = (D + 16) // 4
+    while w % 32 != 8 and w % 32 != 24:
+        w += 4
+    return w * 4
 
 
-def _dec_stage_elems[cdt: DType, D: Int]() -> Int:
-    """One stage, in cache elements: K [TK][LDK], V [TK][D], then TK int32 key-valid flags."""
-    return DEC_TK * (_dec_ldk[cdt, D]() + D) + DEC_TK * 4 // size_of[cdt]()
+def _dec_ldv[D: Int, QK: Int]() -> Int:
+    """V row stride in elements: D, or D codes and the scale 16-byte aligned."""
+    return D if QK == 0 else D + 16
 
 
-def _dec_warp_elems[cdt: DType, D: Int, GM: Int]() -> Int:
+def _dec_stage_elems[cdt: DType, D: Int, QK: Int]() -> Int:
+    """One stage, in cache elements: K [TK][LDK], V [TK][LDV], then TK int32 key-valid flags."""
+    return DEC_TK * (_dec_ldk[cdt, D, QK]() + _dec_ldv[D, QK]()) + DEC_TK * 4 // size_of[cdt]()
+
+
+def _dec_warp_elems[cdt: DType, D: Int, GM: Int, QK: Int]() -> Int:
     """A warp's region, in cache elements: its stages, then probabilities [TK][GM] float32."""
-    return DEC_STAGES * _dec_stage_elems[cdt, D]() + DEC_TK * GM * 4 // size_of[cdt]()
+    return DEC_STAGES * _dec_stage_elems[cdt, D, QK]() + DEC_TK * GM * 4 // size_of[cdt]()
 
 
-def decode_smem_bytes[cdt: DType, D: Int, GM: Int]() -> Int:
+def decode_smem_bytes[cdt: DType, D: Int, GM: Int, QK: Int = 0]() -> Int:
     """Per block: NW warp regions, then the scaled query [GM][D] float32."""
-    return decode_warps[cdt]() * _dec_warp_elems[cdt, D, GM]() * size_of[cdt]() + GM * D * 4
+    return decode_warps[cdt]() * _dec_warp_elems[cdt, D, GM, QK]() * size_of[cdt]() + GM * D * 4
 
 
 @always_inline
@@ -464,16 +602,19 @@ def _dec_fetch(bt: I32P, s: Int, m_: Int, b_: Int, key: Int, k_hi: Int, mut blk:
 
 
 @always_inline
-def _dec_issue[cdt: DType, D: Int](
+def _dec_issue[cdt: DType, D: Int, QK: Int](
     kc: Ptr[cdt], vc: Ptr[cdt], st: SharedPtr[cdt], err: I32P, lane: Int,
     key: Int, blk: Int32, off: Int32, k_hi: Int, nb: Int, b_: Int, kvh: Int, h: Int,
 ):
     """cp.async one tile into stage `st`. Lane l holds key (tile start + l % TK) with its block id;
     keys past the split or in an out-of-range block are zero-filled and marked invalid."""
     comptime SZ = size_of[cdt]()
-    comptime VW = 16 // SZ
-    comptime CPK = D // VW  # 16-byte chunks per row
-    comptime LDK = _dec_ldk[cdt, D]()
+    comptime CB = 16 if QK == 0 else 4  # bytes per copy
+    comptime VW = CB // SZ  # elements per copy
+    comptime RW = D if QK == 0 else D + KV_SCALE_BYTES  # a cache row, in elements
+    comptime CPK = RW // VW  # copies per row
+    comptime LDK = _dec_ldk[cdt, D, QK]()
+    comptime LDV = _dec_ldv[D, QK]()
     comptime NCHUNK = DEC_TK * CPK
     var row: Int32 = -1  # cache row (block * B + offset), -1: no key
     if key < k_hi:
@@ -482,7 +623,7 @@ def _dec_issue[cdt: DType, D: Int](
         else:
             row = blk * Int32(b_) + off
     if lane < DEC_TK:
-        st.unsafe_offset(DEC_TK * (LDK + D)).unsafe_bitcast[Int32]()[unsafe_offset=lane] = Int32(1 if row >= 0 else 0)
+        st.unsafe_offset(DEC_TK * (LDK + LDV)).unsafe_bitcast[Int32]()[unsafe_offset=lane] = Int32(1 if row >= 0 else 0)
     comptime for i in range(ceildiv(NCHUNK, WARP_SIZE)):
         var c = i * WARP_SIZE + lane
         var j = min(c // CPK, DEC_TK - 1)
@@ -493,15 +634,15 @@ def _dec_issue[cdt: DType, D: Int](
             inside = c < NCHUNK
         if inside:
             var ok = rj >= 0
-            var src = (Int(rj) * kvh + h) * D + part * VW if ok else 0
-            var n = Int32(16 if ok else 0)
-            async_copy[16, fill=Scalar[cdt](0)](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+            var src = (Int(rj) * kvh + h) * RW + part * VW if ok else 0
+            var n = Int32(CB if ok else 0)
+            async_copy[CB, fill=Scalar[cdt](0)](kc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
                                                 st.unsafe_offset(j * LDK + part * VW), src_size=n)
-            async_copy[16, fill=Scalar[cdt](0)](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
-                                                st.unsafe_offset(DEC_TK * LDK + j * D + part * VW), src_size=n)
+            async_copy[CB, fill=Scalar[cdt](0)](vc.unsafe_offset(src).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+                                                st.unsafe_offset(DEC_TK * LDK + j * LDV + part * VW), src_size=n)
 
 
-def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
+def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int, QK: Int = 0](
     q: Ptr[qdt], kc: Ptr[cdt], vc: Ptr[cdt], dst: Ptr[qdt], part_o: F32P, part_lse: F32P,
     bt: I32P, cl: I32P, err: I32P, H: Int64, KVH: Int64, M: Int64, B: Int64, NB: Int64,
     splits: Int64, chunk: Int64, scale: Float32,
@@ -510,14 +651,16 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
     keys [sp * chunk, min(ctx, (sp + 1) * chunk)). With one split it writes the output directly,
     else a normalised partial output and its log-sum-exp (natural log) for attn_combine_kernel."""
     comptime SZ = size_of[cdt]()
-    comptime VW = 16 // SZ
+    comptime VW = 16 // SZ  # elements of a 16-byte chunk (quantized: 16 codes)
+    comptime PW = min(VW, 8)  # width of the partial dot products (registers: 4 PW per lane)
     comptime CPK = D // VW
-    comptime LDK = _dec_ldk[cdt, D]()
+    comptime LDK = _dec_ldk[cdt, D, QK]()
+    comptime LDV = _dec_ldv[D, QK]()
     comptime LPK = WARP_SIZE // DEC_TK  # lanes per key in the scores
     comptime NCH = ceildiv(CPK, LPK)  # chunks per lane per key row
     comptime D4 = D // 4  # lanes owning 4 output features each
-    comptime STE = _dec_stage_elems[cdt, D]()
-    comptime WE = _dec_warp_elems[cdt, D, GM]()
+    comptime STE = _dec_stage_elems[cdt, D, QK]()
+    comptime WE = _dec_warp_elems[cdt, D, GM, QK]()
     comptime NT = NW * WARP_SIZE
     comptime NEG = neg_inf[DType.float32]()
     comptime REC_M = GM * D  # a warp's record at the start of its region: o [GM][D], m [GM], l [GM]
@@ -561,7 +704,7 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
     _dec_fetch(bt, s, m_, b_, pk, k_hi, pblk, poff)
     comptime for i in range(DEC_STAGES - 1):
         if i < my_n:
-            _dec_issue[cdt, D](kc, vc, wbase.unsafe_offset(i * STE), err, lane, pk, pblk, poff, k_hi, nb, b_, kvh, h)
+            _dec_issue[cdt, D, QK](kc, vc, wbase.unsafe_offset(i * STE), err, lane, pk, pblk, poff, k_hi, nb, b_, kvh, h)
         async_copy_commit_group()
         pk += NW * DEC_TK
         _dec_fetch(bt, s, m_, b_, pk, k_hi, pblk, poff)
@@ -582,7 +725,7 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
     for t in range(my_n):
         var nx = t + DEC_STAGES - 1
         if nx < my_n:
-            _dec_issue[cdt, D](kc, vc, wbase.unsafe_offset((nx % DEC_STAGES) * STE), err, lane, pk, pblk, poff,
+            _dec_issue[cdt, D, QK](kc, vc, wbase.unsafe_offset((nx % DEC_STAGES) * STE), err, lane, pk, pblk, poff,
                                k_hi, nb, b_, kvh, h)
         async_copy_commit_group()
         pk += NW * DEC_TK
@@ -591,28 +734,56 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
         syncwarp()  # ... and for the whole warp
         var Kt = wbase.unsafe_offset((t % DEC_STAGES) * STE)
         var Vt = Kt.unsafe_offset(DEC_TK * LDK)
-        var valid = Kt.unsafe_offset(DEC_TK * (LDK + D)).unsafe_bitcast[Int32]()[unsafe_offset=kj] != 0
+        var valid = Kt.unsafe_offset(DEC_TK * (LDK + LDV)).unsafe_bitcast[Int32]()[unsafe_offset=kj] != 0
 
-        # Scores of key kj for the heads, four at a time.
+        # Scores of key kj for the heads, four at a time. Quantized caches with more than 4 heads
+        # per kv head convert each chunk of codes once for all heads and sum per chunk instead
+        # (kept over the head groups, the converted row spills registers).
         var sc = SIMD[DType.float32, GM](0)
+        comptime if QK != 0 and GM > 4:
+            comptime for c in range(NCH):
+                var cc = c * LPK + kh
+                var inside = True
+                comptime if CPK % LPK != 0:
+                    inside = cc < CPK
+                if inside:
+                    var raw = Kt.unsafe_load[width=VW, alignment=16](kj * LDK + cc * VW)
+                    var k0 = _kv_f32[cdt, QK, 8](raw.slice[8, offset=0]())
+                    var k1 = _kv_f32[cdt, QK, 8](raw.slice[8, offset=8]())
+                    comptime for g4 in range(GM // 4):
+                        if g4 * 4 < G:
+                            comptime for e in range(4):
+                                var qo = (g4 * 4 + e) * D + cc * VW
+                                var q0 = Qs.unsafe_load[width=8, alignment=16](qo)
+                                var q1 = Qs.unsafe_load[width=8, alignment=16](qo + 8)
+                                sc[g4 * 4 + e] += k0.fma(q0, k1 * q1).reduce_add()
+            comptime for g4 in range(GM // 4):
+                if g4 * 4 < G:
+                    comptime for e in range(4):
+                        comptime for x in range(_ilog2(LPK)):
+                            sc[g4 * 4 + e] += warp.shuffle_xor(sc[g4 * 4 + e], UInt32(1 << x))
         comptime for g4 in range(GM // 4):
-            if g4 * 4 < G:
-                var part = Array[SIMD[DType.float32, VW], 4](fill=SIMD[DType.float32, VW](0))
+            if (QK == 0 or GM == 4) and g4 * 4 < G:
+                var part = Array[SIMD[DType.float32, PW], 4](fill=SIMD[DType.float32, PW](0))
                 comptime for c in range(NCH):
                     var cc = c * LPK + kh
                     var inside = True
                     comptime if CPK % LPK != 0:
                         inside = cc < CPK
                     if inside:
-                        var kv = Kt.unsafe_load[width=VW, alignment=16](kj * LDK + cc * VW).cast[DType.float32]()
-                        comptime for e in range(4):
-                            var qv = Qs.unsafe_load[width=VW, alignment=16]((g4 * 4 + e) * D + cc * VW)
-                            part[e] = kv.fma(qv, part[e])
+                        var raw = Kt.unsafe_load[width=VW, alignment=16](kj * LDK + cc * VW)
+                        comptime for hf in range(VW // PW):
+                            var kv = _kv_f32[cdt, QK, PW](raw.slice[PW, offset=hf * PW]())
+                            comptime for e in range(4):
+                                var qv = Qs.unsafe_load[width=PW, alignment=16]((g4 * 4 + e) * D + cc * VW + hf * PW)
+                                part[e] = kv.fma(qv, part[e])
                 comptime for e in range(4):
                     var v = part[e].reduce_add()
                     comptime for x in range(_ilog2(LPK)):
                         v += warp.shuffle_xor(v, UInt32(1 << x))
                     sc[g4 * 4 + e] = v
+        comptime if QK != 0:  # the key's scale (zero-filled, 0, for an invalid key: masked below)
+            sc *= Kt.unsafe_offset(kj * LDK + D).unsafe_bitcast[Float32]()[unsafe_offset=0]
 
         # Online softmax (base 2) over the tile; probabilities -> Ps[key][head].
         comptime for g4 in range(GM // 4):
@@ -633,6 +804,8 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
                     acc[g] = acc[g] * al
                     pv[e] = p
                 if kh == 0:
+                    comptime if QK != 0:  # the value's scale (l took p unscaled)
+                        pv *= Vt.unsafe_offset(kj * LDV + D).unsafe_bitcast[Float32]()[unsafe_offset=0]
                     Ps.unsafe_store[alignment=16](kj * GM + g4 * 4, pv)
         syncwarp()
 
@@ -641,7 +814,7 @@ def attn_decode_kernel[qdt: DType, cdt: DType, D: Int, GM: Int, NW: Int](
             comptime for g4 in range(GM // 4):
                 if g4 * 4 < G:
                     comptime for j in range(DEC_TK):
-                        var vv = Vt.unsafe_load[width=4, alignment=4 * SZ](j * D + lane * 4).cast[DType.float32]()
+                        var vv = _kv_f32[cdt, QK, 4](Vt.unsafe_load[width=4, alignment=4 * SZ](j * LDV + lane * 4))
                         var pp = Ps.unsafe_load[width=4, alignment=16](j * GM + g4 * 4)
                         comptime for e in range(4):
                             acc[g4 * 4 + e] = vv.fma(SIMD[DType.float32, 4](pp[e]), acc[g4 * 4 + e])

@@ -4,8 +4,8 @@
 # fixed-width scalars (Int64 / Float32): kernel arguments cross to the device by value, so their
 # widths must not depend on the host.
 
-from std.memory import stack_allocation
-from std.sys import size_of
+from std.memory import stack_allocation, bitcast
+from std.sys import size_of, llvm_intrinsic
 from max.gpu import thread_idx, lane_id, WARP_SIZE
 from max.gpu.sync import barrier
 from max.gpu.primitives import warp
@@ -38,6 +38,12 @@ comptime ERR_WORDS = 8
 comptime DT_F32 = 0
 comptime DT_BF16 = 1
 comptime DT_F16 = 2
+# KV caches (mojollm.kv_dtypes): the float ones are DT_F32 / DT_BF16 / DT_F16; int8 and fp8 caches are
+# uint8 rows of W = D + 4 bytes per (slot, head), the D codes (int8 two's complement, or OCP E4M3)
+# then the row's little-endian float32 scale s, value = s * code.
+comptime KV_I8 = 3
+comptime KV_FP8 = 4
+comptime KV_SCALE_BYTES = 4
 
 # Quantized block formats (GGUF). Q4_0 / Q4_1 / Q8_0: 32 weights per block, repacked on the device
 # into qs [rows, nblocks, 16 or 32] bytes + d (and m) [rows, nblocks] float16 (gpu_linear). Q5_0 / Q5_1
@@ -103,3 +109,38 @@ def block_max[BLOCK: Int](v: Float32) -> Float32:
     comptime for i in range(1, NW):
         total = max(total, partial[unsafe_offset=i])
     return total
+
+
+# ---- quantized KV rows (KV_I8 / KV_FP8) ---------------------------------------------------------
+@always_inline
+def kv_codes_f32[QK: Int, n: Int](c: SIMD[DType.uint8, n]) -> SIMD[DType.float32, n]:
+    """n stored codes -> their float32 values (exact; the row's scale is applied by the caller).
+    int8: without a conversion instruction: (c ^ 0x80) = code + 128 goes into the low mantissa bits
+    of 2^23, and 2^23 + 128 comes off (integer ops and one add, all full rate). fp8: the E4M3 cast
+    (cvt on sm_89+)."""
+    comptime if QK == KV_I8:
+        var u = (c ^ 0x80).cast[DType.uint32]() | 0x4B000000
+        return bitcast[DType.float32, n](u) - 8388736.0
+    else:
+        return bitcast[DType.float8_e4m3fn, n](c).cast[DType.float32]()
+
+
+@always_inline
+def roundeven[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    return llvm_intrinsic["llvm.roundeven", SIMD[DType.float32, n]](x)
+
+
+@always_inline
+def e4m3_codes[n: Int](y: SIMD[DType.float32, n]) -> SIMD[DType.uint8, n]:
+    """OCP E4M3 codes of y (finite), round to nearest even, saturating at +-448 (mojo/attention.mojo's
+    encoder, so both backends write the same bytes). Normal values round the float32 mantissa to 3
+    bits (a carry moves up the exponent) and drop E4M3's exponent offset (127 - 7 = 120 binades,
+    960 = 120 << 3); below 2^-6 the spacing is 2^-9."""
+    comptime V = SIMD[DType.float32, n]
+    var a = min(abs(y), V(448.0))
+    var u = bitcast[DType.uint32, n](a)
+    var r = (u + 0x7FFFF + ((u >> 20) & 1)) >> 20
+    var sub = roundeven[n](a * 512.0).cast[DType.uint32]()
+    var code = a.lt(V(0.015625)).select(sub, r - 960)
+    var sign = (bitcast[DType.uint32, n](y) >> 24) & 0x80
+    return (code | sign).cast[DType.uint8]()

@@ -3,12 +3,12 @@
 
 from std.math import rsqrt, exp
 from std.memory import bitcast
-from max.gpu import thread_idx, block_idx, block_dim, global_idx, lane_id
+from max.gpu import thread_idx, block_idx, block_dim, global_idx, lane_id, WARP_SIZE
 from max.gpu.primitives import warp
 
 from gpu_common import (
     Ptr, F32P, I32P, I64P, U8P, I8P, F16P, flag, block_sum, block_max,
-    ERR_TOKEN, ERR_SLOT, ERR_POSITION, Q4_0, Q4_1, Q8_0, F8_E4M3,
+    ERR_TOKEN, ERR_SLOT, ERR_POSITION, Q4_0, Q4_1, Q8_0, F8_E4M3, KV_I8, KV_SCALE_BYTES, roundeven, e4m3_codes,
 )
 
 comptime ROW_BLOCK = 256
@@ -292,6 +292,76 @@ def store_kv_kernel[kdt: DType, cdt: DType](
     for j in range(thread_idx.x, e, block_dim.x):
         kc[unsafe_offset=slot * e + j] = k[unsafe_offset=t * e + j].cast[cdt]()
         vc[unsafe_offset=slot * e + j] = v[unsafe_offset=t * e + j].cast[cdt]()
+
+
+# ---- KV-cache store into int8 / fp8 rows (mojollm.kv_dtypes) ---------------------------------
+comptime KVQ_WARPS = 4  # warps per block of store_kv_quant_kernel: one (token, head) row each
+comptime KVQ_MAX_D = 4 * 32  # head dims it takes: 4 elements per lane
+
+
+@always_inline
+def _quant_row[QK: Int](c: U8P, dst: Int, x: F32P, src: Int, d: Int):
+    """One warp writes the row x[src : src + d] as d codes and its scale at byte dst of c:
+    s = max|x| / 127 (int8) or / 448 (fp8), codes of x / s (a float32 division, as the format and
+    the cpu kernels do) rounded half to even (int8 clamped to +-127; E4M3 saturating); a zero row
+    s = 0 and codes 0; NaN or inf anywhere in the row s = NaN and codes 0 (the row reads as NaN)."""
+    var lane = Int(lane_id())
+    var vals = SIMD[DType.float32, 4](0)  # elements lane + 32 i
+    var amax: Float32 = 0
+    var bad: Float32 = 0
+    comptime for i in range(4):
+        var e = lane + 32 * i
+        if e < d:
+            var v = x[unsafe_offset=src + e]
+            vals[i] = v
+            if (bitcast[DType.uint32, 1](v) & 0x7F800000) == 0x7F800000:
+                bad = 1
+            amax = max(amax, abs(v))
+    amax = warp.max(amax)
+    bad = warp.max(bad)
+    var s: Float32 = 0
+    if bad != 0:
+        s = bitcast[DType.float32, 1](UInt32(0x7FC00000))
+    else:
+        s = amax / (Float32(127.0) if QK == KV_I8 else Float32(448.0))
+    var ok = bad == 0 and s > 0
+    comptime for i in range(4):
+        var e = lane + 32 * i
+        if e < d:
+            var code: UInt8 = 0
+            if ok:
+                var y = vals[i] / s
+                comptime if QK == KV_I8:
+                    var q = max(min(roundeven[1](y), Float32(127.0)), Float32(-127.0))
+                    code = bitcast[DType.uint8, 1](q.cast[DType.int8]())
+                else:
+                    code = e4m3_codes[1](y)
+            c[unsafe_offset=dst + e] = code
+    if lane == 0:
+        c.unsafe_offset(dst + d).unsafe_bitcast[Float32]()[unsafe_offset=0] = s
+
+
+def store_kv_quant_kernel[QK: Int](
+    kc: U8P, vc: U8P, k: F32P, v: F32P, slots: I64P, err: I32P, T: Int64, KVH: Int64, D: Int64, num_slots: Int64,
+):
+    """cache[slot[t], h] = quantized k[t, h] (and v): a warp per (token, head) row of k [T, KVH, D]
+    float32 into caches [slots, KVH, D + 4] uint8; slot < 0 marks a padding token."""
+    var r = block_idx.x * KVQ_WARPS + thread_idx.x // WARP_SIZE
+    var kvh = Int(KVH)
+    var d = Int(D)
+    if r >= Int(T) * kvh:
+        return
+    var t = r // kvh
+    var slot = Int(slots[unsafe_offset=t])
+    if slot < 0:
+        return
+    if slot >= Int(num_slots):
+        if lane_id() == 0:
+            flag(err, ERR_SLOT)
+        return
+    var dst = (slot * kvh + r % kvh) * (d + KV_SCALE_BYTES)
+    _quant_row[QK](kc, dst, k, r * d, d)
+    _quant_row[QK](vc, dst, v, r * d, d)
 
 
 def convert_kernel[sdt: DType, ddt: DType](src: Ptr[sdt], dst: Ptr[ddt], n: Int64):

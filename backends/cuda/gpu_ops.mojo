@@ -27,12 +27,12 @@ from max.gpu.host._nvidia_cuda import CUDA
 
 from gpu_common import (
     Ptr, F32P, I32P, I64P, U8P, F16P, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F8_E4M3, W8A8, DT_F32,
-    DT_BF16, DT_F16,
+    DT_BF16, DT_F16, KV_I8, KV_FP8,
 )
 from gpu_elementwise import (
     ROW_BLOCK, TOKEN_BLOCK, embedding_dense_kernel, embedding_quant_kernel, dequant_kernel, rms_norm_kernel,
     add_rms_norm_kernel, add_kernel, rope_kernel, silu_mul_kernel, store_kv_kernel, convert_kernel,
-    quantize_q8_kernel, quantize_q8_token_kernel, f16_blocks_kernel,
+    store_kv_quant_kernel, KVQ_WARPS, quantize_q8_kernel, quantize_q8_token_kernel, f16_blocks_kernel,
 )
 from gpu_linear import (
     GEMV_WARPS, gemv_dense_kernel, gemv_scalar_kernel, gemv_quant_kernel, QG_THREADS, gemm_simt_kernel, SG_BM, SG_BN,
@@ -337,7 +337,18 @@ def _store_kv[kdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
                         _p[DType.int32](a, 8), _n(a, 10), _n(a, 11), grid_dim=_i(a, 9), block_dim=128)
 
 
+def _store_kv_quant[QK: Int](g: GpuPtr, a: PythonObject) raises:
+    # (stream, kcode, ccode, kc, vc, k, v, slots, err, T, E, num_slots, KVH): E = KVH D
+    var st = g[].stream(_i(a, 0))
+    var kvh = _i(a, 12)
+    var f = g[].ctx.compile_function[store_kv_quant_kernel[QK]]()
+    st.enqueue_function(f, _p[DType.uint8](a, 3), _p[DType.uint8](a, 4), _p[F32](a, 5), _p[F32](a, 6),
+                        _p[DType.int64](a, 7), _p[DType.int32](a, 8), _n(a, 9), Int64(kvh), Int64(_i(a, 10) // kvh),
+                        _n(a, 11), grid_dim=ceildiv(_i(a, 9) * kvh, KVQ_WARPS), block_dim=KVQ_WARPS * WARP_SIZE)
+
+
 def op_store_kv(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
+    # ccode: the cache's code (DT_F32 / DT_BF16 / DT_F16, or KV_I8 / KV_FP8: then k, v are float32)
     var g = _state(gpu)
     var kcode = _i(a, 1)
     var ccode = _i(a, 2)
@@ -347,6 +358,12 @@ def op_store_kv(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
         _store_kv[F32, BF16](g, a)
     elif kcode == DT_BF16 and ccode == DT_BF16:
         _store_kv[BF16, BF16](g, a)
+    elif kcode == DT_F32 and ccode == DT_F16:
+        _store_kv[F32, F16](g, a)
+    elif kcode == DT_F32 and ccode == KV_I8:
+        _store_kv_quant[KV_I8](g, a)
+    elif kcode == DT_F32 and ccode == KV_FP8:
+        _store_kv_quant[KV_FP8](g, a)
     else:
         raise Error("store_kv: unsupported dtype codes ", kcode, " -> ", ccode)
     return PythonObject(None)
@@ -608,14 +625,19 @@ def op_gemm_simt(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
 
 
 # ---- attention ------------------------------------------------------------------------------------
-def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool](g: GpuPtr, a: PythonObject) raises:
+# `pair` codes the (q, cache) types: 0 = (f32, f32), 1 = (f32, bf16), 2 = (bf16, bf16), 3 = (f32, f16),
+# 4 = (f32, int8 rows), 5 = (f32, fp8 rows); QK = KV_I8 / KV_FP8 for the last two (cache bytes).
+comptime U8 = DType.uint8
+
+
+def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool, QK: Int = 0](g: GpuPtr, a: PythonObject) raises:
     # (stream, mma, pair, D, q, kc, vc, out, bt, cu, cl, err, S, T, H, KVH, M, B, NB, scale, grid_x)
     var st = g[].stream(_i(a, 0))
     var grid = (_i(a, 20), _i(a, 15))
     comptime if MMA:
         comptime if NVIDIA_TARGET:
-            comptime smem = prefill_mma_smem_bytes[D]()
-            var f = g[].ctx.compile_function[attn_prefill_mma_kernel[qdt, cdt, D]](
+            comptime smem = prefill_mma_smem_bytes[D, QK]()
+            var f = g[].ctx.compile_function[attn_prefill_mma_kernel[qdt, cdt, D, QK]](
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
             )
             st.enqueue_function(f, _p[qdt](a, 4), _p[cdt](a, 5), _p[cdt](a, 6), _p[qdt](a, 7),
@@ -626,65 +648,76 @@ def _prefill[qdt: DType, cdt: DType, D: Int, MMA: Bool](g: GpuPtr, a: PythonObje
         else:
             raise Error("the tensor-core attention is built for NVIDIA GPUs only")
     else:
-        var f = g[].ctx.compile_function[attn_prefill_simt_kernel[qdt, cdt, D]]()
+        var f = g[].ctx.compile_function[attn_prefill_simt_kernel[qdt, cdt, D, QK]]()
         st.enqueue_function(f, _p[qdt](a, 4), _p[cdt](a, 5), _p[cdt](a, 6), _p[qdt](a, 7),
                             _p[DType.int32](a, 8), _p[DType.int32](a, 9), _p[DType.int32](a, 10),
                             _p[DType.int32](a, 11), _n(a, 12), _n(a, 13), _n(a, 14), _n(a, 15),
                             _n(a, 16), _n(a, 17), _n(a, 18), _f(a, 19), grid_dim=grid, block_dim=SP_THREADS)
 
 
-def _prefill_simt_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+def _prefill_simt_d[qdt: DType, cdt: DType, QK: Int = 0](g: GpuPtr, a: PythonObject) raises:
     var d = _i(a, 3)
     if d == 64:
-        _prefill[qdt, cdt, 64, False](g, a)
+        _prefill[qdt, cdt, 64, False, QK](g, a)
     elif d == 128:
-        _prefill[qdt, cdt, 128, False](g, a)
+        _prefill[qdt, cdt, 128, False, QK](g, a)
     elif d == 32:
-        _prefill[qdt, cdt, 32, False](g, a)
+        _prefill[qdt, cdt, 32, False, QK](g, a)
     elif d == 80:
-        _prefill[qdt, cdt, 80, False](g, a)
+        _prefill[qdt, cdt, 80, False, QK](g, a)
     elif d == 96:
-        _prefill[qdt, cdt, 96, False](g, a)
+        _prefill[qdt, cdt, 96, False, QK](g, a)
     else:
         raise Error("attention_prefill: unsupported head dim ", d)
 
 
-def _prefill_mma_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+def _prefill_mma_d[qdt: DType, cdt: DType, QK: Int = 0](g: GpuPtr, a: PythonObject) raises:
     if _i(a, 3) == 64:
-        _prefill[qdt, cdt, 64, True](g, a)
+        _prefill[qdt, cdt, 64, True, QK](g, a)
     elif _i(a, 3) == 128:
-        _prefill[qdt, cdt, 128, True](g, a)
+        _prefill[qdt, cdt, 128, True, QK](g, a)
     else:
         raise Error("attention_prefill: the tensor-core kernel has no head dim ", _i(a, 3))
 
 
 def op_attention_prefill(gpu: PythonObject, a: PythonObject) raises -> PythonObject:
-    # pair: 0 = (f32 q, f32 cache), 1 = (f32 q, bf16 cache), 2 = (bf16 q, bf16 cache)
     var g = _state(gpu)
     var use_mma = _i(a, 1) != 0
     var pair = _i(a, 2)
-    if pair < 0 or pair > 2 or (use_mma and pair == 0):
+    if pair < 0 or pair > 5 or (use_mma and pair == 0):
         raise Error("attention_prefill: unsupported dtype pair ", pair)
     if use_mma:
         if pair == 1:
             _prefill_mma_d[F32, BF16](g, a)
-        else:
+        elif pair == 2:
             _prefill_mma_d[BF16, BF16](g, a)
+        elif pair == 3:
+            _prefill_mma_d[F32, F16](g, a)
+        elif pair == 4:
+            _prefill_mma_d[F32, U8, KV_I8](g, a)
+        else:
+            _prefill_mma_d[F32, U8, KV_FP8](g, a)
     elif pair == 0:
         _prefill_simt_d[F32, F32](g, a)
     elif pair == 1:
         _prefill_simt_d[F32, BF16](g, a)
-    else:
+    elif pair == 2:
         _prefill_simt_d[BF16, BF16](g, a)
+    elif pair == 3:
+        _prefill_simt_d[F32, F16](g, a)
+    elif pair == 4:
+        _prefill_simt_d[F32, U8, KV_I8](g, a)
+    else:
+        _prefill_simt_d[F32, U8, KV_FP8](g, a)
     return PythonObject(None)
 
 
-def _decode[qdt: DType, cdt: DType, D: Int, GM: Int](g: GpuPtr, a: PythonObject) raises:
+def _decode[qdt: DType, cdt: DType, D: Int, GM: Int, QK: Int](g: GpuPtr, a: PythonObject) raises:
     # (stream, pair, D, q, kc, vc, out, part_o, part_lse, bt, cl, err, S, H, KVH, M, B, NB, splits, chunk, scale)
     var st = g[].stream(_i(a, 0))
     comptime NW = decode_warps[cdt]()
-    comptime smem = decode_smem_bytes[cdt, D, GM]()
-    var f = g[].ctx.compile_function[attn_decode_kernel[qdt, cdt, D, GM, NW]](
+    comptime smem = decode_smem_bytes[cdt, D, GM, QK]()
+    var f = g[].ctx.compile_function[attn_decode_kernel[qdt, cdt, D, GM, NW, QK]](
         func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))
     )
     st.enqueue_function(f, _p[qdt](a, 3), _p[cdt](a, 4), _p[cdt](a, 5), _p[qdt](a, 6), _p[F32](a, 7),
@@ -694,29 +727,29 @@ def _decode[qdt: DType, cdt: DType, D: Int, GM: Int](g: GpuPtr, a: PythonObject)
                         shared_mem_bytes=smem)
 
 
-def _decode_g[qdt: DType, cdt: DType, D: Int](g: GpuPtr, a: PythonObject) raises:
+def _decode_g[qdt: DType, cdt: DType, D: Int, QK: Int](g: GpuPtr, a: PythonObject) raises:
     # The query heads per kv head, rounded up to the kernel's register tile (4, 8 or 16).
     var G = _i(a, 13) // _i(a, 14)
     if G <= 4:
-        _decode[qdt, cdt, D, 4](g, a)
+        _decode[qdt, cdt, D, 4, QK](g, a)
     elif G <= 8:
-        _decode[qdt, cdt, D, 8](g, a)
+        _decode[qdt, cdt, D, 8, QK](g, a)
     else:
-        _decode[qdt, cdt, D, 16](g, a)
+        _decode[qdt, cdt, D, 16, QK](g, a)
 
 
-def _decode_d[qdt: DType, cdt: DType](g: GpuPtr, a: PythonObject) raises:
+def _decode_d[qdt: DType, cdt: DType, QK: Int = 0](g: GpuPtr, a: PythonObject) raises:
     var d = _i(a, 2)
     if d == 64:
-        _decode_g[qdt, cdt, 64](g, a)
+        _decode_g[qdt, cdt, 64, QK](g, a)
     elif d == 128:
-        _decode_g[qdt, cdt, 128](g, a)
+        _decode_g[qdt, cdt, 128, QK](g, a)
     elif d == 32:
-        _decode_g[qdt, cdt, 32](g, a)
+        _decode_g[qdt, cdt, 32, QK](g, a)
     elif d == 80:
-        _decode_g[qdt, cdt, 80](g, a)
+        _decode_g[qdt, cdt, 80, QK](g, a)
     elif d == 96:
-        _decode_g[qdt, cdt, 96](g, a)
+        _decode_g[qdt, cdt, 96, QK](g, a)
     else:
         raise Error("attention_decode: unsupported head dim ", d)
 
@@ -730,6 +763,12 @@ def op_attention_decode(gpu: PythonObject, a: PythonObject) raises -> PythonObje
         _decode_d[F32, BF16](g, a)
     elif pair == 2:
         _decode_d[BF16, BF16](g, a)
+    elif pair == 3:
+        _decode_d[F32, F16](g, a)
+    elif pair == 4:
+        _decode_d[F32, U8, KV_I8](g, a)
+    elif pair == 5:
+        _decode_d[F32, U8, KV_FP8](g, a)
     else:
         raise Error("attention_decode: unsupported dtype pair ", pair)
     return PythonObject(None)
