@@ -503,9 +503,21 @@ def _check_pool(engine, model: FakeModel):
         assert set(drafter._seqs) <= live_ids
 
 
+def _step_clock(seed: int):
+    """A clock whose steps take seeded random times: the governor sizes drafts from measured step
+    costs, so a wall clock would make the schedule (and which paths run) depend on the machine."""
+    rng, now = np.random.default_rng(seed), [0.0]
+
+    def clock():
+        now[0] += float(rng.exponential(0.01))
+        return now[0]
+
+    return clock
+
+
 @pytest.mark.parametrize("proposer", ["stub", "ngram", "draft"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_kv_blocks_are_accounted_under_random_speculation(proposer, seed):
+def test_kv_blocks_are_accounted_under_random_speculation(proposer, seed, clock_seed=0):
     V = 40
     model = FakeModel(vocab_size=V, eos_bias=-1.0, seed=31 + seed)
     spec = eager({"method": "ngram", "num_tokens": 4, "max_batch": 5})
@@ -514,7 +526,7 @@ def test_kv_blocks_are_accounted_under_random_speculation(proposer, seed):
         draft = NoisyDraft(31 + seed, 0.5, vocab_size=V, eos_bias=-1.0)
         spec.update(method="draft", draft_model=draft)
     engine = Engine(model, block_size=4, num_blocks=22, max_num_batched_tokens=16, max_num_seqs=7,
-                    speculative=spec, draft_model=draft)
+                    speculative=spec, draft_model=draft, clock=_step_clock(clock_seed))
     stub = install(engine, StubProposer(model, seed)) if proposer == "stub" else None
     rng = np.random.default_rng(100 + seed)
 
@@ -587,6 +599,15 @@ def test_kv_blocks_are_accounted_under_random_speculation(proposer, seed):
     assert again.token_ids == reference_greedy(model, full, 12, eos=False)
     _check_pool(engine, model)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.xfail(strict=True, reason="known bug, open: with these step timings a greedy request that was "
+                   "preempted while speculating emits tokens that differ from plain greedy decoding from its "
+                   "first token on (found 2026-11-29; present since speculative decoding landed)")
+@pytest.mark.parametrize("clock_seed", [12, 27])
+def test_speculation_after_preemption_keeps_greedy_output(clock_seed):
+    test_kv_blocks_are_accounted_under_random_speculation("stub", 1, clock_seed=clock_seed)
+
 
 
 def test_stub_acceptance_is_counted_exactly():
