@@ -35,18 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def decode_run(llm, prompts, new_tokens):
-    """gpu_e2e.mojollm_decode: greedy decode of `prompts`; decode tok/s from the metrics."""
-    from mojollm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    outs = llm.generate(prompts, params)
-    assert all(o.error is None for o in outs), [o.error for o in outs if o.error]
-    last_first = max(o.metrics.first_token_time for o in outs)
-    end = max(o.metrics.finished_time for o in outs)
-    tps = len(outs) * (new_tokens - 1) / (end - last_first) if end > last_first else float("nan")
-    return tps, [o.token_ids for o in outs]
+from gpu_e2e import agree, mojollm_decode  # noqa: E402  (bench/ on the path first)
 
 
 def replay_ms(llm, batch: int, context: int) -> float | None:
@@ -70,15 +59,6 @@ def replay_ms(llm, batch: int, context: int) -> float | None:
     stop.record()
     stop.synchronize()
     return start.elapsed_time(stop) / 50
-
-
-def agree(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def main() -> None:
@@ -128,8 +108,9 @@ def main() -> None:
               f"({eng.num_blocks * eng.block_size} tokens); engine up in {load_s:.1f} s "
               f"({len(eng.runner.graphs)} graphs)", flush=True)
         for b in batches:
-            decode_run(llm, prompts[:b], 8)  # warm-up: prefills (the prompts' blocks stay cached)
-            tps, toks = decode_run(llm, prompts[:b], args.new_tokens)
+            mojollm_decode(llm, prompts[:b], 8)  # warm-up: prefills (the prompts' blocks stay cached)
+            run = mojollm_decode(llm, prompts[:b], args.new_tokens)
+            tps, toks = run["decode_tok_s"], run["tokens"]
             ms = replay_ms(llm, b, context)
             step_bytes = wbytes + b * context * per_tok
             row = dict(kv_dtype=kv, batch=b, kv_bytes_per_token=per_tok, pool_tokens=eng.num_blocks * eng.block_size,
